@@ -131,6 +131,8 @@ class TrainConfig:
     """fp32, bf16 (autocast) or fp16 (autocast + grad scaler, CUDA only)."""
     progress_bar: bool = True
     """Show a tqdm progress bar on a terminal."""
+    exit_interval: int | None = None
+    """Stop (after saving) once this many steps ran in this process; exits with the resume code (3)."""
 
 
 @dataclass

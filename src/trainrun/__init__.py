@@ -1,0 +1,3 @@
+"""trainrun: a Hydra-configured, pluggable training runner for GPT-style language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,46 @@
+"""Training data: Megatron indexed datasets, tokenizers, the bundled corpus and the sample loader.
+
+Importing :mod:`trainrun.data.datasets` registers the ``stdlib`` and ``indexed`` datasets.
+"""
+
+from trainrun.data.corpus import build_stdlib_corpus
+from trainrun.data.datasets import TokenDataset, open_dataset_dir, validate_data_config
+from trainrun.data.indexed import IndexedDataset, IndexedDatasetWriter, token_dtype
+from trainrun.data.layout import DatasetDirWriter, compute_checksum, read_meta
+from trainrun.data.loader import (
+    BatchIterator,
+    SampleStream,
+    build_train_iterator,
+    build_val_stream,
+    val_batches,
+)
+from trainrun.data.tokenizer import (
+    BPETokenizer,
+    ByteTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_bpe,
+)
+
+__all__ = [
+    "BPETokenizer",
+    "BatchIterator",
+    "ByteTokenizer",
+    "DatasetDirWriter",
+    "IndexedDataset",
+    "IndexedDatasetWriter",
+    "SampleStream",
+    "TokenDataset",
+    "Tokenizer",
+    "build_stdlib_corpus",
+    "build_train_iterator",
+    "build_val_stream",
+    "compute_checksum",
+    "load_tokenizer",
+    "open_dataset_dir",
+    "read_meta",
+    "token_dtype",
+    "train_bpe",
+    "val_batches",
+    "validate_data_config",
+]

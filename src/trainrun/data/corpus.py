@@ -1,0 +1,134 @@
+"""The bundled default corpus: this interpreter's standard library ``.py`` files as byte tokens.
+
+It needs no download, is the same on every machine with the same Python, and is built once into a
+cache directory keyed by the file list, the file sizes and the options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from trainrun.config.errors import ConfigError
+from trainrun.data.fsutil import publish_dir, staging_dir
+from trainrun.data.layout import META_FILE, DatasetDirWriter
+from trainrun.data.split import document_scores, validation_mask
+from trainrun.data.tokenizer import ByteTokenizer
+
+logger = logging.getLogger(__name__)
+
+CORPUS_VERSION = 1  # bump when the build changes, so old caches are not reused
+SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+
+
+def stdlib_root() -> Path:
+    """Directory of the running interpreter's standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def default_cache_root() -> Path:
+    """``$XDG_CACHE_HOME/trainrun`` or ``~/.cache/trainrun``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "trainrun"
+
+
+def list_source_files(root: Path) -> list[tuple[str, int]]:
+    """``(relative posix path, size)`` of every ``.py`` file under ``root``, sorted by path.
+
+    Third-party packages (``site-packages``) are skipped: they differ between environments.
+    """
+    found: list[tuple[str, int]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        for name in filenames:
+            if name.endswith(".py"):
+                full = os.path.join(dirpath, name)
+                try:
+                    size = os.stat(full).st_size
+                except OSError:
+                    continue
+                found.append((Path(full).relative_to(root).as_posix(), size))
+    found.sort()
+    return found
+
+
+def _check_options(val_fraction: float, max_documents: int | None) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", val_fraction, "must be in (0, 1), e.g. 0.02")
+    if max_documents is not None and max_documents < 2:
+        raise ConfigError("data.max_documents", max_documents,
+                          "need at least 2 documents (one for train, one for val); use null for all")
+
+
+def corpus_key(files: list[tuple[str, int]], val_fraction: float, max_documents: int | None) -> str:
+    """Short hash identifying the corpus a build would produce."""
+    h = hashlib.sha256()
+    h.update(json.dumps([CORPUS_VERSION, val_fraction, max_documents]).encode())
+    for rel, size in files:
+        h.update(f"{rel}\0{size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _read_documents(root: Path, files: list[tuple[str, int]], limit: int | None) -> list[tuple[str, bytes]]:
+    """The first ``limit`` readable UTF-8 files, in sorted order, as raw bytes."""
+    docs: list[tuple[str, bytes]] = []
+    for rel, _ in files:
+        if limit is not None and len(docs) >= limit:
+            break
+        try:
+            raw = (root / rel).read_bytes()
+            raw.decode("utf-8")  # byte tokens need no decoding, but non-UTF-8 files are not "text"
+        except (OSError, UnicodeDecodeError):
+            logger.debug("skipping %s (unreadable or not UTF-8)", rel)
+            continue
+        if raw:
+            docs.append((rel, raw))
+    return docs
+
+
+def build_stdlib_corpus(cache_root: str | os.PathLike | None = None, val_fraction: float = 0.02,
+                        max_documents: int | None = None, root: str | os.PathLike | None = None) -> Path:
+    """Build (once) and return the dataset directory of the standard-library corpus.
+
+    ``cache_root`` (``data.path``; default :func:`default_cache_root`) holds one directory per
+    Python version and option set. Building happens in a staging directory that is renamed into
+    place, so concurrent processes and crashes never expose a partial dataset.
+    """
+    _check_options(val_fraction, max_documents)
+    src = Path(root) if root is not None else stdlib_root()
+    files = list_source_files(src)
+    if not files:
+        raise ConfigError("data.name", "stdlib", f"no .py files under {src}; use data.name=indexed with a "
+                          "dataset from `trainrun-prepare`")
+    cache = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    if cache.exists() and not cache.is_dir():
+        raise ConfigError("data.path", str(cache), "is a file; for data.name=stdlib it must be a cache directory")
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    final = cache / f"stdlib-{pyver}-{corpus_key(files, val_fraction, max_documents)}"
+    if (final / META_FILE).is_file():
+        logger.debug("using cached corpus %s", final)
+        return final
+
+    docs = _read_documents(src, files, max_documents)
+    if len(docs) < 2:
+        raise ConfigError("data.max_documents", max_documents, f"only {len(docs)} usable files under {src}; "
+                          "need at least 2")
+    val = validation_mask(document_scores([rel for rel, _ in docs]), val_fraction)
+    tokenizer = ByteTokenizer()
+    with staging_dir(final) as tmp:
+        with DatasetDirWriter(tmp, tokenizer, "byte") as writer:
+            for (rel, raw), is_val in zip(docs, val):
+                writer.add("val" if is_val else "train", np.frombuffer(raw, dtype=np.uint8))
+            meta = writer.finish(source=f"Python {sys.version.split()[0]} standard library at {src} "
+                                        f"({len(docs)} files, val_fraction={val_fraction})")
+        if publish_dir(tmp, final):
+            logger.info("built stdlib corpus %s: %d documents, %d tokens", final,
+                        sum(meta["num_documents"].values()), sum(meta["num_tokens"].values()))
+    return final

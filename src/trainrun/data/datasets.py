@@ -1,0 +1,109 @@
+"""Opening a dataset directory, and the ``stdlib`` / ``indexed`` entries of the dataset registry."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainrun.config.errors import ConfigError
+from trainrun.config.schema import DataConfig
+from trainrun.data.corpus import build_stdlib_corpus
+from trainrun.data.indexed import IndexedDataset, data_file_path, index_file_path
+from trainrun.data.layout import (
+    META_FILE,
+    SPLITS,
+    compute_checksum,
+    read_meta,
+    split_prefix,
+)
+from trainrun.data.tokenizer import Tokenizer, load_tokenizer
+from trainrun.registry import DATASETS
+
+logger = logging.getLogger(__name__)
+
+PREPARE_HINT = "run `trainrun-prepare INPUTS --output DIR` first and set data.path=DIR"
+
+
+@dataclass
+class TokenDataset:
+    """A tokenized dataset ready for the loader: both splits, the tokenizer and its identity."""
+
+    train: IndexedDataset
+    val: IndexedDataset
+    tokenizer: Tokenizer
+    vocab_size: int
+    eod_id: int
+    checksum: str
+    path: Path
+
+
+def open_dataset_dir(path: str | os.PathLike, verify_checksum: bool = False,
+                     field: str = "data.path") -> TokenDataset:
+    """Open a dataset directory (see :mod:`trainrun.data.layout`); memory-maps, reads no tokens.
+
+    ``verify_checksum`` re-hashes the files (reads them all) and fails on a mismatch.
+    """
+    directory = Path(path).expanduser()
+    meta = read_meta(directory, field)
+    train, val = (IndexedDataset(split_prefix(directory, s), field) for s in SPLITS)
+    tokenizer = load_tokenizer(directory)
+    if tokenizer.vocab_size != meta["vocab_size"] or tokenizer.eod_id != meta["eod_id"]:
+        raise ConfigError(field, str(directory), "meta.json and the tokenizer disagree on vocab_size/eod_id; "
+                          "rerun `trainrun-prepare`")
+    if verify_checksum:
+        actual = compute_checksum(directory)
+        if actual != meta["checksum"]:
+            raise ConfigError(field, str(directory), f"checksum mismatch (meta.json {meta['checksum'][:12]}, files "
+                              f"{actual[:12]}): the data changed after preparation; rerun `trainrun-prepare`")
+    return TokenDataset(train=train, val=val, tokenizer=tokenizer, vocab_size=int(meta["vocab_size"]),
+                        eod_id=int(meta["eod_id"]), checksum=str(meta["checksum"]), path=directory)
+
+
+def _check_indexed_path(path: str | None) -> Path:
+    if path is None or str(path).strip() == "":
+        raise ConfigError("data.path", path, f"data.name=indexed needs a dataset directory; {PREPARE_HINT}")
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ConfigError("data.path", path, f"no such directory; {PREPARE_HINT}")
+    wanted = [directory / META_FILE]
+    for s in SPLITS:
+        wanted += [data_file_path(split_prefix(directory, s)), index_file_path(split_prefix(directory, s))]
+    missing = [p.name for p in wanted if not p.is_file()]
+    if missing:
+        raise ConfigError("data.path", path, f"missing {', '.join(missing)}, so this is not a complete dataset "
+                          f"directory; {PREPARE_HINT}")
+    return directory
+
+
+def validate_data_config(cfg: DataConfig) -> None:
+    """Cheap checks of ``cfg`` (paths, ranges) that fail before any model or data is built."""
+    if cfg.seq_len < 1:
+        raise ConfigError("data.seq_len", cfg.seq_len, "must be a positive number of tokens, e.g. 128")
+    if cfg.name == "indexed":
+        read_meta(_check_indexed_path(cfg.path))
+    elif cfg.name == "stdlib":
+        if not 0.0 < cfg.val_fraction < 1.0:
+            raise ConfigError("data.val_fraction", cfg.val_fraction, "must be in (0, 1), e.g. 0.02")
+        if cfg.max_documents is not None and cfg.max_documents < 2:
+            raise ConfigError("data.max_documents", cfg.max_documents,
+                              "need at least 2 documents (one for train, one for val); use null for all")
+        if cfg.path is not None and Path(cfg.path).expanduser().is_file():
+            raise ConfigError("data.path", cfg.path, "is a file; for data.name=stdlib it must be a cache directory "
+                              "(or null for ~/.cache/trainrun)")
+    # Other names belong to plugins, which validate themselves when built.
+
+
+@DATASETS.register("stdlib")
+def build_stdlib(cfg: DataConfig) -> TokenDataset:
+    """The bundled standard-library corpus (byte tokens), built once into the cache."""
+    validate_data_config(cfg)
+    return open_dataset_dir(build_stdlib_corpus(cfg.path, cfg.val_fraction, cfg.max_documents))
+
+
+@DATASETS.register("indexed")
+def build_indexed(cfg: DataConfig) -> TokenDataset:
+    """A dataset directory written by ``trainrun-prepare`` at ``data.path``."""
+    validate_data_config(cfg)
+    return open_dataset_dir(_check_indexed_path(cfg.path))

@@ -1,0 +1,197 @@
+"""``trainrun-prepare``: tokenize text files or JSONL into a dataset directory for ``data.name=indexed``.
+
+Inputs are files or directories (searched recursively, hidden entries skipped). A ``.jsonl`` file
+holds one document per line (the ``--text-key`` field); any other file is one document.
+Documents are split into train/val by a seeded hash of their location (path, and line for JSONL),
+so the split does not depend on the order of the inputs on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainrun.data.fsutil import publish_dir, staging_dir
+from trainrun.data.layout import DatasetDirWriter
+from trainrun.data.split import document_scores, validation_mask
+from trainrun.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, train_bpe
+
+logger = logging.getLogger(__name__)
+
+ENCODE_CHUNK = 256  # documents per encode_batch call: parallel in Rust, bounded memory
+
+
+class PrepareError(Exception):
+    """A problem with the inputs or options; reported as one line and exit status 2."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file and how it is read."""
+
+    path: Path
+    jsonl: bool
+
+
+def find_sources(inputs: list[str]) -> list[Source]:
+    """Expand files and directories to a sorted, de-duplicated list of input files."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file()
+                                and not any(part.startswith(".") for part in f.relative_to(p).parts)))
+        else:
+            raise PrepareError(f"input {item!r} does not exist")
+    unique = list(dict.fromkeys(f.resolve() for f in files))
+    if not unique:
+        raise PrepareError("no input files found in " + ", ".join(map(repr, inputs)))
+    return [Source(f, f.suffix.lower() == ".jsonl") for f in unique]
+
+
+def document_keys(sources: list[Source]) -> list[str]:
+    """A location key per document, in reading order (the split is decided from these)."""
+    keys: list[str] = []
+    for src in sources:
+        if src.jsonl:
+            # Same decoding and blank-line rule as iter_documents, so keys and texts stay aligned.
+            with open(src.path, encoding="utf-8") as f:
+                keys.extend(f"{src.path}:{n}" for n, line in enumerate(f, 1) if line.strip())
+        else:
+            keys.append(str(src.path))
+    return keys
+
+
+def iter_documents(sources: list[Source], text_key: str) -> Iterator[str]:
+    """Document texts, in the same order as :func:`document_keys` (empty ones included)."""
+    for src in sources:
+        if not src.jsonl:
+            try:
+                yield src.path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise PrepareError(f"{src.path} is not UTF-8 text; remove it from the inputs") from None
+            continue
+        with open(src.path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise PrepareError(f"{src.path}:{n}: invalid JSON ({err.msg})") from None
+                if not isinstance(record, dict) or text_key not in record:
+                    raise PrepareError(f"{src.path}:{n}: no {text_key!r} field; pass --text-key with the "
+                                       "field that holds the text")
+                text = record[text_key]
+                if not isinstance(text, str):
+                    raise PrepareError(f"{src.path}:{n}: field {text_key!r} is {type(text).__name__}, not a string")
+                yield text
+
+
+def _progress(iterable, total: int, desc: str):
+    """Wrap with a tqdm bar on an interactive terminal only (logs and CI stay clean)."""
+    if not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="doc", file=sys.stderr)
+
+
+def _chunks(items: Iterator[tuple[str, bool]], size: int) -> Iterator[list[tuple[str, bool]]]:
+    chunk: list[tuple[str, bool]] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size: int = 8192,
+            val_fraction: float = 0.02, seed: int = 0, text_key: str = "text", force: bool = False) -> dict:
+    """Tokenize ``inputs`` into the dataset directory ``output``; returns its metadata."""
+    if not 0.0 < val_fraction < 1.0:
+        raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    out = Path(output)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+        raise PrepareError(f"{out} already exists; pass --force to replace it")
+    sources = find_sources(inputs)
+    keys = document_keys(sources)
+    if len(keys) < 2:
+        raise PrepareError(f"found {len(keys)} document(s); need at least 2 (one for train, one for val)")
+    is_val = validation_mask(document_scores(keys, seed), val_fraction)
+
+    tok: Tokenizer
+    if tokenizer == "bpe":
+        if vocab_size < 257:
+            raise PrepareError(f"--vocab-size must be at least 257 for a byte-level BPE, got {vocab_size}")
+        train_texts = (t for t, v in zip(iter_documents(sources, text_key), is_val) if not v)
+        tok = train_bpe(train_texts, vocab_size)
+    else:
+        tok = ByteTokenizer()
+
+    docs = zip(iter_documents(sources, text_key), is_val)
+    with staging_dir(out) as tmp:
+        with DatasetDirWriter(tmp, tok, tokenizer) as writer:
+            for chunk in _chunks(_progress(docs, len(keys), "tokenizing"), ENCODE_CHUNK):
+                texts = [t for t, _ in chunk]
+                ids = tok.encode_batch(texts) if isinstance(tok, BPETokenizer) else [tok.encode(t) for t in texts]
+                for tokens, (text, v) in zip(ids, chunk):
+                    if text:  # an empty document would only be a lone EOD
+                        writer.add("val" if v else "train", np.asarray(tokens, dtype=writer.dtype))
+            if writer.count("train") == 0 or writer.count("val") == 0:
+                raise PrepareError("a split came out empty (documents without text?); add inputs or change --val-fraction")
+            meta = writer.finish(source=f"trainrun-prepare of {len(sources)} file(s): "
+                                        + ", ".join(str(s.path) for s in sources[:5])
+                                        + (" ..." if len(sources) > 5 else ""))
+        publish_dir(tmp, out, replace=True)
+    return meta
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``trainrun-prepare``."""
+    p = argparse.ArgumentParser(prog="trainrun-prepare", description=__doc__.splitlines()[0].split(": ", 1)[-1])
+    p.add_argument("inputs", nargs="+", help="text files, directories or .jsonl files")
+    p.add_argument("--output", "-o", required=True, help="dataset directory to write (use as data.path)")
+    p.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte", help="byte (vocab 257) or a locally trained BPE")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size including EOD (bpe only)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="fraction of documents held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--text-key", default="text", help="JSONL field holding the document text")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``trainrun-prepare``; returns the exit status (2 for bad inputs)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse has printed its one-line error (or --help)
+        return int(exit_.code or 0)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        meta = prepare(args.inputs, args.output, args.tokenizer, args.vocab_size, args.val_fraction,
+                       args.seed, args.text_key, args.force)
+    except (PrepareError, OSError, UnicodeDecodeError) as err:
+        print(f"trainrun-prepare: error: {err}", file=sys.stderr)
+        return 2
+    docs, tokens = meta["num_documents"], meta["num_tokens"]
+    print(f"wrote {args.output}: {docs['train'] + docs['val']} documents (train {docs['train']}, val {docs['val']}), "
+          f"{tokens['train'] + tokens['val']} tokens (train {tokens['train']}, val {tokens['val']}), "
+          f"{meta['tokenizer']} vocab {meta['vocab_size']}, checksum {meta['checksum']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The process environment an initializer hands to the rest of trainrun."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    """Rank, world and device of this process; ``backend`` is None without a process group."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None
+    initializer: str
+
+    @property
+    def is_rank0(self) -> bool:
+        """True on the process that logs, samples and writes run-level files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group is initialised."""
+        return self.backend is not None and dist.is_initialized()
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in a single process)."""
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of ``value`` over all ranks (identity in a single process)."""
+        if self.distributed:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.world_size
+        return value
+
+    def close(self) -> None:
+        """Destroy the process group this process created."""
+        if self.distributed:
+            dist.destroy_process_group()

@@ -1,0 +1,125 @@
+"""Environment initializers: single process, torchrun (env://) and Slurm, chosen by parallel.initializer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import socket
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainrun.config.errors import ConfigError
+from trainrun.config.schema import TrainRunConfig
+from trainrun.config.validate import resolve_device_type
+from trainrun.distributed.env import DistEnv
+from trainrun.registry import INITIALIZERS
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Seed python, numpy and torch; ranks share the seed so that replicated weights start equal."""
+    del rank  # model init must be identical on every rank; per-rank randomness derives from it explicitly
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _device(cfg: TrainRunConfig, local_rank: int) -> torch.device:
+    if resolve_device_type(cfg) == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _configure_determinism(cfg: TrainRunConfig) -> None:
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@INITIALIZERS.register("single")
+def init_single(cfg: TrainRunConfig) -> DistEnv:
+    """One process, no process group."""
+    _configure_determinism(cfg)
+    seed_everything(cfg.run.seed, 0)
+    return DistEnv(0, 0, 1, _device(cfg, 0), None, "single")
+
+
+def _init_process_group(cfg: TrainRunConfig, rank: int, local_rank: int, world_size: int, name: str) -> DistEnv:
+    _configure_determinism(cfg)
+    device = _device(cfg, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend, init_method="env://", rank=rank, world_size=world_size,
+            timeout=timedelta(minutes=cfg.parallel.timeout_min),
+            device_id=device if device.type == "cuda" else None,
+        )
+    seed_everything(cfg.run.seed, rank)
+    return DistEnv(rank, local_rank, world_size, device, backend, name)
+
+
+def _require_env(names: tuple[str, ...], initializer: str) -> dict[str, str]:
+    missing = [n for n in names if n not in os.environ]
+    if missing:
+        raise ConfigError(
+            "parallel.initializer", initializer,
+            f"environment variables {', '.join(missing)} are not set; launch with "
+            + ("torchrun" if initializer == "torchrun" else "srun/sbatch") + " or use parallel.initializer=single",
+        )
+    return {n: os.environ[n] for n in names}
+
+
+@INITIALIZERS.register("torchrun")
+def init_torchrun(cfg: TrainRunConfig) -> DistEnv:
+    """Rendezvous through env:// with the variables torchrun sets."""
+    env = _require_env(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"), "torchrun")
+    return _init_process_group(cfg, int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]), "torchrun")
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list such as ``node[003-005,7],gpu1``."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not match:
+        return nodelist
+    prefix, ranges = match.group(1), match.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+@INITIALIZERS.register("slurm")
+def init_slurm(cfg: TrainRunConfig) -> DistEnv:
+    """Ranks from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; master = first host of SLURM_JOB_NODELIST."""
+    env = _require_env(("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST"), "slurm")
+    os.environ.setdefault("MASTER_ADDR", first_slurm_host(env["SLURM_JOB_NODELIST"]))
+    # A port derived from the job id keeps two jobs sharing a node from colliding.
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    return _init_process_group(
+        cfg, int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_NTASKS"]), "slurm"
+    )
+
+
+@INITIALIZERS.register("auto")
+def init_auto(cfg: TrainRunConfig) -> DistEnv:
+    """torchrun when its variables are set, Slurm inside a multi-task Slurm step, else single."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return init_torchrun(cfg)
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return init_slurm(cfg)
+    return init_single(cfg)
+
+
+def describe(env: DistEnv) -> str:
+    """One line for the log: world, device and versions."""
+    return (
+        f"initializer={env.initializer} world_size={env.world_size} rank={env.rank} device={env.device} "
+        f"backend={env.backend or 'none'} host={socket.gethostname()} torch={torch.__version__}"
+    )

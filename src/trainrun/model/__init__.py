@@ -1,0 +1,27 @@
+"""GPT model, its meta-device materialisation, sampling and analytic accounting.
+
+Importing this package registers the ``gpt`` model builder in ``trainrun.registry.MODELS``.
+"""
+
+from trainrun.model.accounting import (
+    MemoryEstimate,
+    count_parameters,
+    estimate_training_memory,
+    flops_per_token,
+)
+from trainrun.model.generate import generate
+from trainrun.model.gpt import GPT, build_gpt
+from trainrun.model.init import materialize
+from trainrun.model.layers import ffn_hidden_size
+
+__all__ = [
+    "GPT",
+    "MemoryEstimate",
+    "build_gpt",
+    "count_parameters",
+    "estimate_training_memory",
+    "ffn_hidden_size",
+    "flops_per_token",
+    "generate",
+    "materialize",
+]

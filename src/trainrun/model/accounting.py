@@ -1,0 +1,146 @@
+"""Analytic model accounting from a ``ModelConfig`` alone: parameters, FLOPs, training memory.
+
+No tensors are built, so these run instantly for any size (dry runs, MFU, capacity planning).
+``count_parameters`` is exact for ``trainrun.model.gpt.GPT``; the FLOP and memory figures are the
+standard estimates and say which approximations they make.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from trainrun.config.errors import ConfigError
+from trainrun.config.schema import ModelConfig
+from trainrun.model.layers import ffn_hidden_size
+
+_BYTES_PER_ACTIVATION = {"fp32": 4, "bf16": 2, "fp16": 2}
+_CHECKPOINTING = ("none", "selective", "full")
+
+
+def _vocab(cfg: ModelConfig) -> int:
+    if not isinstance(cfg.vocab_size, int) or cfg.vocab_size <= 0:
+        raise ConfigError("model.vocab_size", cfg.vocab_size, "resolve it to a positive int before accounting")
+    return cfg.vocab_size
+
+
+def count_parameters(cfg: ModelConfig, include_embeddings: bool = True) -> int:
+    """Exact number of distinct parameters of ``GPT(cfg)``.
+
+    ``include_embeddings=False`` leaves out every vocabulary- or position-sized table: the token
+    embedding, the learned position embedding and an untied output projection (the "non-embedding"
+    N of Kaplan et al. 2020). Norms count a weight (RMSNorm, which has no bias) plus a bias for
+    LayerNorm with ``cfg.bias``; the output projection never has a bias.
+    """
+    d, L = cfg.d_model, cfg.n_layers
+    hidden = ffn_hidden_size(cfg)
+    norm = d + (d if cfg.norm == "layernorm" and cfg.bias else 0)
+    attention = 4 * d * d + (4 * d if cfg.bias else 0)  # wq, wk, wv, wo
+    if cfg.mlp == "swiglu":
+        mlp = 3 * d * hidden + ((2 * hidden + d) if cfg.bias else 0)  # w1, w3: d->h; w2: h->d
+    else:
+        mlp = 2 * d * hidden + ((hidden + d) if cfg.bias else 0)  # w1: d->h; w2: h->d
+    non_embedding = L * (attention + mlp + 2 * norm) + norm  # + final norm
+    if not include_embeddings:
+        return non_embedding
+    V = _vocab(cfg)
+    embeddings = V * d
+    if cfg.position == "learned":
+        embeddings += cfg.max_seq_len * d
+    if not cfg.tie_embeddings:
+        embeddings += V * d
+    return non_embedding + embeddings
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training (forward + backward) FLOPs per token: ``6*(N + d*V) + 12*L*d*T``.
+
+    N is the non-embedding parameter count; every such weight costs 2 FLOPs per token forward
+    and 4 backward (6N). The output projection is a d x V matmul whatever the tying, so it is added
+    as d*V (embedding lookups are free). The attention term 12*L*d*T counts QK^T and AV (2 matmuls of
+    2*T*d FLOPs per token forward, x3 for fwd+bwd) over the full T x T square, without discounting
+    the causal mask, as in PaLM (Chowdhery et al. 2022, appendix B) and Megatron-LM's MFU.
+    """
+    V = _vocab(cfg)
+    n = count_parameters(cfg, include_embeddings=False) + cfg.d_model * V
+    return float(6 * n + 12 * cfg.n_layers * cfg.d_model * seq_len)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated training memory per device, in bytes."""
+
+    params: int
+    grads: int
+    optimizer_state: int
+    activations: int
+    total: int
+
+    def as_dict(self) -> dict[str, int]:
+        """The fields as a plain dict (for JSON metrics)."""
+        return asdict(self)
+
+    def format(self) -> str:
+        """One log line in GiB, e.g. ``params 0.50 GiB | grads ... | total 3.10 GiB``."""
+        gib = 1024**3
+        names = ("params", "grads", "optimizer_state", "activations", "total")
+        return " | ".join(f"{n} {getattr(self, n) / gib:.2f} GiB" for n in names)
+
+
+def estimate_training_memory(
+    cfg: ModelConfig,
+    micro_batch_size: int,
+    seq_len: int,
+    precision: str = "fp32",
+    dp_shard: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    activation_checkpointing: str = "none",
+    *,
+    flash_attention: bool = True,
+) -> MemoryEstimate:
+    """Peak training memory per device of AdamW mixed-precision training, roughly.
+
+    Model state: fp32 master weights (4 B/param), fp32 grads (4) and AdamW's two fp32 moments (8),
+    all sharded by ``dp_shard`` (FSDP) and divided by ``tp * pp``. bf16/fp16 is autocast, so no
+    second weight copy is kept.
+
+    Activations per layer follow Korthikanti et al. 2022 (for 16-bit, in bytes):
+    ``s*b*h*(34 + 5*a*s/h)``, doubled for fp32. With ``flash_attention`` (the default: SDPA's flash /
+    memory-efficient kernels) the (s x s) score term ``5*a*s/h`` is never stored, so only ``34*s*b*h``
+    remains. ``selective`` checkpointing recomputes the attention scores (drops the 5as/h term: a
+    no-op on top of flash attention); ``full`` keeps only each layer's input ``2*s*b*h`` plus one
+    layer's full activations while it is recomputed. Activations are divided by ``tp`` (sequence
+    parallelism assumed) but not by ``pp``: with 1F1B the first stage holds ``pp`` micro-batches of
+    ``L/pp`` layers, i.e. L layers' worth. Logits add ``s*b*V*4`` bytes (fp32 for the loss, vocab-sharded
+    by tp). Ignores allocator fragmentation, temporary buffers and communication buckets.
+    """
+    if precision not in _BYTES_PER_ACTIVATION:
+        raise ConfigError("train.precision", precision, f"use one of {', '.join(_BYTES_PER_ACTIVATION)}")
+    if activation_checkpointing not in _CHECKPOINTING:
+        raise ConfigError("activation_checkpointing", activation_checkpointing, f"use one of {', '.join(_CHECKPOINTING)}")
+    for name, value in (("micro_batch_size", micro_batch_size), ("seq_len", seq_len), ("parallel.dp_shard", dp_shard), ("parallel.tp", tp), ("parallel.pp", pp)):
+        if value < 1:
+            raise ConfigError(name, value, "must be positive")
+
+    n = count_parameters(cfg)
+    shards = dp_shard * tp * pp
+    params = math.ceil(4 * n / shards)
+    grads = math.ceil(4 * n / shards)
+    optimizer_state = math.ceil(8 * n / shards)
+
+    s, b, h, a, L = seq_len, micro_batch_size, cfg.d_model, cfg.n_heads, cfg.n_layers
+    scale = _BYTES_PER_ACTIVATION[precision] / 2  # the formula's coefficients are 16-bit bytes
+    score_term = 0.0 if flash_attention else 5 * a * s / h
+    full_layer = s * b * h * (34 + score_term) * scale
+    if activation_checkpointing == "none":
+        layers = L * full_layer
+    elif activation_checkpointing == "selective":
+        layers = L * s * b * h * 34 * scale
+    else:  # full: layer inputs only, plus the working set of the one layer being recomputed
+        layers = L * 2 * s * b * h * scale + full_layer
+    logits = s * b * _vocab(cfg) * 4
+    activations = math.ceil((layers + logits) / tp)
+
+    total = params + grads + optimizer_state + activations
+    return MemoryEstimate(params, grads, optimizer_state, activations, total)

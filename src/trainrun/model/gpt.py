@@ -1,0 +1,104 @@
+"""GPT decoder-only language model (nanoGPT / torchtitan llama style), built from a ``ModelConfig``.
+
+Meta-device friendly: build under ``with torch.device("meta"):``, then ``to_empty(device=...)`` and
+``init_weights()`` (see ``trainrun.model.init.materialize``). ``init_weights`` is the single place that
+gives every parameter and buffer its value, so a sharding wrapper applied between build and
+materialisation (FSDP2) gets the same model as a plain single-device build.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from trainrun.config.errors import ConfigError
+from trainrun.config.schema import ModelConfig
+from trainrun.model.layers import Block, build_norm, rope_cache
+from trainrun.registry import MODELS
+
+# Output projections of the residual branches: their init std is scaled by 1/sqrt(2*n_layers) so the
+# residual stream's variance does not grow with depth (GPT-2, Megatron-LM).
+RESIDUAL_OUTPUT_NAMES = ("wo", "w2")
+
+
+class GPT(nn.Module):
+    """Token embedding -> ``n_layers`` pre-norm blocks -> final norm -> vocabulary projection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not isinstance(cfg.vocab_size, int) or cfg.vocab_size <= 0:
+            raise ConfigError("model.vocab_size", cfg.vocab_size, "resolve it to a positive int (from the dataset) before building the model")
+        if cfg.d_model % cfg.n_heads:
+            raise ConfigError("model.n_heads", cfg.n_heads, f"must divide model.d_model={cfg.d_model}")
+        if cfg.position not in ("rope", "learned"):
+            raise ConfigError("model.position", cfg.position, "use rope or learned")
+        self.cfg = cfg
+        self.max_seq_len = cfg.max_seq_len
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        # A ModuleDict keyed "0".."L-1" keeps parameter names stable if pipeline stages delete blocks.
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm = build_norm(cfg)
+        # No bias on the vocabulary projection (nanoGPT, llama); it could not be tied anyway.
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # RoPE tables are derived, not learned: non-persistent so checkpoints do not carry them and
+        # recomputed by init_weights() because to_empty() leaves them uninitialised.
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        if cfg.position == "rope":
+            cos, sin = rope_cache(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+            self.rope_cos, self.rope_sin = cos, sin
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re-)initialise every parameter and buffer from the current torch RNG, deterministically.
+
+        Linear and embedding weights ~ N(0, init_std), except wo/w2 ~ N(0, init_std/sqrt(2*n_layers));
+        biases 0; norm weights 1 and biases 0; RoPE tables recomputed. Also re-ties the output
+        projection to the token embedding, because ``to_empty`` replaces the two tied parameters
+        with two separate tensors.
+        """
+        cfg = self.cfg
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        seen: set[int] = set()  # a tied weight is drawn once, so RNG use does not depend on tying order
+        for name, module in self.named_modules():  # registration order: deterministic
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if id(module.weight) not in seen:
+                    seen.add(id(module.weight))
+                    leaf = name.rsplit(".", 1)[-1]
+                    nn.init.normal_(module.weight, 0.0, out_std if leaf in RESIDUAL_OUTPUT_NAMES else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()  # weight 1, bias 0
+        if cfg.position == "rope":
+            device = self.tok_embeddings.weight.device
+            cos, sin = rope_cache(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, device=device)
+            self.rope_cos, self.rope_sin = cos, sin
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, vocab_size)."""
+        B, T = tokens.shape
+        if T > self.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.max_seq_len}")
+        x = self.tok_embeddings(tokens)  # (B, T, C)
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(torch.arange(T, device=tokens.device))  # (T, C) broadcast over B
+        x = self.dropout(x)
+        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.rope_cos is not None else None  # (T, hs) each
+        for layer in self.layers.values():
+            x = layer(x, rope)  # (B, T, C)
+        x = self.norm(x)
+        return self.output(x)  # (B, T, V)
+
+
+@MODELS.register("gpt")
+def build_gpt(cfg: ModelConfig) -> nn.Module:
+    """Build a ``GPT`` on the current default device (use ``torch.device("meta")`` for big models)."""
+    return GPT(cfg)

@@ -1,0 +1,29 @@
+"""Optimizer construction and learning-rate schedules.
+
+Importing this package registers ``adamw`` in ``OPTIMIZERS`` and the schedules ``constant``,
+``cosine``, ``linear``, ``wsd`` and ``wsd_sqrt`` in ``LR_SCHEDULES``.
+"""
+
+from trainrun.optim.optimizer import build_adamw, param_group_summary, param_groups
+from trainrun.optim.schedules import (
+    build_lr_scheduler,
+    constant_schedule,
+    cosine_schedule,
+    linear_schedule,
+    validate_optim_config,
+    wsd_schedule,
+    wsd_sqrt_schedule,
+)
+
+__all__ = [
+    "build_adamw",
+    "build_lr_scheduler",
+    "constant_schedule",
+    "cosine_schedule",
+    "linear_schedule",
+    "param_group_summary",
+    "param_groups",
+    "validate_optim_config",
+    "wsd_schedule",
+    "wsd_sqrt_schedule",
+]

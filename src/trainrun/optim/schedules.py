@@ -1,0 +1,122 @@
+"""Learning-rate schedules as multipliers of ``optim.lr``, registered in ``LR_SCHEDULES``.
+
+Each factory ``(cfg, max_steps) -> (step -> multiplier)`` shares the same phases: linear warmup over
+``warmup_steps`` from 1/(warmup_steps+1) (so step 0 already trains) to 1, then a decay over
+``decay_steps`` (null: ``max_steps - warmup_steps``) to ``min_lr_ratio``, which holds afterwards.
+The returned callables are plain closures, so ``LambdaLR.state_dict`` stores no schedule state:
+the schedule is rebuilt from the config on resume and only the step counter is restored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from trainrun.config.errors import ConfigError
+from trainrun.config.schema import OptimConfig
+from trainrun.optim.optimizer import IMPLEMENTATIONS
+from trainrun.registry import LR_SCHEDULES
+
+Schedule = Callable[[int], float]
+
+
+def validate_optim_config(cfg: OptimConfig, max_steps: int) -> None:
+    """Raise ``ConfigError`` naming the field, value and fix for any invalid optimizer setting."""
+    if max_steps < 1:
+        raise ConfigError("train.max_steps", max_steps, "must be positive")
+    if not cfg.lr > 0:
+        raise ConfigError("optim.lr", cfg.lr, "must be positive")
+    if cfg.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps", cfg.warmup_steps, "must be >= 0")
+    if cfg.warmup_steps > max_steps:
+        raise ConfigError("optim.warmup_steps", cfg.warmup_steps, f"must be <= train.max_steps={max_steps}")
+    if cfg.decay_steps is not None and cfg.decay_steps < 1:
+        raise ConfigError("optim.decay_steps", cfg.decay_steps, "must be positive, or null for max_steps - warmup_steps")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio", cfg.min_lr_ratio, "must be in [0, 1]")
+    if not 0.0 <= cfg.wsd_decay_fraction <= 1.0:
+        raise ConfigError("optim.wsd_decay_fraction", cfg.wsd_decay_fraction, "must be in [0, 1]")
+    if cfg.weight_decay < 0:
+        raise ConfigError("optim.weight_decay", cfg.weight_decay, "must be >= 0")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"optim.{name}", getattr(cfg, name), "must be in [0, 1)")
+    if not cfg.eps > 0:
+        raise ConfigError("optim.eps", cfg.eps, "must be positive")
+    if cfg.grad_clip < 0:
+        raise ConfigError("optim.grad_clip", cfg.grad_clip, "must be >= 0 (0 disables clipping)")
+    if cfg.implementation not in IMPLEMENTATIONS:
+        raise ConfigError("optim.implementation", cfg.implementation, f"use one of {', '.join(IMPLEMENTATIONS)}")
+
+
+def _with_warmup(cfg: OptimConfig, max_steps: int, decay: Callable[[float], float]) -> Schedule:
+    """Wrap ``decay(progress in [0, 1]) -> multiplier`` with warmup and the post-decay floor."""
+    validate_optim_config(cfg, max_steps)
+    warmup = cfg.warmup_steps
+    decay_steps = cfg.decay_steps if cfg.decay_steps is not None else max_steps - warmup
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = 1.0 if decay_steps <= 0 else min((step - warmup) / decay_steps, 1.0)
+        return decay(progress)
+
+    return schedule
+
+
+@LR_SCHEDULES.register("constant")
+def constant_schedule(cfg: OptimConfig, max_steps: int) -> Schedule:
+    """Warmup, then 1 forever (``min_lr_ratio`` is ignored)."""
+    return _with_warmup(cfg, max_steps, lambda p: 1.0)
+
+
+@LR_SCHEDULES.register("cosine")
+def cosine_schedule(cfg: OptimConfig, max_steps: int) -> Schedule:
+    """Warmup, then half a cosine from 1 to ``min_lr_ratio`` (Loshchilov & Hutter 2017)."""
+    m = cfg.min_lr_ratio
+    return _with_warmup(cfg, max_steps, lambda p: m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p)))
+
+
+@LR_SCHEDULES.register("linear")
+def linear_schedule(cfg: OptimConfig, max_steps: int) -> Schedule:
+    """Warmup, then a straight line from 1 to ``min_lr_ratio``."""
+    m = cfg.min_lr_ratio
+    return _with_warmup(cfg, max_steps, lambda p: 1.0 - (1.0 - m) * p)
+
+
+def _wsd(cfg: OptimConfig, max_steps: int, shape: Callable[[float], float]) -> Schedule:
+    """Warmup-stable-decay: 1 for the first ``1 - wsd_decay_fraction`` of the decay window, then
+    ``1 - (1 - min_lr_ratio) * shape(q)`` with q going 0 -> 1 over the last fraction."""
+    m, frac = cfg.min_lr_ratio, cfg.wsd_decay_fraction
+
+    def decay(p: float) -> float:
+        if frac <= 0.0:
+            return 1.0 if p < 1.0 else m
+        q = max(0.0, (p - (1.0 - frac)) / frac)  # progress inside the final decay phase
+        return 1.0 - (1.0 - m) * shape(min(q, 1.0))
+
+    return _with_warmup(cfg, max_steps, decay)
+
+
+@LR_SCHEDULES.register("wsd")
+def wsd_schedule(cfg: OptimConfig, max_steps: int) -> Schedule:
+    """Warmup-stable-decay (Hu et al. 2024, MiniCPM) with a linear final decay: checkpoints from the
+    stable phase can be continued, and the short cooldown recovers most of cosine's loss."""
+    return _wsd(cfg, max_steps, lambda q: q)
+
+
+@LR_SCHEDULES.register("wsd_sqrt")
+def wsd_sqrt_schedule(cfg: OptimConfig, max_steps: int) -> Schedule:
+    """Warmup-stable-decay with the 1-sqrt cooldown, which Hägele et al. 2024 found beats linear."""
+    return _wsd(cfg, max_steps, math.sqrt)
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` applying the schedule registered as ``cfg.schedule`` to every param group."""
+    validate_optim_config(cfg, max_steps)
+    factory = LR_SCHEDULES.get(cfg.schedule)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factory(cfg, max_steps))

@@ -1,0 +1,5 @@
+"""Training loop, TrainState and step executors."""
+
+from trainrun.train.state import TrainState
+
+__all__ = ["TrainState"]
