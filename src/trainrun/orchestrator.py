@@ -98,21 +98,23 @@ def run(cfg: TrainRunConfig | DictConfig, run_dir: Path | None = None) -> RunRes
         env.close()
 
 
-def _train(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Path) -> RunResult:
+def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Path) -> TrainingLoop:
+    """Build model, optimizer, data iterator, evaluator, checkpointing and sinks; restore a checkpoint."""
     model, optimizer, scheduler = build_model_and_optimizer(cfg, env)
     dp_size = data_parallel_size(cfg)
     train_iter = build_train_iterator(dataset, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.run.seed,
                                       dp_rank=env.rank % dp_size, dp_size=dp_size)
     state = TrainState()
     store = CheckpointStore(_checkpoint_dir(cfg, run_dir), cfg.checkpoint.keep_last, env.is_rank0, env.barrier)
-    checkpointer = Checkpointer(cfg, store, model, optimizer, scheduler, train_iter, state, env.device,
+    checkpointer = Checkpointer(cfg, store, [model], [optimizer], scheduler, train_iter, state, env.device,
                                 extra_meta={"data_checksum": dataset.checksum, "world_size": env.world_size})
-    resumed_from = checkpointer.resume()
+    checkpointer.resume()
     metrics = build_metric_logger(cfg.logging, run_dir, env.is_rank0)
     metrics.log_config({**dataclasses.asdict(cfg), "data_checksum": dataset.checksum})
-    peak, peak_note = peak_flops_per_device(env.device, cfg.logging.peak_tflops)
+    peak, peak_note = peak_flops_per_device(env.device, cfg.logging.peak_tflops, cfg.train.precision)
     logger.info("MFU is relative to %.3g FLOP/s per device (%s)", peak, peak_note)
     parts = LoopComponents(
+        model_parts=[model],
         executor=registry.STEP_EXECUTORS.get(cfg.train.step_executor)(model, optimizer, scheduler, cfg, env.device),
         train_iter=train_iter,
         evaluator=registry.EVALUATORS.get(cfg.eval.name)(cfg, model, dataset, env),
@@ -121,15 +123,20 @@ def _train(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Pa
         metrics=metrics,
         state=state,
     )
-    loop = TrainingLoop(cfg, env, parts, flops_per_token(cfg.model, cfg.data.seq_len), peak)
+    return TrainingLoop(cfg, env, parts, flops_per_token(cfg.model, cfg.data.seq_len), peak)
+
+
+def _train(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Path) -> RunResult:
+    loop = build_training_loop(cfg, env, dataset, run_dir)
     try:
         code = loop.run()
     finally:
-        metrics.close()
-    result = RunResult(code, run_dir, state, resumed_from=resumed_from)
+        loop.parts.metrics.close()
+    state = loop.state
+    result = RunResult(code, run_dir, state, resumed_from=loop.parts.checkpointer.resumed_from)
     if code == ExitCode.FINISHED and state.last_val_loss is not None:
         result.final_eval = {"val_loss": state.last_val_loss}
     if code == ExitCode.FINISHED and env.is_rank0 and cfg.eval.sample_tokens > 0:
-        result.sample = sample_text(model, dataset.tokenizer, cfg.eval.sample_prompt, cfg.eval.sample_tokens,
+        result.sample = sample_text(loop.parts.model_parts[0], dataset.tokenizer, cfg.eval.sample_prompt, cfg.eval.sample_tokens,
                                     cfg.eval.temperature, cfg.eval.top_k, cfg.run.seed, env.device)
     return result

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [
-    (["model.n_heads=3"], "model.n_heads=3"),
+    (["model.n_heads=5"], "model.n_heads=5"),
     (["train.global_batch_size=20"], "train.global_batch_size=20"),
     (["data.seq_len=512"], "data.seq_len=512"),
     (["train.step_executor=warp"], "registered: compile, cuda_graph, eager"),

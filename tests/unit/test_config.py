@@ -72,7 +72,7 @@ def _bad(**groups) -> TrainRunConfig:
 
 
 @pytest.mark.parametrize(("changes", "field"), [
-    ({"model": {"n_heads": 3}}, "model.n_heads"),
+    ({"model": {"n_heads": 5}}, "model.n_heads"),
     ({"model": {"norm": "batchnorm"}}, "model.norm"),
     ({"data": {"seq_len": 1024}}, "data.seq_len"),
     ({"train": {"global_batch_size": 20}}, "train.global_batch_size"),

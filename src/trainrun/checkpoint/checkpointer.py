@@ -29,6 +29,9 @@ SHAPE_KEYS = ("n_layers", "n_heads", "d_model", "ffn_hidden", "vocab_size", "nor
 """Model fields that change parameter shapes or meaning; a resume that changes them is refused."""
 
 
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def config_hash(cfg: TrainRunConfig) -> str:
     """Short stable hash of the whole config (for the checkpoint's metadata)."""
     return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -54,16 +57,25 @@ def _rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
 class Checkpointer:
     """Saves and restores model, optimizer, LR schedule, data position, RNG and TrainState."""
 
-    def __init__(self, cfg: TrainRunConfig, store: CheckpointStore, model: nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler, train_iter, state: TrainState,
+    def __init__(self, cfg: TrainRunConfig, store: CheckpointStore, model_parts: list[nn.Module],
+                 optimizers: list[torch.optim.Optimizer], scheduler, train_iter, state: TrainState,
                  device: torch.device, extra_meta: dict | None = None):
+        """``model_parts[i]`` is trained by ``optimizers[i]`` (several parts: pipeline stages of this rank)."""
         self.cfg, self.store = cfg, store
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.model_parts, self.optimizers, self.scheduler = model_parts, optimizers, scheduler
         self.train_iter, self.state, self.device = train_iter, state, device
         self.extra_meta = extra_meta or {}
+        self.resumed_from: Path | None = None
 
     def _tensors(self, with_optimizer: bool) -> dict:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        # Fully-qualified names are the same in every layout (pipeline stages keep the full
+        # model's names), so the flattened dicts of all parts merge into one and DCP reshards.
+        model_sd: dict = {}
+        optim_sd: dict = {}
+        for part, optimizer in zip(self.model_parts, self.optimizers, strict=True):
+            part_model, part_optim = get_state_dict(part, optimizer, options=_OPTIONS)
+            model_sd.update(part_model)
+            optim_sd.update(part_optim)
         tensors: dict = {"model": model_sd}
         if with_optimizer:
             tensors["optim"] = optim_sd
@@ -109,11 +121,12 @@ class Checkpointer:
         if full and "torch_cuda" in tensors["rng"] and meta["config"]["run"]["device"] == "cpu":
             tensors["rng"].pop("torch_cuda")
         self.store.load_tensors(path, tensors)
-        set_state_dict(
-            self.model, self.optimizer if full else [],
-            model_state_dict=tensors["model"], optim_state_dict=tensors.get("optim", {}),
-            options=StateDictOptions(strict=True),
-        )
+        for part, optimizer in zip(self.model_parts, self.optimizers, strict=True):
+            set_state_dict(
+                part, optimizer if full else [],
+                model_state_dict=tensors["model"], optim_state_dict=tensors.get("optim", {}),
+                options=StateDictOptions(strict=False, flatten_optimizer_state_dict=True),
+            )
         if full:
             torch.set_rng_state(tensors["rng"]["torch_cpu"])
             if "torch_cuda" in tensors["rng"]:
@@ -122,4 +135,5 @@ class Checkpointer:
             self.train_iter.load_state_dict(meta["data"])
             self.state.load_state_dict(meta["train_state"])
         logger.info("resumed from %s (step %d%s)", path, meta["step"], "" if full else ", weights only")
+        self.resumed_from = path
         return path

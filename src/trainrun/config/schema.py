@@ -171,6 +171,16 @@ class ParallelConfig:
     """Pipeline parallel degree."""
     timeout_min: float = 10.0
     """Collective timeout in minutes."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP2: free gathered parameters after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like)."""
+    pp_schedule: str = "1F1B"
+    """Pipeline schedule: GPipe, 1F1B or Interleaved1F1B."""
+    pp_microbatches: int | None = None
+    """Micro-batches per pipeline step; null: pp (or 2*pp for Interleaved1F1B)."""
+    pp_stages_per_rank: int = 1
+    """Virtual stages per pipeline rank (Interleaved1F1B needs >= 2)."""
+    activation_checkpointing: str = "none"
+    """none, selective (every other block) or full (every block)."""
 
 
 @dataclass

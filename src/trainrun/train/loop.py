@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 class LoopComponents:
     """Everything the loop drives; built by the orchestrator."""
 
+    model_parts: list[torch.nn.Module]
     executor: StepExecutor
     train_iter: Iterator[Batch]
     evaluator: Evaluator
