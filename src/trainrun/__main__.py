@@ -13,6 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from trainrun.checkpoint.store import CheckpointError
 from trainrun.config import ConfigError, register_configs
 from trainrun.config.convert import config_dir
 from trainrun.exit_codes import ExitCode
@@ -45,6 +46,9 @@ def hydra_entry(cfg: DictConfig) -> None:
         result = orchestrator.run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
     except (ConfigError, UnknownComponentError) as err:
         _fail_config(str(err))
+    except CheckpointError as err:
+        print(f"trainrun: checkpoint error: {err}", file=sys.stderr)
+        sys.exit(ExitCode.FAILED)
     _print_summary(result)
     if result.exit_code != ExitCode.FINISHED:
         sys.exit(int(result.exit_code))

@@ -16,3 +16,5 @@ class ExitCode(IntEnum):
     """Bad configuration or input; one line on stderr names the field and the fix."""
     RESUME = 3
     """Stopped early on purpose (exit interval, signal, time limit) after saving: requeue to resume."""
+    BAD_STEPS = 4
+    """Too many consecutive non-finite steps (train.max_skipped_steps); nothing new was saved."""

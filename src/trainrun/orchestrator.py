@@ -16,17 +16,22 @@ from omegaconf import DictConfig
 
 from trainrun import registry
 from trainrun.checkpoint import Checkpointer, CheckpointStore
+from trainrun.checkpoint.checkpointer import non_persistent_dir
+from trainrun.checkpoint.policy import build_policy
 from trainrun.config import ConfigError, TrainRunConfig, to_dataclass, validate_config
-from trainrun.config.validate import data_parallel_size
 from trainrun.data import TokenDataset, build_train_iterator
 from trainrun.distributed.env import DistEnv
 from trainrun.distributed.initializers import describe
+from trainrun.distributed.parallel_dims import ParallelDims
+from trainrun.distributed.parallelize import parallelize
+from trainrun.distributed.pipeline import Pipeline, pipeline_eval_loss
 from trainrun.dry_run import dry_run_report
 from trainrun.eval.sample import sample_text
 from trainrun.exit_codes import ExitCode
 from trainrun.model import flops_per_token, materialize
 from trainrun.observe import build_metric_logger, peak_flops_per_device, setup_logging
 from trainrun.optim import build_lr_scheduler, param_group_summary
+from trainrun.train.executors import PipelineExecutor, SchedulerGroup
 from trainrun.train.loop import LoopComponents, TrainingLoop
 from trainrun.train.state import TrainState
 
@@ -62,20 +67,61 @@ def resolve_vocab(cfg: TrainRunConfig, dataset: TokenDataset) -> TrainRunConfig:
     return cfg
 
 
-def build_model_and_optimizer(cfg: TrainRunConfig, env: DistEnv):
-    """Build the model on the meta device, materialise it on the target device, then its optimizer and LR schedule."""
+@dataclass
+class ModelAndOptimizer:
+    """This rank's model parts, one optimizer per part, their (shared) LR schedule, and the pipeline if any."""
+
+    parts: list[torch.nn.Module]
+    optimizers: list[torch.optim.Optimizer]
+    scheduler: object
+    pipeline: Pipeline | None = None
+
+
+def build_model_and_optimizer(cfg: TrainRunConfig, env: DistEnv, dims: ParallelDims | None = None) -> ModelAndOptimizer:
+    """Build the model on meta, materialise it, parallelise it for ``dims``, then optimizers and LR schedules.
+
+    The full model is initialised from the run seed exactly as in one process and then sharded
+    (see ``trainrun.distributed.parallelize``), so every layout starts from the same weights.
+    """
     with torch.device("meta"):
         model = registry.MODELS.get(cfg.model.name)(cfg.model)
+    n_params = sum(p.numel() for p in model.parameters())
     model = materialize(model, env.device)
-    optimizer = registry.OPTIMIZERS.get(cfg.optim.name)(model, cfg.optim, env.device.type)
-    scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    logger.info("model: %s parameters; optimizer: %s", f"{sum(p.numel() for p in model.parameters()):,}",
-                param_group_summary(optimizer))
-    return model, optimizer, scheduler
+    if dims is not None and dims.world_size > 1:
+        built = parallelize(model, cfg, dims, env.device)
+        parts, pipeline = built.parts, built.pipeline
+    else:
+        parts, pipeline = [model], None
+    optimizers = [registry.OPTIMIZERS.get(cfg.optim.name)(part, cfg.optim, env.device.type) for part in parts]
+    schedulers = [build_lr_scheduler(opt, cfg.optim, cfg.train.max_steps) for opt in optimizers]
+    scheduler = schedulers[0] if len(schedulers) == 1 else SchedulerGroup(schedulers)
+    logger.info("model: %s parameters; optimizer: %s", f"{n_params:,}", param_group_summary(optimizers[0]))
+    return ModelAndOptimizer(parts, optimizers, scheduler, pipeline)
 
 
-def _checkpoint_dir(cfg: TrainRunConfig, run_dir: Path) -> Path:
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+def build_executor_and_eval_loss(cfg: TrainRunConfig, env: DistEnv, built: ModelAndOptimizer):
+    """The step executor for this layout, and the evaluator's forward+loss (None: the model's own)."""
+    if built.pipeline is None:
+        executor = registry.STEP_EXECUTORS.get(cfg.train.step_executor)(
+            built.parts[0], built.optimizers[0], built.scheduler, cfg, env.device)
+        return executor, None
+    pipe = built.pipeline
+    hidden = (cfg.train.micro_batch_size, cfg.data.seq_len // cfg.parallel.tp, cfg.model.d_model)  # (B, T/tp, C) under SP
+    return (PipelineExecutor(pipe, built.optimizers, built.scheduler, cfg, env.device),
+            lambda x, y: pipeline_eval_loss(pipe, x, y, hidden, env.device))
+
+
+def build_checkpointer(cfg: TrainRunConfig, env: DistEnv, run_dir: Path, model_parts, optimizers, scheduler,
+                       train_iter, state: TrainState, extra_meta: dict) -> Checkpointer:
+    """The persistent store (checkpoint.dir or <run dir>/checkpoints), the non-persistent one, and their checkpointer."""
+    c = cfg.checkpoint
+    directory = Path(c.dir) if c.dir else run_dir / "checkpoints"
+    store = CheckpointStore(directory, c.keep_last, env.is_rank0, env.barrier, c.verify, env.all_true)
+    local = None
+    if c.non_persistent_interval > 0 and "non_persistent" in c.policies:
+        local = CheckpointStore(non_persistent_dir(cfg, run_dir), 1, env.is_rank0, env.barrier, c.verify, env.all_true)
+    return Checkpointer(cfg, store, model_parts, optimizers, scheduler, train_iter, state, env.device,
+                        extra_meta=extra_meta, local_store=local)
 
 
 def run(cfg: TrainRunConfig | DictConfig, run_dir: Path | None = None) -> RunResult:
@@ -100,26 +146,28 @@ def run(cfg: TrainRunConfig | DictConfig, run_dir: Path | None = None) -> RunRes
 
 def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Path) -> TrainingLoop:
     """Build model, optimizer, data iterator, evaluator, checkpointing and sinks; restore a checkpoint."""
-    model, optimizer, scheduler = build_model_and_optimizer(cfg, env)
-    dp_size = data_parallel_size(cfg)
+    dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
+    dims.build_mesh(env.device.type)
+    built = build_model_and_optimizer(cfg, env, dims)
+    # Data is sharded by data-parallel rank only: TP and PP peers of one dp rank read the same batches.
     train_iter = build_train_iterator(dataset, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.run.seed,
-                                      dp_rank=env.rank % dp_size, dp_size=dp_size)
+                                      dp_rank=dims.dp_rank, dp_size=dims.dp_size)
     state = TrainState()
-    store = CheckpointStore(_checkpoint_dir(cfg, run_dir), cfg.checkpoint.keep_last, env.is_rank0, env.barrier)
-    checkpointer = Checkpointer(cfg, store, [model], [optimizer], scheduler, train_iter, state, env.device,
-                                extra_meta={"data_checksum": dataset.checksum, "world_size": env.world_size})
+    checkpointer = build_checkpointer(cfg, env, run_dir, built.parts, built.optimizers, built.scheduler, train_iter, state,
+                                      extra_meta={"data_checksum": dataset.checksum, "world_size": env.world_size})
     checkpointer.resume()
     metrics = build_metric_logger(cfg.logging, run_dir, env.is_rank0)
     metrics.log_config({**dataclasses.asdict(cfg), "data_checksum": dataset.checksum})
     peak, peak_note = peak_flops_per_device(env.device, cfg.logging.peak_tflops, cfg.train.precision)
     logger.info("MFU is relative to %.3g FLOP/s per device (%s)", peak, peak_note)
+    executor, eval_loss = build_executor_and_eval_loss(cfg, env, built)
     parts = LoopComponents(
-        model_parts=[model],
-        executor=registry.STEP_EXECUTORS.get(cfg.train.step_executor)(model, optimizer, scheduler, cfg, env.device),
+        model_parts=built.parts,
+        executor=executor,
         train_iter=train_iter,
-        evaluator=registry.EVALUATORS.get(cfg.eval.name)(cfg, model, dataset, env),
+        evaluator=registry.EVALUATORS.get(cfg.eval.name)(cfg, built.parts, dataset, env, dims.dp_rank, eval_loss),
         checkpointer=checkpointer,
-        policy=registry.CHECKPOINT_POLICIES.get(cfg.checkpoint.policy)(cfg.checkpoint),
+        policy=build_policy(cfg.checkpoint),
         metrics=metrics,
         state=state,
     )
@@ -136,7 +184,10 @@ def _train(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Pa
     result = RunResult(code, run_dir, state, resumed_from=loop.parts.checkpointer.resumed_from)
     if code == ExitCode.FINISHED and state.last_val_loss is not None:
         result.final_eval = {"val_loss": state.last_val_loss}
-    if code == ExitCode.FINISHED and env.is_rank0 and cfg.eval.sample_tokens > 0:
+    # Sampling runs on rank 0 alone, so only with an unsharded model (one process or pure DDP).
+    p = cfg.parallel
+    unsharded = p.dp_shard == 1 and p.tp == 1 and p.pp == 1
+    if code == ExitCode.FINISHED and env.is_rank0 and cfg.eval.sample_tokens > 0 and unsharded:
         result.sample = sample_text(loop.parts.model_parts[0], dataset.tokenizer, cfg.eval.sample_prompt, cfg.eval.sample_tokens,
                                     cfg.eval.temperature, cfg.eval.top_k, cfg.run.seed, env.device)
     return result

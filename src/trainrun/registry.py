@@ -83,7 +83,7 @@ LR_SCHEDULES: Registry = Registry("lr schedule", "optim.schedule")
 DATASETS: Registry = Registry("dataset", "data.name")
 STEP_EXECUTORS: Registry = Registry("step executor", "train.step_executor")
 EVALUATORS: Registry = Registry("evaluator", "eval.name")
-CHECKPOINT_POLICIES: Registry = Registry("checkpoint policy", "checkpoint.policy")
+CHECKPOINT_POLICIES: Registry = Registry("checkpoint policy", "checkpoint.policies")
 METRIC_SINKS: Registry = Registry("metric sink", "logging.sinks")
 
 _plugins_loaded = False

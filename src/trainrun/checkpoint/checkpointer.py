@@ -1,23 +1,26 @@
-"""Gathers the training state into a checkpoint and restores it on resume."""
+"""Gathers the training state into a checkpoint and restores it on resume.
+
+Tensors (model, optimizer moments, RNG states) go to DCP; every other value (optimizer
+hyper-parameters, LR schedule, data position, TrainState, config) goes to JSON metadata.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 import trainrun
-from trainrun.checkpoint.store import CheckpointStore
+from trainrun.checkpoint.policy import SaveKind
+from trainrun.checkpoint.store import CheckpointError, CheckpointStore
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig, TrainRunConfig
 from trainrun.train.state import TrainState
@@ -27,7 +30,6 @@ logger = logging.getLogger(__name__)
 SHAPE_KEYS = ("n_layers", "n_heads", "d_model", "ffn_hidden", "vocab_size", "norm", "position", "mlp",
               "tie_embeddings", "bias")
 """Model fields that change parameter shapes or meaning; a resume that changes them is refused."""
-
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -47,11 +49,31 @@ def check_model_compatible(saved: dict, current: ModelConfig, path: Path) -> Non
             )
 
 
-def _rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["torch_cuda"] = torch.cuda.get_rng_state(device)
-    return rng
+def changed_settings(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted names of config values that differ between the checkpoint and this run."""
+    changed = []
+    for key, value in current.items():
+        name = f"{prefix}{key}"
+        old = saved.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            changed += changed_settings(old, value, name + ".")
+        elif key in saved and old != value:
+            changed.append(f"{name}: {old!r} -> {value!r}")
+    return changed
+
+
+def non_persistent_dir(cfg: TrainRunConfig, run_dir: Path) -> Path:
+    """checkpoint.non_persistent_dir, or a per-run folder under the system temp dir."""
+    if cfg.checkpoint.non_persistent_dir:
+        return Path(cfg.checkpoint.non_persistent_dir)
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "trainrun-nonpersistent" / digest
+
+
+def _split_tensors(flat: dict) -> tuple[dict, dict]:
+    tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items() if k not in tensors}
+    return tensors, values
 
 
 class Checkpointer:
@@ -59,74 +81,121 @@ class Checkpointer:
 
     def __init__(self, cfg: TrainRunConfig, store: CheckpointStore, model_parts: list[nn.Module],
                  optimizers: list[torch.optim.Optimizer], scheduler, train_iter, state: TrainState,
-                 device: torch.device, extra_meta: dict | None = None):
+                 device: torch.device, extra_meta: dict | None = None,
+                 local_store: CheckpointStore | None = None):
         """``model_parts[i]`` is trained by ``optimizers[i]`` (several parts: pipeline stages of this rank)."""
-        self.cfg, self.store = cfg, store
+        self.cfg, self.store, self.local_store = cfg, store, local_store
         self.model_parts, self.optimizers, self.scheduler = model_parts, optimizers, scheduler
         self.train_iter, self.state, self.device = train_iter, state, device
         self.extra_meta = extra_meta or {}
         self.resumed_from: Path | None = None
+        self.last_save_time = time.monotonic()
 
-    def _tensors(self, with_optimizer: bool) -> dict:
+    # ---- state gathering ----------------------------------------------------------------
+    def _state(self, with_optimizer: bool) -> tuple[dict, dict]:
         # Fully-qualified names are the same in every layout (pipeline stages keep the full
         # model's names), so the flattened dicts of all parts merge into one and DCP reshards.
         model_sd: dict = {}
-        optim_sd: dict = {}
+        optim_flat: dict = {}
         for part, optimizer in zip(self.model_parts, self.optimizers, strict=True):
             part_model, part_optim = get_state_dict(part, optimizer, options=_OPTIONS)
             model_sd.update(part_model)
-            optim_sd.update(part_optim)
+            optim_flat.update(part_optim)
         tensors: dict = {"model": model_sd}
+        values: dict = {}
         if with_optimizer:
-            tensors["optim"] = optim_sd
-            tensors["rng"] = _rng_tensors(self.device)
-        return tensors
+            tensors["optim"], values = _split_tensors(optim_flat)
+            tensors["rng"] = {"torch_cpu": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                tensors["rng"]["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return tensors, values
 
-    def _meta(self) -> dict:
+    def _meta(self, optim_values: dict) -> dict:
+        p = self.cfg.parallel
         return {
             "format": 1,
             "step": self.state.step,
+            "consumed_tokens": self.state.consumed_tokens,
             "train_state": self.state.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.train_iter.state_dict(),
+            "optim_values": optim_values,
             "model": asdict(self.cfg.model),
             "config": asdict(self.cfg),
             "config_hash": config_hash(self.cfg),
+            "layout": {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp, "pp": p.pp},
             "versions": {"trainrun": trainrun.__version__, "torch": torch.__version__},
             **self.extra_meta,
         }
 
-    def save(self) -> Path:
-        """Save the current state as ``step_<N>`` and return its path."""
-        return self.store.save(self.state.step, self._tensors(with_optimizer=True), self._meta())
+    # ---- saving ---------------------------------------------------------------------------
+    def _protected(self) -> set[Path]:
+        protect = {self.resumed_from} if self.resumed_from else set()
+        if self.state.best_checkpoint_step is not None:
+            protect.add(self.store.step_dir(self.state.best_checkpoint_step))
+        return protect
 
+    def save(self, kind: SaveKind = SaveKind.PERSISTENT, blocking: bool | None = None) -> Path | None:
+        """Save the current state; async (returns None until committed) when configured and not ``blocking``."""
+        store = self.local_store if kind == SaveKind.NON_PERSISTENT and self.local_store else self.store
+        tensors, values = self._state(with_optimizer=True)
+        meta = {**self._meta(values), "kind": kind.value}
+        self.last_save_time = time.monotonic()
+        use_async = self.cfg.checkpoint.async_save if blocking is None else not blocking
+        if use_async and store is self.store:
+            store.save_async(self.state.step, tensors, meta)
+            return None
+        self.finalize(blocking=True)
+        return store.save(self.state.step, tensors, meta, protect=self._protected())
+
+    def wait_for_staging(self) -> None:
+        """Before parameters change: wait until a pending async save has copied them."""
+        self.store.wait_for_staging()
+
+    def finalize(self, blocking: bool) -> Path | None:
+        """Commit a finished async save (all ranks agree); ``blocking`` waits for it."""
+        return self.store.finalize(blocking, protect=self._protected())
+
+    def close(self) -> None:
+        """Commit any pending save and release resources."""
+        self.store.close()
+
+    # ---- resuming -------------------------------------------------------------------------
     def resolve_resume_path(self) -> Path | None:
-        """The checkpoint ``checkpoint.resume`` asks for: auto (newest complete), never, or a path."""
+        """The checkpoint ``checkpoint.resume`` asks for: auto (newest good one), never, or a path."""
         resume = self.cfg.checkpoint.resume
         if resume == "never":
             return None
-        if resume == "auto":
-            return self.store.find_latest()
-        return Path(resume)
+        if resume != "auto":
+            return Path(resume)
+        candidates = [s.find_latest() for s in (self.store, self.local_store) if s is not None]
+        candidates = [c for c in candidates if c is not None]
+        return max(candidates, key=lambda p: CheckpointStore.read_meta(p)["step"], default=None)
 
     def resume(self) -> Path | None:
         """Restore from the configured checkpoint, if any; return its path."""
         path = self.resolve_resume_path()
         if path is None:
             return None
-        meta = CheckpointStore.read_meta(path)
+        try:
+            meta = CheckpointStore.read_meta(path)
+        except (OSError, ValueError) as err:
+            raise ConfigError("checkpoint.resume", str(path), f"its {path / 'trainrun.json'} is unreadable ({err})") from err
         check_model_compatible(meta["model"], self.cfg.model, path)
         full = self.cfg.checkpoint.load_optimizer
-        tensors = self._tensors(with_optimizer=full)
+        self._warn_changed(meta)
+        tensors, _ = self._state(with_optimizer=full)
         if full and "torch_cuda" in tensors["rng"] and meta["config"]["run"]["device"] == "cpu":
             tensors["rng"].pop("torch_cuda")
-        self.store.load_tensors(path, tensors)
+        try:
+            CheckpointStore.load_tensors(path, tensors)
+        except CheckpointError as err:
+            raise ConfigError("checkpoint.resume", str(path), f"{err}; use another checkpoint or resume=never") from err
+        optim_flat = {**tensors.get("optim", {}), **meta.get("optim_values", {})} if full else {}
         for part, optimizer in zip(self.model_parts, self.optimizers, strict=True):
-            set_state_dict(
-                part, optimizer if full else [],
-                model_state_dict=tensors["model"], optim_state_dict=tensors.get("optim", {}),
-                options=StateDictOptions(strict=False, flatten_optimizer_state_dict=True),
-            )
+            set_state_dict(part, optimizer if full else [], model_state_dict=tensors["model"],
+                           optim_state_dict=optim_flat,
+                           options=StateDictOptions(strict=False, flatten_optimizer_state_dict=True))
         if full:
             torch.set_rng_state(tensors["rng"]["torch_cpu"])
             if "torch_cuda" in tensors["rng"]:
@@ -137,3 +206,10 @@ class Checkpointer:
         logger.info("resumed from %s (step %d%s)", path, meta["step"], "" if full else ", weights only")
         self.resumed_from = path
         return path
+
+    def _warn_changed(self, meta: dict) -> None:
+        current = asdict(self.cfg)
+        changed = [c for c in changed_settings(meta.get("config", {}), current)
+                   if not c.startswith(("run.output_dir", "checkpoint.resume"))]
+        if changed:
+            logger.warning("resuming with changed settings: %s", "; ".join(changed))

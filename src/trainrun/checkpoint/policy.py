@@ -1,7 +1,14 @@
-"""Checkpoint policies decide when to save; the store decides how."""
+"""Checkpoint policies decide when to save (and what kind); the store decides how.
+
+Several policies combine (``checkpoint.policies``): after each step every policy is asked, and
+a persistent request wins over a non-persistent one. Saving on exit (signal, time limit,
+exit interval) is not a policy: the loop always does it, because the resume code promises it.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 from trainrun.config.schema import CheckpointConfig
@@ -9,26 +16,112 @@ from trainrun.registry import CHECKPOINT_POLICIES
 from trainrun.train.state import TrainState
 
 
-class CheckpointPolicy(Protocol):
-    """Answers 'save now?' after each step."""
+class SaveKind(str, Enum):
+    """Where a checkpoint goes."""
 
-    def should_save(self, state: TrainState, final: bool) -> bool: ...
+    PERSISTENT = "persistent"
+    """checkpoints/step_<N>, kept by keep_last."""
+    NON_PERSISTENT = "non_persistent"
+    """Fast local copy; only the newest is kept."""
+
+
+@dataclass(frozen=True)
+class SaveContext:
+    """What a policy may look at after a step."""
+
+    state: TrainState
+    final: bool
+    """The step just completed is the last one (train.max_steps)."""
+    improved: bool
+    """An evaluation ran at this step and improved the best validation loss."""
+    minutes_since_save: float
+    """Wall-clock minutes since the last persistent save (or since start)."""
+
+
+class CheckpointPolicy(Protocol):
+    """Answers 'save now, and what kind?' after each step."""
+
+    def decide(self, ctx: SaveContext) -> SaveKind | None: ...
 
 
 class IntervalPolicy:
-    """Save every ``interval`` steps and at the end of training."""
+    """Every ``checkpoint.interval`` steps."""
 
     def __init__(self, cfg: CheckpointConfig):
-        self.interval, self.save_final = cfg.interval, cfg.save_final
+        self.interval = cfg.interval
 
-    def should_save(self, state: TrainState, final: bool) -> bool:
-        """True on interval boundaries, and on the final step when save_final is set."""
-        if final:
-            return self.save_final
-        return self.interval > 0 and state.step % self.interval == 0
+    def decide(self, ctx: SaveContext) -> SaveKind | None:
+        """Persistent on multiples of the interval."""
+        hit = self.interval > 0 and ctx.state.step % self.interval == 0
+        return SaveKind.PERSISTENT if hit else None
 
 
-@CHECKPOINT_POLICIES.register("interval")
-def build_interval_policy(cfg: CheckpointConfig) -> CheckpointPolicy:
-    """Every checkpoint.interval steps and on exit."""
-    return IntervalPolicy(cfg)
+class TimePolicy:
+    """Every ``checkpoint.time_interval_min`` minutes of wall time."""
+
+    def __init__(self, cfg: CheckpointConfig):
+        self.minutes = cfg.time_interval_min
+
+    def decide(self, ctx: SaveContext) -> SaveKind | None:
+        """Persistent once the time since the last save exceeds the limit."""
+        due = self.minutes is not None and ctx.minutes_since_save >= self.minutes
+        return SaveKind.PERSISTENT if due else None
+
+
+class BestPolicy:
+    """Whenever the validation loss improves (``checkpoint.save_best``)."""
+
+    def __init__(self, cfg: CheckpointConfig):
+        self.enabled = cfg.save_best
+
+    def decide(self, ctx: SaveContext) -> SaveKind | None:
+        """Persistent on an improved evaluation."""
+        return SaveKind.PERSISTENT if self.enabled and ctx.improved else None
+
+
+class NonPersistentPolicy:
+    """Every ``checkpoint.non_persistent_interval`` steps, to the fast local directory."""
+
+    def __init__(self, cfg: CheckpointConfig):
+        self.interval = cfg.non_persistent_interval
+
+    def decide(self, ctx: SaveContext) -> SaveKind | None:
+        """Non-persistent on multiples of the interval."""
+        hit = self.interval > 0 and ctx.state.step % self.interval == 0
+        return SaveKind.NON_PERSISTENT if hit else None
+
+
+class FinalPolicy:
+    """When training reaches ``train.max_steps`` (``checkpoint.save_final``)."""
+
+    def __init__(self, cfg: CheckpointConfig):
+        self.enabled = cfg.save_final
+
+    def decide(self, ctx: SaveContext) -> SaveKind | None:
+        """Persistent on the last step."""
+        return SaveKind.PERSISTENT if self.enabled and ctx.final else None
+
+
+class CombinedPolicy:
+    """Asks every policy; persistent beats non-persistent."""
+
+    def __init__(self, policies: list[CheckpointPolicy]):
+        self.policies = policies
+
+    def decide(self, ctx: SaveContext) -> SaveKind | None:
+        """The strongest request of any policy, or None."""
+        kinds = {policy.decide(ctx) for policy in self.policies}
+        for kind in (SaveKind.PERSISTENT, SaveKind.NON_PERSISTENT):
+            if kind in kinds:
+                return kind
+        return None
+
+
+for _name, _cls in {"interval": IntervalPolicy, "time": TimePolicy, "best": BestPolicy,
+                    "non_persistent": NonPersistentPolicy, "final": FinalPolicy}.items():
+    CHECKPOINT_POLICIES.register(_name, _cls)
+
+
+def build_policy(cfg: CheckpointConfig) -> CheckpointPolicy:
+    """Combine the policies named in ``checkpoint.policies``."""
+    return CombinedPolicy([CHECKPOINT_POLICIES.get(name)(cfg) for name in cfg.policies])

@@ -1,33 +1,55 @@
 """Checkpoint directory layout and atomic commits with torch.distributed.checkpoint (DCP).
 
-Layout under the checkpoint dir::
+Layout under a checkpoint dir::
 
     step_<N>/            a complete checkpoint: DCP shards + .metadata + trainrun.json
-    .tmp_step_<N>/       being written; never read
+    .tmp_step_<N>/       being written; never read, removed on the next save
     latest               text file naming the newest complete checkpoint, replaced last
 
-Tensors (model, optimizer, RNG states) go through DCP; everything else (train state, data
-position, LR schedule, config) is JSON in ``trainrun.json``, so resuming unpickles nothing.
+A checkpoint is written under its temp name, its manifest (size and sha256 of every file) is
+recorded in ``trainrun.json``, everything is fsync'ed, the directory is renamed, and only then
+is ``latest`` replaced (write-temp-fsync-rename). A kill at any moment leaves either the old
+or the new checkpoint complete. Tensors go through DCP; everything else is JSON, so resuming
+unpickles nothing (see ``safe_reader``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+from trainrun.checkpoint.safe_reader import SafeFileSystemReader
 
 logger = logging.getLogger(__name__)
 
+# Without a process group DCP warns (also from its async writer thread) that it saves from one
+# process: that is what trainrun intends in a single-process run.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
 META_FILE = "trainrun.json"
 LATEST_FILE = "latest"
+KNOWN_SECTIONS = ("model", "optim", "rng")
+"""Top-level entries of trainrun's DCP state; anything else marks a foreign checkpoint."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or is not usable."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -36,14 +58,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb+") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -57,73 +71,207 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def is_complete(path: Path) -> bool:
-    """A checkpoint is complete when DCP's metadata and trainrun's JSON are both present."""
-    return (path / ".metadata").is_file() and (path / META_FILE).is_file()
+def _file_digest(path: Path, with_hash: bool) -> dict:
+    entry: dict = {"size": path.stat().st_size}
+    if with_hash:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+        entry["sha256"] = digest.hexdigest()
+    return entry
+
+
+def build_manifest(directory: Path, verify: str) -> dict[str, dict]:
+    """Size (and sha256 unless verify != sha256) of every file DCP wrote, fsync'ing each."""
+    manifest = {}
+    for file in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != META_FILE):
+        with open(file, "rb+") as fh:
+            os.fsync(fh.fileno())
+        manifest[str(file.relative_to(directory))] = _file_digest(file, verify == "sha256")
+    return manifest
+
+
+def verify_checkpoint(path: Path, verify: str) -> str | None:
+    """None if ``path`` is a complete checkpoint whose files match its manifest, else the reason."""
+    if not (path / META_FILE).is_file():
+        return f"{META_FILE} is missing"
+    if not (path / ".metadata").is_file():
+        return "DCP .metadata is missing"
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError) as err:
+        return f"{META_FILE} is unreadable ({err})"
+    if verify == "none":
+        return None
+    for name, expected in meta.get("manifest", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        actual = _file_digest(file, verify == "sha256" and "sha256" in expected)
+        if actual["size"] != expected["size"]:
+            return f"{name} has {actual['size']} bytes, expected {expected['size']} (truncated?)"
+        if "sha256" in actual and actual["sha256"] != expected["sha256"]:
+            return f"{name} fails its sha256 check (corrupted)"
+    return None
+
+
+@dataclass
+class PendingSave:
+    """An async save whose files are still being written."""
+
+    step: int
+    tmp: Path
+    meta: dict
+    staging: Future | None
+    upload: Future
+    started: float
 
 
 class CheckpointStore:
-    """Saves, lists, prunes and loads checkpoints in one directory."""
+    """Saves (sync or async), lists, verifies, prunes and loads checkpoints in one directory."""
 
-    def __init__(self, directory: Path, keep_last: int, is_rank0: bool, barrier: Callable[[], None]):
-        self.directory = directory
-        self.keep_last = keep_last
-        self.is_rank0 = is_rank0
-        self.barrier = barrier
+    def __init__(self, directory: Path, keep_last: int, is_rank0: bool, barrier: Callable[[], None],
+                 verify: str = "sha256", all_ranks_true: Callable[[bool], bool] | None = None):
+        self.directory, self.keep_last, self.is_rank0, self.barrier = directory, keep_last, is_rank0, barrier
+        self.verify = verify
+        self._all_true = all_ranks_true or (lambda flag: flag)
+        self.pending: PendingSave | None = None
+        self._stager: DefaultStager | None = None
+        self._async_pg = None
 
     def step_dir(self, step: int) -> Path:
         """Final directory of the checkpoint of ``step``."""
         return self.directory / f"step_{step}"
 
-    def save(self, step: int, tensors: dict, meta: dict) -> Path:
-        """Write a checkpoint under a temp name, fsync, rename, then point ``latest`` at it."""
-        final, tmp = self.step_dir(step), self.directory / f".tmp_step_{step}"
+    # ---- saving -------------------------------------------------------------------------
+    def _prepare_tmp(self, step: int) -> Path:
+        tmp = self.directory / f".tmp_step_{step}"
         if self.is_rank0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in self.directory.glob(".tmp_step_*"):  # left by a killed save
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         self.barrier()
-        with warnings.catch_warnings():
-            # Without a process group DCP warns that it saves from one process: that is intended.
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return tmp
+
+    def save(self, step: int, tensors: dict, meta: dict, protect: set[Path] = frozenset()) -> Path:
+        """Write and commit a checkpoint synchronously; raise CheckpointError (tmp removed) on failure."""
+        self.finalize(blocking=True)
+        tmp = self._prepare_tmp(step)
+        try:
             dcp.save(tensors, checkpoint_id=str(tmp))
+        except Exception as err:
+            self._discard(tmp)
+            raise CheckpointError(f"saving step {step} to {tmp} failed: {err}") from err
+        return self._commit(step, tmp, meta, protect)
+
+    def save_async(self, step: int, tensors: dict, meta: dict) -> None:
+        """Start an async save: staging copies the state in the background, then files are written.
+
+        Call ``wait_for_staging()`` before parameters change (the next optimizer step) and
+        ``finalize()`` to commit; the previous async save is finalised first.
+        """
+        self.finalize(blocking=True)
+        tmp = self._prepare_tmp(step)
+        if self._stager is None:
+            # No pinned/shared memory: they need CUDA; background staging overlaps forward/backward.
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                                        use_async_staging=True, use_non_blocking_copy=False))
+        if self._async_pg is None and dist.is_initialized():
+            # The writer thread runs collectives; a separate gloo group keeps them off the training group.
+            self._async_pg = dist.new_group(backend="gloo")
+        response = dcp.async_save(tensors, checkpoint_id=str(tmp), async_stager=self._stager,
+                                  process_group=self._async_pg)
+        staging = getattr(response, "staging_completion", None)
+        upload = getattr(response, "upload_completion", response)
+        self.pending = PendingSave(step, tmp, meta, staging, upload, time.perf_counter())
+
+    def wait_for_staging(self) -> None:
+        """Block until the pending async save has copied the state (parameters may change after)."""
+        if self.pending is not None and self.pending.staging is not None:
+            self.pending.staging.result()
+
+    def finalize(self, blocking: bool, protect: set[Path] = frozenset()) -> Path | None:
+        """Commit the pending async save once every rank finished writing; returns its path if committed."""
+        pending = self.pending
+        if pending is None:
+            return None
+        if not self._all_true(blocking or pending.upload.done()):
+            return None
+        self.pending = None
+        try:
+            pending.upload.result()
+        except Exception as err:
+            self._discard(pending.tmp)
+            raise CheckpointError(f"async save of step {pending.step} failed: {err}") from err
+        path = self._commit(pending.step, pending.tmp, pending.meta, protect)
+        logger.info("async checkpoint %s committed %.2fs after it started", path, time.perf_counter() - pending.started)
+        return path
+
+    def _discard(self, tmp: Path) -> None:
+        self.barrier()
         if self.is_rank0:
-            write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
-            _fsync_tree(tmp)
-            if final.exists():  # a re-save of the same step (e.g. final save after an interval save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.directory)
-            write_text_atomic(self.directory / LATEST_FILE, final.name + "\n")
-            self._prune(protect=final)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _commit(self, step: int, tmp: Path, meta: dict, protect: set[Path]) -> Path:
+        final = self.step_dir(step)
+        self.barrier()  # every rank's files are written
+        if self.is_rank0:
+            try:
+                meta = {**meta, "manifest": build_manifest(tmp, self.verify), "committed_unix": time.time()}
+                write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
+                _fsync_dir(tmp)
+                if final.exists():  # a re-save of the same step (e.g. after a non-persistent one)
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.directory)
+                write_text_atomic(self.directory / LATEST_FILE, final.name + "\n")
+            except OSError as err:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointError(f"committing step {step} in {self.directory} failed: {err}") from err
+            self._prune(protect | {final})
         self.barrier()
         return final
 
-    def complete_checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+    def close(self) -> None:
+        """Finalise any pending save and release the stager."""
+        try:
+            self.finalize(blocking=True)
+        finally:
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+
+    # ---- finding and loading ------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Directories named step_<N> (complete or not), oldest first."""
         if not self.directory.is_dir():
             return []
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _STEP_DIR.match(p.name))]
-        return [p for _, p in sorted(found) if is_complete(p)]
+        return [p for _, p in sorted(found)]
 
     def find_latest(self) -> Path | None:
-        """The checkpoint ``latest`` names if complete, else the newest complete one (with a warning)."""
+        """The newest checkpoint that verifies; broken newer ones are reported and skipped."""
         latest_file = self.directory / LATEST_FILE
-        if latest_file.is_file():
-            named = self.directory / latest_file.read_text().strip()
-            if is_complete(named):
-                return named
-            logger.warning("checkpoint %s named by %s is incomplete; looking for an older one", named, latest_file)
-        candidates = self.complete_checkpoints()
-        if candidates and latest_file.exists():
-            logger.warning("falling back to %s", candidates[-1])
-        return candidates[-1] if candidates else None
+        named = latest_file.read_text().strip() if latest_file.is_file() else None
+        if named is None and self.checkpoints():
+            logger.warning("%s is missing; scanning %s for complete checkpoints", latest_file, self.directory)
+        for path in reversed(self.checkpoints()):
+            problem = verify_checkpoint(path, self.verify)
+            if problem is None:
+                if named is not None and path.name != named:
+                    logger.warning("%s names %s, which is unusable; resuming from %s", latest_file, named, path)
+                return path
+            logger.warning("skipping checkpoint %s: %s", path, problem)
+        return None
 
-    def _prune(self, protect: Path) -> None:
+    def _prune(self, protect: set[Path]) -> None:
         if self.keep_last <= 0:
             return
-        for old in self.complete_checkpoints()[: -self.keep_last]:
-            if old != protect:
+        complete = [p for p in self.checkpoints() if (p / META_FILE).is_file()]
+        for old in complete[: -self.keep_last]:
+            if old not in protect:
                 shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod
@@ -133,7 +281,26 @@ class CheckpointStore:
 
     @staticmethod
     def load_tensors(path: Path, tensors: dict) -> None:
-        """Load DCP tensors in place into ``tensors`` (resharding as needed)."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(tensors, checkpoint_id=str(path))
+        """Load DCP tensors in place into ``tensors`` (resharding as needed), unpickling nothing."""
+        reader = SafeFileSystemReader(str(path))
+        try:
+            stored = reader.read_metadata().state_dict_metadata
+        except Exception as err:  # UnsafeCheckpointError, truncated or garbage pickle
+            raise CheckpointError(f"checkpoint {path} has unusable DCP metadata: {err}") from err
+        foreign = sorted(k for k, v in stored.items()
+                         if k.split(".", 1)[0] not in KNOWN_SECTIONS or isinstance(v, BytesStorageMetadata))
+        if foreign:
+            raise CheckpointError(f"checkpoint {path} holds unexpected entries (e.g. {foreign[:3]}); "
+                                  "trainrun only loads checkpoints with tensors it wrote itself")
+        missing = sorted(set(_flatten_keys(tensors)) - set(stored))
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks {len(missing)} entries (e.g. {missing[:3]})")
+        dcp.load(tensors, storage_reader=reader)
+
+
+def _flatten_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        keys += _flatten_keys(value, name + ".") if isinstance(value, dict) else [name]
+    return keys

@@ -133,6 +133,12 @@ class TrainConfig:
     """Show a tqdm progress bar on a terminal."""
     exit_interval: int | None = None
     """Stop (after saving) once this many steps ran in this process; exits with the resume code (3)."""
+    exit_duration_min: float | None = None
+    """Stop (after saving) once this process has run this many minutes (max over ranks); exit code 3."""
+    max_skipped_steps: int = 5
+    """Consecutive steps with a non-finite loss or grad norm tolerated (each skipped); then exit code 4."""
+    inject_nan_at_steps: list[int] = field(default_factory=list)
+    """Testing hook: poison the loss of these steps (1-based) to exercise bad-step handling."""
 
 
 @dataclass
@@ -187,12 +193,24 @@ class ParallelConfig:
 class CheckpointConfig:
     """When and where checkpoints are written, and what is resumed."""
 
-    policy: str = "interval"
-    """Registered checkpoint policy."""
+    policies: list[str] = field(default_factory=lambda: ["interval", "time", "best", "non_persistent", "final"])
+    """Registered checkpoint policies, combined: a checkpoint is saved when any of them asks."""
     interval: int = 100
-    """Save every N steps (and at the end); 0 saves only at the end."""
+    """interval policy: save every N steps; 0 disables it."""
+    time_interval_min: float | None = None
+    """time policy: save when this many minutes of wall time passed since the last save; null disables it."""
+    save_best: bool = False
+    """best policy: save (persistently) whenever the validation loss improves."""
+    non_persistent_interval: int = 0
+    """non_persistent policy: every N steps save a fast checkpoint to non_persistent_dir, keeping only the newest."""
+    non_persistent_dir: str | None = None
+    """Directory of non-persistent checkpoints; null: <tmp>/trainrun-nonpersistent/<hash of the run dir>."""
     keep_last: int = 3
-    """Keep the newest N checkpoints; 0 keeps all."""
+    """Keep the newest N persistent checkpoints (never deleting the best or the resumed one); 0 keeps all."""
+    verify: str = "sha256"
+    """Manifest check on save/resume: sha256 (every byte; catches bit flips), size (file sizes only) or none."""
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that make trainrun save at the next step boundary and exit with code 3."""
     resume: str = "auto"
     """auto (newest complete checkpoint in the checkpoint dir), never, or a checkpoint path."""
     async_save: bool = False
@@ -200,7 +218,7 @@ class CheckpointConfig:
     dir: str | None = None
     """Checkpoint directory; null: <run dir>/checkpoints."""
     save_final: bool = True
-    """Save a checkpoint when training finishes."""
+    """final policy: save a checkpoint when training finishes."""
     load_optimizer: bool = True
     """Restore optimizer/scheduler/data state on resume (false: weights only, for fine-tuning)."""
 

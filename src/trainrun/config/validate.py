@@ -67,10 +67,57 @@ def validate_parallel(cfg: TrainRunConfig, world_size: int | None = None) -> Non
             f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} pp={p.pp}",
             f"degrees multiply to {product} but the world size is {world_size}; make their product equal {world_size}",
         )
-    if p.tp > 1 and cfg.model.n_heads % p.tp:
-        raise ConfigError("parallel.tp", p.tp, f"must divide model.n_heads={cfg.model.n_heads}")
-    if p.pp > 1 and cfg.model.n_layers % p.pp:
-        raise ConfigError("parallel.pp", p.pp, f"must divide model.n_layers={cfg.model.n_layers}")
+    _choice("parallel.activation_checkpointing", p.activation_checkpointing, ("none", "selective", "full"))
+    if p.tp > 1:
+        validate_tensor_parallel(cfg)
+    validate_pipeline(cfg)
+
+
+def validate_tensor_parallel(cfg: TrainRunConfig) -> None:
+    """Heads, MLP width and sequence length split evenly over ``parallel.tp``."""
+    from trainrun.model.layers import ffn_hidden_size
+
+    tp, m = cfg.parallel.tp, cfg.model
+    if m.n_heads % tp:
+        raise ConfigError("parallel.tp", tp, f"must divide model.n_heads={m.n_heads} (each rank holds n_heads/tp heads)")
+    if ffn_hidden_size(m) % tp:
+        raise ConfigError("parallel.tp", tp, f"must divide the MLP hidden size {ffn_hidden_size(m)}; set model.ffn_hidden")
+    if cfg.data.seq_len % tp:
+        raise ConfigError("parallel.tp", tp, f"must divide data.seq_len={cfg.data.seq_len} (sequence parallelism)")
+    if m.position == "learned":
+        raise ConfigError("model.position", "learned", "tensor parallelism supports rope positions only")
+
+
+def validate_pipeline(cfg: TrainRunConfig) -> None:
+    """Schedule name, stage count and micro-batch arithmetic of pipeline parallelism."""
+    p, m = cfg.parallel, cfg.model
+    _choice("parallel.pp_schedule", p.pp_schedule, ("GPipe", "1F1B", "Interleaved1F1B"))
+    _positive("parallel.pp_stages_per_rank", p.pp_stages_per_rank)
+    if p.pp_microbatches is not None:
+        _positive("parallel.pp_microbatches", p.pp_microbatches)
+    if p.pp == 1:
+        return
+    stages = p.pp * p.pp_stages_per_rank
+    if m.n_layers % stages:
+        raise ConfigError("parallel.pp", p.pp, f"pp*pp_stages_per_rank={stages} must divide model.n_layers={m.n_layers}")
+    interleaved = p.pp_schedule == "Interleaved1F1B"
+    if interleaved and p.pp_stages_per_rank < 2:
+        raise ConfigError("parallel.pp_stages_per_rank", p.pp_stages_per_rank, "Interleaved1F1B needs at least 2 virtual stages per rank")
+    if not interleaved and p.pp_stages_per_rank != 1:
+        raise ConfigError("parallel.pp_stages_per_rank", p.pp_stages_per_rank, f"{p.pp_schedule} runs one stage per rank; set it to 1 or use Interleaved1F1B")
+    n_mb = p.pp_microbatches if p.pp_microbatches is not None else p.pp * (2 if interleaved else 1)
+    local_batch = cfg.train.global_batch_size // data_parallel_size(cfg)
+    if local_batch % n_mb:
+        raise ConfigError("parallel.pp_microbatches", n_mb,
+                          f"must divide the per-data-parallel-rank batch {local_batch} (train.global_batch_size / dp)")
+    if p.pp_schedule != "GPipe" and n_mb < p.pp:
+        raise ConfigError("parallel.pp_microbatches", n_mb, f"{p.pp_schedule} needs at least pp={p.pp} micro-batches")
+    if interleaved and n_mb % p.pp:
+        raise ConfigError("parallel.pp_microbatches", n_mb, f"Interleaved1F1B needs a multiple of pp={p.pp}")
+    if m.tie_embeddings:
+        raise ConfigError("model.tie_embeddings", True, "the embedding and output live on different pipeline stages; set it to false")
+    if cfg.train.step_executor != "eager":
+        raise ConfigError("train.step_executor", cfg.train.step_executor, "pipeline parallelism runs its own schedule; use eager")
 
 
 def validate_train(cfg: TrainRunConfig) -> None:
@@ -97,6 +144,9 @@ def validate_train(cfg: TrainRunConfig) -> None:
         raise ConfigError("train.step_executor", "cuda_graph", "CUDA-graph capture needs a CUDA device; use eager or compile")
     if t.exit_interval is not None:
         _positive("train.exit_interval", t.exit_interval)
+    if t.exit_duration_min is not None:
+        _positive("train.exit_duration_min", t.exit_duration_min)
+    _positive("train.max_skipped_steps", t.max_skipped_steps)
     e = cfg.eval
     _positive("eval.interval", e.interval, allow_zero=True)
     _positive("eval.iters", e.iters)
@@ -109,6 +159,15 @@ def validate_checkpoint(cfg: TrainRunConfig) -> None:
     c = cfg.checkpoint
     _positive("checkpoint.interval", c.interval, allow_zero=True)
     _positive("checkpoint.keep_last", c.keep_last, allow_zero=True)
+    _positive("checkpoint.non_persistent_interval", c.non_persistent_interval, allow_zero=True)
+    if c.time_interval_min is not None:
+        _positive("checkpoint.time_interval_min", c.time_interval_min)
+    _choice("checkpoint.verify", c.verify, ("sha256", "size", "none"))
+    import signal
+
+    for name in c.exit_signals:
+        if not isinstance(getattr(signal, name, None), signal.Signals) or name in ("SIGKILL", "SIGSTOP"):
+            raise ConfigError("checkpoint.exit_signals", name, "use catchable signal names such as SIGTERM, SIGUSR1, SIGUSR2")
     if c.resume not in ("auto", "never") and not Path(c.resume).is_dir():
         raise ConfigError("checkpoint.resume", c.resume, "use auto, never, or the path of an existing checkpoint directory")
 
@@ -125,7 +184,8 @@ def validate_components(cfg: TrainRunConfig) -> None:
     _registered(r.STEP_EXECUTORS, cfg.train.step_executor, "train.step_executor")
     _registered(r.EVALUATORS, cfg.eval.name, "eval.name")
     _registered(r.INITIALIZERS, cfg.parallel.initializer, "parallel.initializer")
-    _registered(r.CHECKPOINT_POLICIES, cfg.checkpoint.policy, "checkpoint.policy")
+    for policy in cfg.checkpoint.policies:
+        _registered(r.CHECKPOINT_POLICIES, policy, "checkpoint.policies")
     for sink in cfg.logging.sinks:
         _registered(r.METRIC_SINKS, sink, "logging.sinks")
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("online", "offline", "disabled"))

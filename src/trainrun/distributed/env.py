@@ -42,6 +42,14 @@ class DistEnv:
             value /= self.world_size
         return value
 
+    def all_true(self, flag: bool) -> bool:
+        """True only if ``flag`` is true on every rank (a MIN all-reduce)."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
     def close(self) -> None:
         """Destroy the process group this process created."""
         if self.distributed:

@@ -1,4 +1,8 @@
-"""The core training loop: fetch a global batch, step, log, evaluate, checkpoint, decide to exit."""
+"""The core training loop: fetch a global batch, step, log, evaluate, checkpoint, decide to exit.
+
+Reads like Megatron-LM's ``train()``: each iteration runs one optimizer step, then the
+bookkeeping around it, then ``checkpoint_and_decide_exit``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
+
 from trainrun.checkpoint.checkpointer import Checkpointer
-from trainrun.checkpoint.policy import CheckpointPolicy
+from trainrun.checkpoint.exit_controller import ExitController
+from trainrun.checkpoint.policy import CheckpointPolicy, SaveContext, SaveKind
+from trainrun.checkpoint.store import CheckpointError
 from trainrun.config.schema import TrainRunConfig
 from trainrun.distributed.env import DistEnv
 from trainrun.eval.evaluator import Evaluator
@@ -35,7 +43,7 @@ class LoopComponents:
 
 
 class TrainingLoop:
-    """Runs optimizer steps until ``train.max_steps`` or an exit condition, like Megatron's ``train()``."""
+    """Runs optimizer steps until ``train.max_steps`` or an exit condition."""
 
     def __init__(self, cfg: TrainRunConfig, env: DistEnv, parts: LoopComponents, flops_per_token: float,
                  peak_flops: float):
@@ -45,11 +53,15 @@ class TrainingLoop:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.timers = Timers(cuda_sync=env.device.type == "cuda")
-        self.start_step = self.state.step
+        self.exit_controller = ExitController(cfg, env, start_step=self.state.step)
+        self.consecutive_skips = 0
+        self.last_loss = float("nan")
         self._window_start = time.perf_counter()
         self._window_steps = 0
-        self.last_loss = float("nan")
+        self._window_skipped = 0
+        self._save_blocked_ms = 0.0
 
+    # ---- one step -------------------------------------------------------------------------
     def next_global_batch(self) -> list[Batch]:
         """This rank's micro-batches of the next global batch."""
         with self.timers.time("data"):
@@ -58,14 +70,26 @@ class TrainingLoop:
     def train_step(self) -> StepResult:
         """Fetch data and run one optimizer step; advance the counters."""
         batches = self.next_global_batch()
+        if self.state.step + 1 in self.cfg.train.inject_nan_at_steps:
+            self.parts.executor.poison_next_step = True
         with self.timers.time("step"):
-            result = self.parts.executor.step(batches)
+            # An async save may still be copying parameters: wait for it before they change.
+            result = self.parts.executor.step(batches, before_update=self.parts.checkpointer.wait_for_staging)
         self.state.step += 1
         self.state.consumed_samples += self.cfg.train.global_batch_size
         self.state.consumed_tokens += self.tokens_per_step
         self._window_steps += 1
+        if result.skipped:
+            self.state.skipped_steps += 1
+            self._window_skipped += 1
+            self.consecutive_skips += 1
+            logger.warning("step %d skipped: loss %s, grad norm %s (%d in a row)", self.state.step,
+                           result.loss.item(), result.grad_norm.item(), self.consecutive_skips)
+        else:
+            self.consecutive_skips = 0
         return result
 
+    # ---- bookkeeping ----------------------------------------------------------------------
     def log_step(self, result: StepResult) -> None:
         """Reduce the loss over ranks and emit one metrics row (syncs the device)."""
         elapsed = time.perf_counter() - self._window_start
@@ -80,63 +104,96 @@ class TrainingLoop:
             "tflops_per_device": per_device_flops / 1e12,
             "mfu": per_device_flops / self.peak_flops,
             "consumed_tokens": self.state.consumed_tokens,
+            "skipped_steps": self.state.skipped_steps,
         }
         row.update(self.timers.as_dict(prefix="time_", reset=True, steps=self._window_steps))
+        if self._save_blocked_ms:
+            row["time_ckpt_blocked_ms"] = self._save_blocked_ms
         row.update(memory_stats(self.env.device))
         self.parts.metrics.log(row, step=self.state.step)
         self.last_loss = float(row["loss"])
-        self._window_start, self._window_steps = time.perf_counter(), 0
+        self._window_start, self._window_steps, self._save_blocked_ms = time.perf_counter(), 0, 0.0
 
-    def evaluate(self) -> dict[str, float]:
-        """Run the evaluator, record the result and log it."""
+    def evaluate(self) -> bool:
+        """Run the evaluator, record and log the result; True when the best validation loss improved."""
         start = time.perf_counter()
         result = dict(self.parts.evaluator.evaluate())
         elapsed = time.perf_counter() - start
         self._window_start += elapsed  # keep evaluation out of tokens/s
         result["time_eval_ms"] = elapsed * 1e3
         loss = result.get("val_loss")
+        improved = False
         if loss is not None:
             self.state.last_val_loss = loss
-            if self.state.best_val_loss is None or loss < self.state.best_val_loss:
+            improved = self.state.best_val_loss is None or loss < self.state.best_val_loss
+            if improved:
                 self.state.best_val_loss = loss
         self.parts.metrics.log(result, step=self.state.step)
-        return result
+        return improved
 
-    def save(self) -> None:
-        """Checkpoint now, with the time it blocked training logged."""
+    def save(self, kind: SaveKind, blocking: bool | None = None, improved: bool = False) -> None:
+        """Checkpoint now; log how long training was blocked. A failed periodic save is reported, not fatal."""
+        if improved and kind == SaveKind.PERSISTENT:
+            self.state.best_checkpoint_step = self.state.step
         start = time.perf_counter()
-        path = self.parts.checkpointer.save()
-        logger.info("saved checkpoint %s in %.2fs", path, time.perf_counter() - start)
-        self._window_start += time.perf_counter() - start  # keep saves out of tokens/s
+        path = self.parts.checkpointer.save(kind, blocking=blocking)
+        blocked = time.perf_counter() - start
+        self._save_blocked_ms += blocked * 1e3
+        self._window_start += blocked  # keep saves out of tokens/s
+        what = str(path) if path else f"step {self.state.step} (async, committing in the background)"
+        logger.info("saved %s checkpoint %s; training blocked %.3fs", kind.value, what, blocked)
 
-    def exit_requested(self) -> bool:
-        """Megatron's exit_interval: stop after this many steps in this process."""
-        interval = self.cfg.train.exit_interval
-        return interval is not None and self.state.step - self.start_step >= interval
+    def checkpoint_and_decide_exit(self, improved: bool) -> str | None:
+        """Save what the policies ask for; return the agreed reason to stop early, after saving."""
+        committed = self.parts.checkpointer.finalize(blocking=False)
+        if committed:
+            logger.info("committed checkpoint %s", committed)
+        final = self.state.step >= self.cfg.train.max_steps
+        reason = None if final else self.exit_controller.check(self.state.step)
+        minutes = (time.monotonic() - self.parts.checkpointer.last_save_time) / 60
+        kind = self.parts.policy.decide(SaveContext(self.state, final, improved, minutes))
+        if reason is not None:
+            kind = SaveKind.PERSISTENT  # stopping early always saves: the resume code promises it
+        if kind is not None:
+            must_land = final or reason is not None
+            try:
+                self.save(kind, blocking=True if must_land else None, improved=improved)
+            except CheckpointError as err:
+                if must_land:
+                    raise
+                logger.error("checkpoint not saved, training continues (previous checkpoints intact): %s", err)
+        return reason
 
+    # ---- the loop -------------------------------------------------------------------------
     def run(self) -> ExitCode:
-        """The loop. Returns FINISHED at max_steps, RESUME when asked to stop early (after saving)."""
+        """Train to ``train.max_steps``; RESUME when stopped early after saving, BAD_STEPS on persistent NaNs."""
         max_steps, eval_interval = self.cfg.train.max_steps, self.cfg.eval.interval
-        bar = progress_bar(total=max_steps, initial=self.state.step, enabled=self.cfg.train.progress_bar and self.env.is_rank0)
-        code = ExitCode.FINISHED
+        bar = progress_bar(total=max_steps, initial=self.state.step,
+                           enabled=self.cfg.train.progress_bar and self.env.is_rank0)
+        self.exit_controller.install()
         try:
             while self.state.step < max_steps:
                 result = self.train_step()
                 bar.update(1)
+                if self.consecutive_skips >= self.cfg.train.max_skipped_steps:
+                    logger.error("%d consecutive steps had a non-finite loss or gradient norm (train.max_skipped_steps="
+                                 "%d); stopping without saving", self.consecutive_skips, self.cfg.train.max_skipped_steps)
+                    self.log_step(result)
+                    return ExitCode.BAD_STEPS
                 last = self.state.step == max_steps
                 if self.state.step % self.cfg.train.log_interval == 0 or last:
                     self.log_step(result)
                     bar.set_postfix(loss=f"{self.last_loss:.3f}")
+                improved = False
                 if last or (eval_interval and self.state.step % eval_interval == 0):
-                    self.evaluate()
-                stop = not last and self.exit_requested()
-                # Stopping early always saves: the resume code promises that nothing is lost.
-                if stop or self.parts.policy.should_save(self.state, final=last):
-                    self.save()
-                if stop:
-                    logger.info("exit_interval reached at step %d; exiting to be resumed", self.state.step)
-                    code = ExitCode.RESUME
-                    break
+                    improved = self.evaluate()
+                reason = self.checkpoint_and_decide_exit(improved)
+                if reason is not None:
+                    logger.info("stopping at step %d (%s); exit code %d asks to be resumed",
+                                self.state.step, reason, ExitCode.RESUME)
+                    return ExitCode.RESUME
+            return ExitCode.FINISHED
         finally:
+            self.exit_controller.restore()
             bar.close()
-        return code
+            self.parts.checkpointer.close()

@@ -19,6 +19,10 @@ class TrainState:
     """Lowest validation loss seen so far."""
     last_val_loss: float | None = None
     """Validation loss of the latest evaluation."""
+    best_checkpoint_step: int | None = None
+    """Step of the persistent checkpoint saved at the best validation loss (never pruned)."""
+    skipped_steps: int = 0
+    """Steps skipped because their loss or gradient norm was not finite (total)."""
     train_time_s: float = 0.0
     """Wall time spent in training steps over all runs (not counting restarts)."""
 

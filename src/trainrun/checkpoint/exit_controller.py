@@ -1,0 +1,73 @@
+"""Decides, collectively, when training must stop early: signals, exit interval, time limit.
+
+Like Megatron-LM's DistributedSignalHandler: a signal handler only records the signal; at the
+next step boundary every rank contributes its flags to one all-reduce (MAX), so all ranks stop
+at the same step and save the same checkpoint. A second signal while saving only sets the flag
+again; it never interrupts the save.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from types import FrameType
+
+import torch
+
+from trainrun.config.schema import TrainRunConfig
+from trainrun.distributed.env import DistEnv
+
+logger = logging.getLogger(__name__)
+
+REASONS = ("signal", "exit_interval", "exit_duration")
+
+
+class ExitController:
+    """Tracks exit requests and answers 'stop now?' identically on every rank."""
+
+    def __init__(self, cfg: TrainRunConfig, env: DistEnv, start_step: int):
+        self.env = env
+        self.exit_interval = cfg.train.exit_interval
+        self.exit_duration_s = None if cfg.train.exit_duration_min is None else cfg.train.exit_duration_min * 60
+        self.signals = [signal.Signals[name] for name in cfg.checkpoint.exit_signals]
+        self.start_step, self.start_time = start_step, time.monotonic()
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        first = self.received is None
+        self.received = signal.Signals(signum)
+        if first:
+            logger.warning("received %s: will save and exit at the next step boundary", self.received.name)
+
+    def install(self) -> ExitController:
+        """Install handlers for ``checkpoint.exit_signals`` (main thread only)."""
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        """Put the previous signal handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def local_flags(self, step: int) -> list[float]:
+        """This rank's view of each reason (1.0 = stop)."""
+        elapsed = time.monotonic() - self.start_time
+        return [
+            float(self.received is not None),
+            float(self.exit_interval is not None and step - self.start_step >= self.exit_interval),
+            float(self.exit_duration_s is not None and elapsed >= self.exit_duration_s),
+        ]
+
+    def check(self, step: int) -> str | None:
+        """The reason to stop now, agreed by all ranks (a MAX all-reduce), or None."""
+        flags = torch.tensor(self.local_flags(step), dtype=torch.float32)
+        if self.env.distributed:
+            flags = flags.to(self.env.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        hits = [reason for reason, flag in zip(REASONS, flags.tolist()) if flag > 0]
+        return hits[0] if hits else None
