@@ -77,25 +77,40 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()  # weight 1, bias 0
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """(Re-)compute the derived, non-persistent buffers (RoPE tables); uses no RNG."""
+        cfg = self.cfg
         if cfg.position == "rope":
-            device = self.tok_embeddings.weight.device
+            device = self.rope_cos.device if self.rope_cos is not None else None
             cos, sin = rope_cache(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, device=device)
             self.rope_cos, self.rope_sin = cos, sin
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) int64 -> logits (B, T, vocab_size)."""
-        B, T = tokens.shape
+        """tokens (B, T) int64 -> logits (B, T, vocab_size).
+
+        A pipeline stage (see ``trainrun.distributed.pipeline``) deletes the modules it does not own:
+        without ``tok_embeddings`` the input is already the hidden state (B, T, C), and without
+        ``output`` the hidden state (B, T, C) is returned.
+        """
+        B, T = tokens.shape[:2]
         if T > self.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.max_seq_len}")
-        x = self.tok_embeddings(tokens)  # (B, T, C)
-        if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings(torch.arange(T, device=tokens.device))  # (T, C) broadcast over B
-        x = self.dropout(x)
-        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.rope_cos is not None else None  # (T, hs) each
+        if self.tok_embeddings is not None:
+            x = self.tok_embeddings(tokens)  # (B, T, C)
+            if self.pos_embeddings is not None:
+                x = x + self.pos_embeddings(torch.arange(T, device=tokens.device))  # (T, C) broadcast over B
+            x = self.dropout(x)
+        else:
+            x = tokens  # (B, T, C) from the previous pipeline stage
+        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None  # (max_seq_len, hs) each
         for layer in self.layers.values():
             x = layer(x, rope)  # (B, T, C)
-        x = self.norm(x)
-        return self.output(x)  # (B, T, V)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.output(x) if self.output is not None else x  # (B, T, V) or (B, T, C)
 
 
 @MODELS.register("gpt")

@@ -69,14 +69,19 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C); ``rope`` is (cos, sin) cropped to T, or None for learned positions."""
+        """x (B, T, C) -> (B, T, C); ``rope`` is (cos, sin) of at least T rows, or None for learned positions.
+
+        The tables are cropped here rather than by the caller because under sequence parallelism
+        only this module sees the whole sequence (its input is gathered along T).
+        """
         B, T, _ = x.shape
         # -1 rather than n_heads: under TP the local projection holds only n_heads/tp heads.
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            cos, sin = rope[0][:T], rope[1][:T]  # (T, hs) each
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )  # (B, nh, T, hs); flash / memory-efficient kernels never materialise the (T, T) scores

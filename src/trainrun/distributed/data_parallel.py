@@ -1,0 +1,39 @@
+"""Data parallelism: FSDP2 (``fully_shard``), HSDP (2-D replicate x shard mesh) or DDP (``replicate``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """bf16/fp16 compute params with fp32 gradient reduction; fp32: no casting at all."""
+    if precision == "fp32":
+        return MixedPrecisionPolicy()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: str, reshard_after_forward: bool) -> nn.Module:
+    """``fully_shard`` each block, then the root (embeddings, final norm, output) — torchtitan's layout.
+
+    One FSDP unit per block lets the all-gather of block i+1 overlap the compute of block i; the
+    root unit keeps tied embeddings together. A 2-D ``mesh`` (dp_replicate, dp_shard) gives HSDP.
+    """
+    mp = mixed_precision_policy(precision)
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root's parameters are used last in backward; resharding them after forward only to
+    # gather them again at once would be wasted communication.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Composable DDP (``replicate``): parameters stay plain tensors with unchanged names."""
+    from torch.distributed._composable.replicate import replicate
+
+    replicate(model, device_mesh=mesh, bucket_cap_mb=100)
+    return model
