@@ -11,6 +11,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from trainrun.checkpoint.store import CheckpointError
@@ -22,11 +23,6 @@ from trainrun.registry import UnknownComponentError
 _task_started = False
 
 
-def _fail_config(message: str) -> None:
-    print(f"trainrun: configuration error: {message}", file=sys.stderr)
-    sys.exit(ExitCode.CONFIG_ERROR)
-
-
 def _print_summary(result) -> None:
     if result.sample is not None:
         print("\n--- sample ---\n" + result.sample + "\n--------------")
@@ -35,23 +31,32 @@ def _print_summary(result) -> None:
     print(f"run directory: {result.run_dir.resolve()}")
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
-def hydra_entry(cfg: DictConfig) -> None:
-    """Convert the composed config and run it; translate the outcome into an exit code."""
-    global _task_started
-    _task_started = True
+def _run_task(cfg: DictConfig) -> int:
+    """Run one job; return its exit code (errors a user can fix become one line on stderr)."""
     from trainrun import orchestrator
 
     try:
         result = orchestrator.run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
     except (ConfigError, UnknownComponentError) as err:
-        _fail_config(str(err))
+        print(f"trainrun: configuration error: {err}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
     except CheckpointError as err:
         print(f"trainrun: checkpoint error: {err}", file=sys.stderr)
-        sys.exit(ExitCode.FAILED)
+        return ExitCode.FAILED
     _print_summary(result)
-    if result.exit_code != ExitCode.FINISHED:
-        sys.exit(int(result.exit_code))
+    return int(result.exit_code)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def hydra_entry(cfg: DictConfig) -> int:
+    """Run the composed config. A single run exits with its code; in a sweep (-m) each job returns
+    its code to the launcher so one failing job does not end the others."""
+    global _task_started
+    _task_started = True
+    code = _run_task(cfg)
+    if HydraConfig.get().mode != RunMode.MULTIRUN and code != ExitCode.FINISHED:
+        sys.exit(code)
+    return code
 
 
 def main() -> None:

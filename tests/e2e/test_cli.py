@@ -106,3 +106,13 @@ def test_prepare_then_train_on_indexed(tmp_path):
                     "train.log_interval=2", "checkpoint.interval=0", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert read_metrics(run_dir)[0]["loss"] < 7.0  # ~ln(400) at init
+
+
+def test_multirun_sweep_runs_each_job(tmp_path, corpus_cache):
+    args = ["-m", *TINY, f"data.path={corpus_cache}", "train.max_steps=2", "train.log_interval=1",
+            "checkpoint.interval=0", "eval.sample_tokens=0", "optim.warmup_steps=1", "optim.lr=1e-3,3e-3",
+            f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lrs = sorted(read_metrics(tmp_path / "sweep" / str(job))[0]["lr"] for job in (0, 1))
+    assert lrs == pytest.approx([1e-3 / 2, 3e-3 / 2])  # warmup step 0 of 1: (0+1)/(1+1) of peak
