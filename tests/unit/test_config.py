@@ -99,3 +99,21 @@ def test_unknown_component_lists_registered_names():
 
 def test_conf_dir_is_the_checkout():
     assert (Path(CONF) / "config.yaml").is_file()
+
+
+def test_every_config_field_has_a_docstring():
+    from trainrun.config import schema
+    from trainrun.config.reference import field_docs
+
+    for cls in (schema.RunConfig, schema.ModelConfig, schema.OptimConfig, schema.DataConfig, schema.TrainConfig,
+                schema.EvalConfig, schema.ParallelConfig, schema.CheckpointConfig, schema.WandbConfig,
+                schema.LoggingConfig):
+        missing = {f.name for f in fields(cls)} - set(field_docs(cls))
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+def test_config_reference_is_current():
+    from trainrun.config.reference import render
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+    assert doc.read_text() == render() + "\n", "regenerate: python -m trainrun.config.reference > docs/config.md"
