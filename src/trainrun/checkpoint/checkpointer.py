@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 import trainrun
 from trainrun.checkpoint.policy import SaveKind
-from trainrun.checkpoint.store import CheckpointError, CheckpointStore
+from trainrun.checkpoint.store import LATEST_FILE, CheckpointError, CheckpointStore, verify_checkpoint
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig, TrainRunConfig
 from trainrun.train.state import TrainState
@@ -130,23 +130,36 @@ class Checkpointer:
 
     # ---- saving ---------------------------------------------------------------------------
     def _protected(self) -> set[Path]:
+        """Checkpoints retention must keep: the one resumed from and the best one."""
         protect = {self.resumed_from} if self.resumed_from else set()
         if self.state.best_checkpoint_step is not None:
             protect.add(self.store.step_dir(self.state.best_checkpoint_step))
         return protect
 
     def save(self, kind: SaveKind = SaveKind.PERSISTENT, blocking: bool | None = None) -> Path | None:
-        """Save the current state; async (returns None until committed) when configured and not ``blocking``."""
+        """Save the current state; async (returns None until committed) when configured and not ``blocking``.
+
+        A previous async save is committed first; if that one failed it is reported and this
+        save still goes ahead. Raises CheckpointError when this save fails (nothing is left behind).
+        """
         store = self.local_store if kind == SaveKind.NON_PERSISTENT and self.local_store else self.store
+        try:
+            self.finalize(blocking=True)
+        except CheckpointError as err:
+            logger.error("previous async checkpoint lost (older checkpoints intact): %s", err)
         tensors, values = self._state(with_optimizer=True)
         meta = {**self._meta(values), "kind": kind.value}
         self.last_save_time = time.monotonic()
         use_async = self.cfg.checkpoint.async_save if blocking is None else not blocking
         if use_async and store is self.store:
-            store.save_async(self.state.step, tensors, meta)
+            store.save_async(self.state.step, tensors, meta, protect=self._protected())
             return None
-        self.finalize(blocking=True)
         return store.save(self.state.step, tensors, meta, protect=self._protected())
+
+    @property
+    def pending(self) -> bool:
+        """An async save is started and not yet committed."""
+        return self.store.pending is not None
 
     def wait_for_staging(self) -> None:
         """Before parameters change: wait until a pending async save has copied them."""
@@ -158,7 +171,7 @@ class Checkpointer:
 
     def close(self) -> None:
         """Commit any pending save and release resources."""
-        self.store.close()
+        self.store.close(protect=self._protected())
 
     # ---- resuming -------------------------------------------------------------------------
     def resolve_resume_path(self) -> Path | None:
@@ -167,10 +180,26 @@ class Checkpointer:
         if resume == "never":
             return None
         if resume != "auto":
-            return Path(resume)
+            return self._explicit_path(Path(resume))
         candidates = [s.find_latest() for s in (self.store, self.local_store) if s is not None]
         candidates = [c for c in candidates if c is not None]
-        return max(candidates, key=lambda p: CheckpointStore.read_meta(p)["step"], default=None)
+        # Non-persistent checkpoints win when newer; a tie goes to the persistent one (listed first).
+        best = max(candidates, key=lambda p: CheckpointStore.read_meta(p)["step"], default=None)
+        if best is not None and self.local_store is not None and best.parent == self.local_store.directory:
+            logger.info("the non-persistent checkpoint %s is the newest", best)
+        return best
+
+    def _explicit_path(self, path: Path) -> Path:
+        """``checkpoint.resume=<path>``: a checkpoint, or a checkpoint dir (its newest good checkpoint)."""
+        if (path / LATEST_FILE).is_file() or (path.is_dir() and any(path.glob("step_*"))):
+            found = CheckpointStore(path, 0, True, lambda: None, self.cfg.checkpoint.verify).find_latest()
+            if found is None:
+                raise ConfigError("checkpoint.resume", str(path), "this checkpoint directory holds no complete checkpoint")
+            return found
+        problem = verify_checkpoint(path, self.cfg.checkpoint.verify)
+        if problem is not None:
+            raise ConfigError("checkpoint.resume", str(path), f"not a complete trainrun checkpoint: {problem}")
+        return path
 
     def resume(self) -> Path | None:
         """Restore from the configured checkpoint, if any; return its path."""

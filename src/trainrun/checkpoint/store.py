@@ -24,7 +24,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +125,7 @@ class PendingSave:
     meta: dict
     staging: Future | None
     upload: Future
+    """Done when DCP wrote this rank's files and (rank 0) the manifest is built; its result is the manifest."""
     started: float
 
 
@@ -139,6 +140,7 @@ class CheckpointStore:
         self.pending: PendingSave | None = None
         self._stager: DefaultStager | None = None
         self._async_pg = None
+        self._finisher: ThreadPoolExecutor | None = None
 
     def step_dir(self, step: int) -> Path:
         """Final directory of the checkpoint of ``step``."""
@@ -147,17 +149,22 @@ class CheckpointStore:
     # ---- saving -------------------------------------------------------------------------
     def _prepare_tmp(self, step: int) -> Path:
         tmp = self.directory / f".tmp_step_{step}"
+        error = None
         if self.is_rank0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob(".tmp_step_*"):  # left by a killed save
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        self.barrier()
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                for stale in [*self.directory.glob(".tmp_step_*"), *self.directory.glob(".old_step_*")]:
+                    shutil.rmtree(stale, ignore_errors=True)  # left by a killed save
+                tmp.mkdir()
+            except OSError as err:
+                error = err
+        if not self._all_true(error is None):
+            raise CheckpointError(f"cannot create {tmp}: {error or 'failed on rank 0'}")
         return tmp
 
     def save(self, step: int, tensors: dict, meta: dict, protect: set[Path] = frozenset()) -> Path:
         """Write and commit a checkpoint synchronously; raise CheckpointError (tmp removed) on failure."""
-        self.finalize(blocking=True)
+        self.finalize(blocking=True, protect=protect)
         tmp = self._prepare_tmp(step)
         try:
             dcp.save(tensors, checkpoint_id=str(tmp))
@@ -166,13 +173,14 @@ class CheckpointStore:
             raise CheckpointError(f"saving step {step} to {tmp} failed: {err}") from err
         return self._commit(step, tmp, meta, protect)
 
-    def save_async(self, step: int, tensors: dict, meta: dict) -> None:
+    def save_async(self, step: int, tensors: dict, meta: dict, protect: set[Path] = frozenset()) -> None:
         """Start an async save: staging copies the state in the background, then files are written.
 
         Call ``wait_for_staging()`` before parameters change (the next optimizer step) and
-        ``finalize()`` to commit; the previous async save is finalised first.
+        ``finalize()`` to commit; the previous async save is finalised first. Rank 0 also fsyncs
+        and hashes the written files in the background, so committing blocks only for renames.
         """
-        self.finalize(blocking=True)
+        self.finalize(blocking=True, protect=protect)
         tmp = self._prepare_tmp(step)
         if self._stager is None:
             # No pinned/shared memory: they need CUDA; background staging overlaps forward/backward.
@@ -181,11 +189,24 @@ class CheckpointStore:
         if self._async_pg is None and dist.is_initialized():
             # The writer thread runs collectives; a separate gloo group keeps them off the training group.
             self._async_pg = dist.new_group(backend="gloo")
-        response = dcp.async_save(tensors, checkpoint_id=str(tmp), async_stager=self._stager,
-                                  process_group=self._async_pg)
+        started = time.perf_counter()
+        try:
+            response = dcp.async_save(tensors, checkpoint_id=str(tmp), async_stager=self._stager,
+                                      process_group=self._async_pg)
+        except Exception as err:
+            self._discard(tmp)
+            raise CheckpointError(f"starting the async save of step {step} to {tmp} failed: {err}") from err
         staging = getattr(response, "staging_completion", None)
         upload = getattr(response, "upload_completion", response)
-        self.pending = PendingSave(step, tmp, meta, staging, upload, time.perf_counter())
+        if self._finisher is None:
+            self._finisher = ThreadPoolExecutor(1, thread_name_prefix="trainrun-ckpt-finish")
+        finished = self._finisher.submit(self._finish_upload, upload, tmp)
+        self.pending = PendingSave(step, tmp, meta, staging, finished, started)
+
+    def _finish_upload(self, upload: Future, tmp: Path) -> dict | None:
+        """Background: wait for DCP's writes; on rank 0 then fsync and hash them (the manifest)."""
+        upload.result()
+        return build_manifest(tmp, self.verify) if self.is_rank0 else None
 
     def wait_for_staging(self) -> None:
         """Block until the pending async save has copied the state (parameters may change after)."""
@@ -200,12 +221,16 @@ class CheckpointStore:
         if not self._all_true(blocking or pending.upload.done()):
             return None
         self.pending = None
+        error, manifest = None, None
         try:
-            pending.upload.result()
-        except Exception as err:
+            manifest = pending.upload.result()
+        except Exception as err:  # noqa: BLE001 - reported below, after all ranks agree
+            error = err
+        if not self._all_true(error is None):
             self._discard(pending.tmp)
-            raise CheckpointError(f"async save of step {pending.step} failed: {err}") from err
-        path = self._commit(pending.step, pending.tmp, pending.meta, protect)
+            raise CheckpointError(f"async save of step {pending.step} to {pending.tmp} failed: "
+                                  f"{error or 'failed on another rank'}") from error
+        path = self._commit(pending.step, pending.tmp, pending.meta, protect, manifest)
         logger.info("async checkpoint %s committed %.2fs after it started", path, time.perf_counter() - pending.started)
         return path
 
@@ -214,34 +239,47 @@ class CheckpointStore:
         if self.is_rank0:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _commit(self, step: int, tmp: Path, meta: dict, protect: set[Path]) -> Path:
+    def _commit(self, step: int, tmp: Path, meta: dict, protect: set[Path], manifest: dict | None = None) -> Path:
         final = self.step_dir(step)
         self.barrier()  # every rank's files are written
+        error = None
         if self.is_rank0:
             try:
-                meta = {**meta, "manifest": build_manifest(tmp, self.verify), "committed_unix": time.time()}
+                if manifest is None:
+                    manifest = build_manifest(tmp, self.verify)
+                meta = {**meta, "manifest": manifest, "committed_unix": time.time()}
                 write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
                 _fsync_dir(tmp)
-                if final.exists():  # a re-save of the same step (e.g. after a non-persistent one)
-                    shutil.rmtree(final)
+                old = None
+                if final.exists():  # a re-save of the same step: move the old copy aside, drop it after
+                    old = final.with_name(f".old_{final.name}")
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.replace(final, old)
                 os.replace(tmp, final)
                 _fsync_dir(self.directory)
                 write_text_atomic(self.directory / LATEST_FILE, final.name + "\n")
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
             except OSError as err:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise CheckpointError(f"committing step {step} in {self.directory} failed: {err}") from err
-            self._prune(protect | {final})
-        self.barrier()
+                error = err
+            else:
+                self._prune(protect | {final})
+        if not self._all_true(error is None):
+            raise CheckpointError(f"committing step {step} in {self.directory} failed: {error or 'failed on rank 0'}")
         return final
 
-    def close(self) -> None:
+    def close(self, protect: set[Path] = frozenset()) -> None:
         """Finalise any pending save and release the stager."""
         try:
-            self.finalize(blocking=True)
+            self.finalize(blocking=True, protect=protect)
         finally:
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None
+            if self._finisher is not None:
+                self._finisher.shutdown(wait=True)
+                self._finisher = None
 
     # ---- finding and loading ------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -257,21 +295,29 @@ class CheckpointStore:
         named = latest_file.read_text().strip() if latest_file.is_file() else None
         if named is None and self.checkpoints():
             logger.warning("%s is missing; scanning %s for complete checkpoints", latest_file, self.directory)
+        names = [p.name for p in self.checkpoints()]
         for path in reversed(self.checkpoints()):
             problem = verify_checkpoint(path, self.verify)
             if problem is None:
                 if named is not None and path.name != named:
-                    logger.warning("%s names %s, which is unusable; resuming from %s", latest_file, named, path)
+                    if named in names and names.index(named) > names.index(path.name):
+                        logger.warning("%s names %s, which is unusable; falling back to %s", latest_file, named, path)
+                    elif named not in names:
+                        logger.warning("%s names %s, which does not exist; falling back to %s", latest_file, named, path)
+                    else:  # killed between the rename and the update of latest
+                        logger.warning("%s names %s, but the newer %s is complete; using it", latest_file, named, path)
                 return path
             logger.warning("skipping checkpoint %s: %s", path, problem)
         return None
 
     def _prune(self, protect: set[Path]) -> None:
+        """Delete complete checkpoints beyond the newest ``keep_last``, never one in ``protect``."""
         if self.keep_last <= 0:
             return
+        keep = {p.resolve() for p in protect}
         complete = [p for p in self.checkpoints() if (p / META_FILE).is_file()]
         for old in complete[: -self.keep_last]:
-            if old not in protect:
+            if old.resolve() not in keep:
                 shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod

@@ -74,7 +74,7 @@ class TrainingLoop:
             self.parts.executor.poison_next_step = True
         with self.timers.time("step"):
             # An async save may still be copying parameters: wait for it before they change.
-            result = self.parts.executor.step(batches, before_update=self.parts.checkpointer.wait_for_staging)
+            result = self.parts.executor.step(batches, before_update=self._wait_for_staging)
         self.state.step += 1
         self.state.consumed_samples += self.cfg.train.global_batch_size
         self.state.consumed_tokens += self.tokens_per_step
@@ -88,6 +88,13 @@ class TrainingLoop:
         else:
             self.consecutive_skips = 0
         return result
+
+    def _wait_for_staging(self) -> None:
+        """Executor hook right before the optimizer step; the wait counts as time blocked by saving."""
+        if self.parts.checkpointer.pending:
+            start = time.perf_counter()
+            self.parts.checkpointer.wait_for_staging()
+            self._save_blocked_ms += (time.perf_counter() - start) * 1e3
 
     # ---- bookkeeping ----------------------------------------------------------------------
     def log_step(self, result: StepResult) -> None:
@@ -145,13 +152,25 @@ class TrainingLoop:
 
     def checkpoint_and_decide_exit(self, improved: bool) -> str | None:
         """Save what the policies ask for; return the agreed reason to stop early, after saving."""
-        committed = self.parts.checkpointer.finalize(blocking=False)
+        start, pending = time.perf_counter(), self.parts.checkpointer.pending
+        try:
+            committed = self.parts.checkpointer.finalize(blocking=False)
+        except CheckpointError as err:
+            committed = None
+            logger.error("async checkpoint not saved, training continues (previous checkpoints intact): %s", err)
+        if pending:
+            self._save_blocked_ms += (time.perf_counter() - start) * 1e3
         if committed:
             logger.info("committed checkpoint %s", committed)
         final = self.state.step >= self.cfg.train.max_steps
         reason = None if final else self.exit_controller.check(self.state.step)
         minutes = (time.monotonic() - self.parts.checkpointer.last_save_time) / 60
         kind = self.parts.policy.decide(SaveContext(self.state, final, improved, minutes))
+        if kind is not None and self.consecutive_skips:
+            # The weights are those of the last good step: wait for a good step before saving.
+            logger.warning("not saving at step %d: it is one of %d consecutive skipped steps",
+                           self.state.step, self.consecutive_skips)
+            kind = None
         if reason is not None:
             kind = SaveKind.PERSISTENT  # stopping early always saves: the resume code promises it
         if kind is not None:
@@ -194,6 +213,10 @@ class TrainingLoop:
                     return ExitCode.RESUME
             return ExitCode.FINISHED
         finally:
-            self.exit_controller.restore()
             bar.close()
-            self.parts.checkpointer.close()
+            # Commit a pending async save while the exit handlers are still installed: a signal
+            # now only sets the flag again and cannot interrupt the commit.
+            try:
+                self.parts.checkpointer.close()
+            finally:
+                self.exit_controller.restore()
