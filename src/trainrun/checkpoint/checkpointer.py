@@ -16,7 +16,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 import trainrun
 from trainrun.checkpoint.policy import SaveKind
@@ -98,6 +103,9 @@ class Checkpointer:
         model_sd: dict = {}
         optim_flat: dict = {}
         for part, optimizer in zip(self.model_parts, self.optimizers, strict=True):
+            if not with_optimizer:  # get_state_dict would initialise an empty optimizer's state (a step)
+                model_sd.update(get_model_state_dict(part, options=_OPTIONS))
+                continue
             part_model, part_optim = get_state_dict(part, optimizer, options=_OPTIONS)
             model_sd.update(part_model)
             optim_flat.update(part_optim)

@@ -1,0 +1,441 @@
+"""Checkpoint policies, the atomic store, retention, safe loading, the exit controller and the checkpointer.
+
+Fast: tiny tensors and a two-layer model, no subprocesses (the process-level faults are in tests/faults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from trainrun.checkpoint.checkpointer import Checkpointer, changed_settings, check_model_compatible, config_hash
+from trainrun.checkpoint.exit_controller import ExitController
+from trainrun.checkpoint.policy import SaveContext, SaveKind, build_policy
+from trainrun.checkpoint.store import LATEST_FILE, META_FILE, CheckpointError, CheckpointStore, verify_checkpoint
+from trainrun.config.errors import ConfigError
+from trainrun.config.schema import CheckpointConfig, ModelConfig, TrainConfig, TrainRunConfig
+from trainrun.distributed.env import DistEnv
+from trainrun.optim import build_lr_scheduler
+from trainrun.train.state import TrainState
+
+# DCP says it saves/loads in a single process without a process group: that is what these tests do.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+# ---- policies -------------------------------------------------------------------------------
+
+
+def _ctx(step: int, final: bool = False, improved: bool = False, minutes: float = 0.0) -> SaveContext:
+    return SaveContext(TrainState(step=step), final, improved, minutes)
+
+
+def test_policies_combine():
+    cfg = CheckpointConfig(interval=10, time_interval_min=5.0, save_best=True, non_persistent_interval=3)
+    policy = build_policy(cfg)
+    assert policy.decide(_ctx(1)) is None
+    assert policy.decide(_ctx(3)) == SaveKind.NON_PERSISTENT
+    assert policy.decide(_ctx(10)) == SaveKind.PERSISTENT
+    assert policy.decide(_ctx(30)) == SaveKind.PERSISTENT  # persistent beats non-persistent
+    assert policy.decide(_ctx(7, minutes=5.0)) == SaveKind.PERSISTENT  # time
+    assert policy.decide(_ctx(7, improved=True)) == SaveKind.PERSISTENT  # best
+    assert policy.decide(_ctx(7, final=True)) == SaveKind.PERSISTENT  # final
+    assert policy.decide(_ctx(7, minutes=4.9)) is None
+
+
+def test_policies_can_be_disabled():
+    cfg = CheckpointConfig(interval=0, time_interval_min=None, save_best=False, non_persistent_interval=0,
+                           save_final=False)
+    policy = build_policy(cfg)
+    assert all(policy.decide(_ctx(s, final=True, improved=True, minutes=1e9)) is None for s in range(1, 50))
+    only_interval = build_policy(CheckpointConfig(policies=["interval"], interval=4, save_best=True))
+    assert only_interval.decide(_ctx(4)) == SaveKind.PERSISTENT
+    assert only_interval.decide(_ctx(5, final=True, improved=True, minutes=1e9)) is None
+
+
+# ---- store: commit, verify, fall back, prune ----------------------------------------------------
+
+
+def _store(directory: Path, keep_last: int = 0, verify: str = "sha256") -> CheckpointStore:
+    return CheckpointStore(directory, keep_last, True, lambda: None, verify)
+
+
+def _tensors(step: int) -> dict:
+    return {"model": {"w": torch.full((64, 64), float(step)), "b": torch.arange(8.0) + step}}
+
+
+def _save(store: CheckpointStore, step: int, protect: set[Path] = frozenset()) -> Path:
+    return store.save(step, _tensors(step), {"step": step}, protect=set(protect))
+
+
+def _data_file(path: Path) -> Path:
+    return next(p for p in sorted(path.iterdir()) if p.suffix == ".distcp")
+
+
+def test_commit_writes_complete_checkpoint_and_latest(tmp_path):
+    store = _store(tmp_path)
+    path = _save(store, 3)
+    assert path == tmp_path / "step_3"
+    assert (tmp_path / LATEST_FILE).read_text().strip() == "step_3"
+    assert not list(tmp_path.glob(".tmp_*"))
+    meta = CheckpointStore.read_meta(path)
+    assert meta["step"] == 3 and meta["manifest"]
+    assert all("sha256" in entry and entry["size"] > 0 for entry in meta["manifest"].values())
+    assert ".metadata" in meta["manifest"]
+    assert verify_checkpoint(path, "sha256") is None
+    loaded = {"model": {"w": torch.zeros(64, 64), "b": torch.zeros(8)}}
+    CheckpointStore.load_tensors(path, loaded)
+    assert torch.equal(loaded["model"]["w"], _tensors(3)["model"]["w"])
+
+
+def test_stale_tmp_dir_is_never_read_and_is_cleaned(tmp_path):
+    store = _store(tmp_path)
+    _save(store, 2)
+    (tmp_path / ".tmp_step_4").mkdir()  # a save killed half way
+    (tmp_path / ".tmp_step_4" / "__0_0.distcp").write_bytes(b"partial")
+    assert store.find_latest() == tmp_path / "step_2"
+    _save(store, 6)
+    assert not (tmp_path / ".tmp_step_4").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "no_dcp_metadata", "no_trainrun_json"])
+def test_damaged_newest_falls_back_with_warning(tmp_path, caplog, damage):
+    store = _store(tmp_path)
+    _save(store, 2)
+    newest = _save(store, 4)
+    data = _data_file(newest)
+    if damage == "truncate":
+        data.write_bytes(data.read_bytes()[:-100])
+    elif damage == "bitflip":
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        data.write_bytes(bytes(raw))
+    elif damage == "no_dcp_metadata":
+        (newest / ".metadata").unlink()
+    else:
+        (newest / META_FILE).unlink()
+    with caplog.at_level(logging.WARNING, logger="trainrun.checkpoint.store"):
+        assert store.find_latest() == tmp_path / "step_2"
+    assert f"skipping checkpoint {newest}" in caplog.text
+    assert "falling back to" in caplog.text
+
+
+def test_size_verification_misses_bitflip_but_catches_truncation(tmp_path):
+    store = _store(tmp_path, verify="size")
+    path = _save(store, 1)
+    data = _data_file(path)
+    raw = bytearray(data.read_bytes())
+    raw[10] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert verify_checkpoint(path, "size") is None
+    data.write_bytes(bytes(raw[:-1]))
+    assert "truncated" in verify_checkpoint(path, "size")
+
+
+def test_missing_latest_scans_with_warning(tmp_path, caplog):
+    store = _store(tmp_path)
+    _save(store, 2)
+    _save(store, 5)
+    (tmp_path / LATEST_FILE).unlink()
+    with caplog.at_level(logging.WARNING, logger="trainrun.checkpoint.store"):
+        assert store.find_latest() == tmp_path / "step_5"
+    assert "is missing; scanning" in caplog.text
+
+
+def test_newer_complete_checkpoint_than_latest_is_used(tmp_path, caplog):
+    """A kill between the rename and the update of ``latest`` loses nothing."""
+    store = _store(tmp_path)
+    _save(store, 2)
+    _save(store, 4)
+    (tmp_path / LATEST_FILE).write_text("step_2\n")
+    with caplog.at_level(logging.WARNING):
+        assert store.find_latest() == tmp_path / "step_4"
+    assert "newer" in caplog.text
+
+
+def test_nothing_usable(tmp_path):
+    store = _store(tmp_path)
+    assert store.find_latest() is None
+    path = _save(store, 1)
+    (path / ".metadata").unlink()
+    assert store.find_latest() is None
+
+
+def test_keep_last_never_prunes_protected(tmp_path):
+    store = _store(tmp_path, keep_last=2)
+    best = _save(store, 1)
+    resumed = _save(store, 2)
+    for step in range(3, 8):
+        _save(store, step, protect={best, resumed})
+    assert [p.name for p in store.checkpoints()] == ["step_1", "step_2", "step_6", "step_7"]
+    _save(store, 8)  # nothing protected any more
+    assert [p.name for p in store.checkpoints()] == ["step_7", "step_8"]
+
+
+def test_keep_last_protection_survives_async_saves(tmp_path):
+    store = _store(tmp_path, keep_last=1)
+    best = _save(store, 1)
+    for step in range(2, 6):
+        store.save_async(step, _tensors(step), {"step": step}, protect={best})
+    store.close(protect={best})
+    assert [p.name for p in store.checkpoints()] == ["step_1", "step_5"]
+
+
+def test_async_save_commits_on_finalize(tmp_path):
+    store = _store(tmp_path)
+    tensors = _tensors(7)
+    store.save_async(7, tensors, {"step": 7})
+    store.wait_for_staging()
+    tensors["model"]["w"].add_(100)  # parameters change after staging: the checkpoint keeps the old values
+    assert not (tmp_path / "step_7").exists()
+    assert store.finalize(blocking=True) == tmp_path / "step_7"
+    assert store.pending is None
+    loaded = {"model": {"w": torch.zeros(64, 64), "b": torch.zeros(8)}}
+    CheckpointStore.load_tensors(tmp_path / "step_7", loaded)
+    assert torch.equal(loaded["model"]["w"], torch.full((64, 64), 7.0))
+    store.close()
+
+
+def test_failed_save_leaves_previous_intact(tmp_path, monkeypatch):
+    store = _store(tmp_path)
+    _save(store, 2)
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", no_space)
+    with pytest.raises(CheckpointError, match="No space left"):
+        _save(store, 4)
+    assert not list(tmp_path.glob(".tmp_*"))
+    assert store.find_latest() == tmp_path / "step_2"
+    assert (tmp_path / LATEST_FILE).read_text().strip() == "step_2"
+
+
+def test_resave_same_step_replaces_it(tmp_path):
+    store = _store(tmp_path)
+    _save(store, 3)
+    store.save(3, _tensors(30), {"step": 3})
+    loaded = {"model": {"w": torch.zeros(64, 64), "b": torch.zeros(8)}}
+    CheckpointStore.load_tensors(tmp_path / "step_3", loaded)
+    assert loaded["model"]["w"][0, 0].item() == 30.0
+    assert not list(tmp_path.glob(".old_*"))
+
+
+# ---- safe loading -------------------------------------------------------------------------------
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_metadata_pickle_with_code_is_rejected(tmp_path):
+    path = _save(_store(tmp_path / "ckpt"), 1)
+    marker = tmp_path / "pwned"
+    (path / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
+    loaded = {"model": {"w": torch.zeros(64, 64), "b": torch.zeros(8)}}
+    with pytest.raises(CheckpointError, match=r"posix\.system|os\.system"):
+        CheckpointStore.load_tensors(path, loaded)
+    assert not marker.exists()
+
+
+def test_foreign_entries_are_rejected(tmp_path):
+    tensor_path, bytes_path = tmp_path / "a", tmp_path / "b"
+    dcp.save({"model": {"w": torch.ones(2)}, "payload": torch.ones(3)}, checkpoint_id=str(tensor_path))
+    dcp.save({"model": {"w": torch.ones(2), "note": {"x": [1, 2]}}}, checkpoint_id=str(bytes_path))
+    for path in (tensor_path, bytes_path):
+        with pytest.raises(CheckpointError, match="unexpected entries"):
+            CheckpointStore.load_tensors(path, {"model": {"w": torch.zeros(2)}})
+
+
+def test_missing_entries_are_reported(tmp_path):
+    path = _save(_store(tmp_path), 1)
+    with pytest.raises(CheckpointError, match="lacks 1 entries"):
+        CheckpointStore.load_tensors(path, {"model": {"w": torch.zeros(64, 64), "b": torch.zeros(8),
+                                                      "extra": torch.zeros(1)}})
+
+
+# ---- exit controller ------------------------------------------------------------------------------
+
+_SINGLE = DistEnv(0, 0, 1, torch.device("cpu"), None, "single")
+
+
+def _controller(**train) -> ExitController:
+    cfg = TrainRunConfig(train=TrainConfig(**train), checkpoint=CheckpointConfig(exit_signals=["SIGUSR1", "SIGTERM"]))
+    return ExitController(cfg, _SINGLE, start_step=10)
+
+
+def test_exit_controller_signal_sets_flag_only():
+    controller = _controller().install()
+    try:
+        assert controller.check(11) is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal only sets the flag again
+        time.sleep(0.01)  # the handler runs at the next bytecode boundary of the main thread
+        assert controller.received == signal.SIGTERM
+        assert controller.check(12) == "signal"
+    finally:
+        controller.restore()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
+def test_exit_controller_interval_and_duration():
+    interval = _controller(exit_interval=5)
+    assert interval.check(14) is None and interval.check(15) == "exit_interval"
+    duration = _controller(exit_duration_min=0.0005)  # 30 ms
+    assert duration.check(11) is None
+    time.sleep(0.05)
+    assert duration.check(11) == "exit_duration"
+
+
+# ---- checkpointer: metadata, resume checks, weights-only -------------------------------------------
+
+
+class _Iter:
+    def __init__(self):
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def _checkpointer(tmp_path: Path, d_model: int = 8, **ckpt) -> Checkpointer:
+    cfg = TrainRunConfig(model=ModelConfig(d_model=d_model, vocab_size=16),
+                         checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), **ckpt))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_model, d_model), nn.Linear(d_model, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = build_lr_scheduler(optimizer, cfg.optim, 100)
+    store = CheckpointStore(tmp_path / "ckpt", cfg.checkpoint.keep_last, True, lambda: None)
+    return Checkpointer(cfg, store, [model], [optimizer], scheduler, _Iter(), TrainState(), torch.device("cpu"))
+
+
+def _train_steps(ckpt: Checkpointer, steps: int) -> None:
+    model, optimizer = ckpt.model_parts[0], ckpt.optimizers[0]
+    for _ in range(steps):
+        model(torch.randn(4, model[0].in_features)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ckpt.scheduler.step()
+        ckpt.train_iter.position += 4
+        ckpt.state.step += 1
+        ckpt.state.consumed_tokens += 128
+
+
+def test_metadata_carries_what_the_issue_lists(tmp_path):
+    ckpt = _checkpointer(tmp_path)
+    _train_steps(ckpt, 3)
+    path = ckpt.save()
+    meta = CheckpointStore.read_meta(path)
+    assert meta["step"] == 3 and meta["consumed_tokens"] == 384
+    assert meta["config_hash"] == config_hash(ckpt.cfg)
+    assert meta["layout"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": 1}
+    assert meta["versions"]["torch"] == torch.__version__ and "trainrun" in meta["versions"]
+    assert meta["manifest"] and meta["data"] == {"position": 12} and meta["kind"] == "persistent"
+    json.dumps(meta)  # plain JSON: nothing is pickled
+
+
+def test_resume_restores_everything_and_weights_only(tmp_path):
+    saved = _checkpointer(tmp_path)
+    _train_steps(saved, 3)
+    saved.save()
+    _train_steps(saved, 1)  # the reference continues
+    full = _checkpointer(tmp_path)
+    assert full.resume() == tmp_path / "ckpt" / "step_3"
+    assert full.state.step == 3 and full.train_iter.position == 12
+    _train_steps(full, 1)
+    for a, b in zip(saved.model_parts[0].parameters(), full.model_parts[0].parameters()):
+        assert torch.equal(a, b)  # weights, moments, RNG and LR schedule all restored: bit-exact
+    weights_only = _checkpointer(tmp_path, load_optimizer=False, resume=str(tmp_path / "ckpt" / "step_3"))
+    assert weights_only.resume() == tmp_path / "ckpt" / "step_3"
+    assert weights_only.state.step == 0 and weights_only.train_iter.position == 0
+    assert not weights_only.optimizers[0].state  # a fresh optimizer, as for fine-tuning
+    stored = {"model": {k: torch.zeros_like(v) for k, v in weights_only.model_parts[0].state_dict().items()}}
+    CheckpointStore.load_tensors(tmp_path / "ckpt" / "step_3", stored)
+    for name, value in weights_only.model_parts[0].state_dict().items():
+        assert torch.equal(value, stored["model"][name])
+
+
+def test_resume_path_may_name_a_checkpoint_dir_and_is_verified(tmp_path):
+    saved = _checkpointer(tmp_path)
+    _train_steps(saved, 2)
+    saved.save()
+    by_dir = _checkpointer(tmp_path / "other", resume=str(tmp_path / "ckpt"))
+    assert by_dir.resume() == tmp_path / "ckpt" / "step_2"
+    (tmp_path / "ckpt" / "step_2" / ".metadata").unlink()
+    broken = _checkpointer(tmp_path / "other2", resume=str(tmp_path / "ckpt" / "step_2"))
+    with pytest.raises(ConfigError, match="not a complete trainrun checkpoint"):
+        broken.resume()
+
+
+def test_changed_model_shape_is_refused_before_loading(tmp_path, monkeypatch):
+    saved = _checkpointer(tmp_path)
+    saved.save()
+    loads = []
+    monkeypatch.setattr(CheckpointStore, "load_tensors", staticmethod(lambda *a: loads.append(a)))
+    with pytest.raises(ConfigError, match=r"model\.d_model.*has model\.d_model=8"):
+        _checkpointer(tmp_path, d_model=16).resume()
+    assert not loads
+    with pytest.raises(ConfigError, match="vocab_size"):
+        check_model_compatible({"vocab_size": 16}, ModelConfig(vocab_size=32), tmp_path)
+
+
+def test_changed_safe_settings_warn(tmp_path, caplog):
+    saved = _checkpointer(tmp_path)
+    saved.save()
+    resumed = _checkpointer(tmp_path)
+    resumed.cfg = dataclasses.replace(resumed.cfg, optim=dataclasses.replace(resumed.cfg.optim, lr=0.5),
+                                      train=dataclasses.replace(resumed.cfg.train, max_steps=999))
+    with caplog.at_level(logging.WARNING):
+        resumed.resume()
+    assert "resuming with changed settings" in caplog.text
+    assert "optim.lr" in caplog.text and "train.max_steps" in caplog.text
+    assert changed_settings({"a": {"b": 1}}, {"a": {"b": 2}}) == ["a.b: 1 -> 2"]
+
+
+def test_newer_non_persistent_checkpoint_wins(tmp_path):
+    ckpt = _checkpointer(tmp_path, non_persistent_interval=1, non_persistent_dir=str(tmp_path / "local"))
+    ckpt.local_store = CheckpointStore(tmp_path / "local", 1, True, lambda: None)
+    _train_steps(ckpt, 2)
+    ckpt.save(SaveKind.PERSISTENT)
+    for _ in range(3):
+        _train_steps(ckpt, 1)
+        ckpt.save(SaveKind.NON_PERSISTENT)
+    assert [p.name for p in ckpt.local_store.checkpoints()] == ["step_5"]  # newest only
+    fresh = _checkpointer(tmp_path, non_persistent_interval=1, non_persistent_dir=str(tmp_path / "local"))
+    fresh.local_store = CheckpointStore(tmp_path / "local", 1, True, lambda: None)
+    assert fresh.resolve_resume_path() == tmp_path / "local" / "step_5"
+    _train_steps(ckpt, 1)
+    ckpt.save(SaveKind.PERSISTENT)
+    assert fresh.resolve_resume_path() == tmp_path / "ckpt" / "step_6"
+
+
+def test_checkpointer_protects_best_and_resumed(tmp_path):
+    ckpt = _checkpointer(tmp_path, keep_last=1, async_save=True)
+    _train_steps(ckpt, 1)
+    ckpt.save(blocking=True)
+    ckpt.resumed_from = tmp_path / "ckpt" / "step_1"
+    _train_steps(ckpt, 1)
+    ckpt.state.best_checkpoint_step = 2
+    ckpt.save(blocking=True)
+    for _ in range(3):
+        _train_steps(ckpt, 1)
+        ckpt.save()  # async
+        ckpt.wait_for_staging()
+    ckpt.close()
+    assert [p.name for p in ckpt.store.checkpoints()] == ["step_1", "step_2", "step_5"]
