@@ -58,9 +58,11 @@ def validate_parallel(cfg: TrainRunConfig, world_size: int | None = None) -> Non
     for name in ("dp_replicate", "dp_shard", "tp", "pp"):
         _positive(f"parallel.{name}", getattr(p, name))
     _positive("parallel.timeout_min", p.timeout_min)
+    product = p.dp_replicate * p.dp_shard * p.tp * p.pp
+    if world_size is None and cfg.run.dry_run and "WORLD_SIZE" not in os.environ:
+        world_size = product  # a dry run on one process plans the layout for the world it describes
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    product = p.dp_replicate * p.dp_shard * p.tp * p.pp
     if product != world_size:
         raise ConfigError(
             "parallel",

@@ -18,6 +18,8 @@ class DistEnv:
     device: torch.device
     backend: str | None
     initializer: str
+    layout: str = "pp=1 dp_replicate=1 dp_shard=1 tp=1"
+    """The mesh this run builds (parallel degrees), for the start-up log line."""
 
     @property
     def is_rank0(self) -> bool:

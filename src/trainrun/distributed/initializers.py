@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import platform
 import re
 import socket
 from datetime import timedelta
@@ -43,12 +44,17 @@ def _configure_determinism(cfg: TrainRunConfig) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+def _layout(cfg: TrainRunConfig) -> str:
+    p = cfg.parallel
+    return f"pp={p.pp} dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp}"
+
+
 @INITIALIZERS.register("single")
 def init_single(cfg: TrainRunConfig) -> DistEnv:
     """One process, no process group."""
     _configure_determinism(cfg)
     seed_everything(cfg.run.seed, 0)
-    return DistEnv(0, 0, 1, _device(cfg, 0), None, "single")
+    return DistEnv(0, 0, 1, _device(cfg, 0), None, "single", _layout(cfg))
 
 
 def _init_process_group(cfg: TrainRunConfig, rank: int, local_rank: int, world_size: int, name: str) -> DistEnv:
@@ -62,7 +68,7 @@ def _init_process_group(cfg: TrainRunConfig, rank: int, local_rank: int, world_s
             device_id=device if device.type == "cuda" else None,
         )
     seed_everything(cfg.run.seed, rank)
-    return DistEnv(rank, local_rank, world_size, device, backend, name)
+    return DistEnv(rank, local_rank, world_size, device, backend, name, _layout(cfg))
 
 
 def _require_env(names: tuple[str, ...], initializer: str) -> dict[str, str]:
@@ -120,6 +126,7 @@ def init_auto(cfg: TrainRunConfig) -> DistEnv:
 def describe(env: DistEnv) -> str:
     """One line for the log: world, device and versions."""
     return (
-        f"initializer={env.initializer} world_size={env.world_size} rank={env.rank} device={env.device} "
-        f"backend={env.backend or 'none'} host={socket.gethostname()} torch={torch.__version__}"
+        f"initializer={env.initializer} world_size={env.world_size} mesh=[{env.layout}] rank={env.rank} "
+        f"device={env.device} backend={env.backend or 'none'} host={socket.gethostname()} "
+        f"torch={torch.__version__} python={platform.python_version()}"
     )

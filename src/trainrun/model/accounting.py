@@ -97,20 +97,23 @@ def estimate_training_memory(
     pp: int = 1,
     activation_checkpointing: str = "none",
     *,
+    dp_replicate: int = 1,
     flash_attention: bool = True,
 ) -> MemoryEstimate:
     """Peak training memory per device of AdamW mixed-precision training, roughly.
 
     Model state: fp32 master weights (4 B/param), fp32 grads (4) and AdamW's two fp32 moments (8),
-    all sharded by ``dp_shard`` (FSDP) and divided by ``tp * pp``. bf16/fp16 is autocast, so no
-    second weight copy is kept.
+    all sharded by ``dp_shard`` (FSDP) and divided by ``tp * pp``. ``dp_replicate`` (DDP, or HSDP's
+    outer dim) does not lower per-device memory: each replica holds the full (shard of the) state.
+    bf16/fp16 is autocast, so no second weight copy is kept.
 
     Activations per layer follow Korthikanti et al. 2022 (for 16-bit, in bytes):
     ``s*b*h*(34 + 5*a*s/h)``, doubled for fp32. With ``flash_attention`` (the default: SDPA's flash /
     memory-efficient kernels) the (s x s) score term ``5*a*s/h`` is never stored, so only ``34*s*b*h``
-    remains. ``selective`` checkpointing recomputes the attention scores (drops the 5as/h term: a
-    no-op on top of flash attention); ``full`` keeps only each layer's input ``2*s*b*h`` plus one
-    layer's full activations while it is recomputed. Activations are divided by ``tp`` (sequence
+    remains. Activation checkpointing (``trainrun.distributed.activation_checkpoint``) recomputes
+    whole blocks: a checkpointed block keeps only its input ``2*s*b*h``; ``full`` checkpoints every
+    block, ``selective`` every other one; either adds one layer's full activations as the working
+    set of the block being recomputed. Activations are divided by ``tp`` (sequence
     parallelism assumed) but not by ``pp``: with 1F1B the first stage holds ``pp`` micro-batches of
     ``L/pp`` layers, i.e. L layers' worth. Logits add ``s*b*V*4`` bytes (fp32 for the loss, vocab-sharded
     by tp). Ignores allocator fragmentation, temporary buffers and communication buckets.
@@ -119,7 +122,7 @@ def estimate_training_memory(
         raise ConfigError("train.precision", precision, f"use one of {', '.join(_BYTES_PER_ACTIVATION)}")
     if activation_checkpointing not in _CHECKPOINTING:
         raise ConfigError("activation_checkpointing", activation_checkpointing, f"use one of {', '.join(_CHECKPOINTING)}")
-    for name, value in (("micro_batch_size", micro_batch_size), ("seq_len", seq_len), ("parallel.dp_shard", dp_shard), ("parallel.tp", tp), ("parallel.pp", pp)):
+    for name, value in (("micro_batch_size", micro_batch_size), ("seq_len", seq_len), ("parallel.dp_shard", dp_shard), ("parallel.tp", tp), ("parallel.pp", pp), ("parallel.dp_replicate", dp_replicate)):
         if value < 1:
             raise ConfigError(name, value, "must be positive")
 
@@ -135,10 +138,9 @@ def estimate_training_memory(
     full_layer = s * b * h * (34 + score_term) * scale
     if activation_checkpointing == "none":
         layers = L * full_layer
-    elif activation_checkpointing == "selective":
-        layers = L * s * b * h * 34 * scale
-    else:  # full: layer inputs only, plus the working set of the one layer being recomputed
-        layers = L * 2 * s * b * h * scale + full_layer
+    else:
+        recomputed = L if activation_checkpointing == "full" else (L + 1) // 2  # selective: blocks 0, 2, 4, ...
+        layers = recomputed * 2 * s * b * h * scale + (L - recomputed) * full_layer + full_layer
     logits = s * b * _vocab(cfg) * 4
     activations = math.ceil((layers + logits) / tp)
 
