@@ -36,8 +36,8 @@ def dry_run_report(cfg: TrainRunConfig) -> str:
         f"tokens per step      {tokens_per_step:,} (global batch {cfg.train.global_batch_size} x seq {cfg.data.seq_len}; "
         f"{accum} micro-batches of {cfg.train.micro_batch_size} per rank)",
         f"FLOPs per step       {fpt * tokens_per_step:.4g}",
-        f"layout               dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} pp={p.pp} "
-        f"({p.dp_replicate * p.dp_shard * p.tp * p.pp} devices; activation checkpointing {p.activation_checkpointing})",
+        (f"layout               dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} pp={p.pp} "
+         f"({p.dp_replicate * p.dp_shard * p.tp * p.pp} devices; activation checkpointing {p.activation_checkpointing})"),
         f"memory per device    ({cfg.train.precision}; model state sharded by dp_shard x tp x pp)",
         memory.format(),
     ]

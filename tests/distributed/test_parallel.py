@@ -10,7 +10,6 @@ missing all-reduce or a mis-scaled gradient (each moves the loss by >= 1e-3).
 
 from __future__ import annotations
 
-import re
 import socket
 import subprocess
 import sys
@@ -20,8 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-
-from tests.conftest import cli_env, train_losses
+from tests.conftest import cli_env, read_metrics, train_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -48,7 +46,7 @@ def torchrun(nproc: int, run_dir: Path, overrides: list[str], timeout: float = 1
     """``python -m torch.distributed.run --nproc-per-node N -m trainrun ...`` as a user types it."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(free_port()), "-m", "trainrun", *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(cmd, cwd=run_dir.parent, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(cmd, cwd=run_dir.parent, capture_output=True, text=True, timeout=timeout, check=False,
                           env=cli_env(OMP_NUM_THREADS="1"))
 
 
@@ -85,7 +83,7 @@ def single(run_dir: Path, overrides: list[str], timeout: float = 120) -> subproc
     env = {k: v for k, v in cli_env(OMP_NUM_THREADS="1").items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     return subprocess.run([sys.executable, "-m", "trainrun", *overrides, f"hydra.run.dir={run_dir}"],
-                          cwd=run_dir.parent, capture_output=True, text=True, timeout=timeout, env=env)
+                          cwd=run_dir.parent, capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
 def final_model_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -111,6 +109,10 @@ def reference(tmp_path_factory, base_args) -> Path:
     proc = single(run_dir, base_args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
+
+
+def grad_norms(run_dir: Path) -> list[float]:
+    return [row["grad_norm"] for row in read_metrics(run_dir) if "grad_norm" in row]
 
 
 def assert_same_losses(got: dict[int, float], expected: dict[int, float]) -> None:
@@ -140,10 +142,12 @@ def test_layout_matches_single_process(layout, reference, base_args, tmp_path):
     proc = torchrun(nproc, run_dir, [*base_args, *overrides])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same_losses(train_losses(run_dir), train_losses(reference))
+    # The logged gradient norm is the global one (all shards, all stages), before clipping.
+    assert grad_norms(run_dir) == pytest.approx(grad_norms(reference), rel=1e-4)
     expected, got = final_model_state(reference), final_model_state(run_dir)
     assert sorted(got) == sorted(expected)
     for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=0, atol=PARAM_ATOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=PARAM_ATOL, msg=lambda m, n=name: f"{n}: {m}")
     log = (run_dir / "train.log").read_text()
     assert f"world_size={nproc}" in log
     print(f"{layout}: {time.perf_counter() - start:.1f}s")
@@ -188,7 +192,7 @@ def test_missing_rendezvous_variables_exit_2(base_args, tmp_path):
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     proc = subprocess.run([sys.executable, "-m", "trainrun", *base_args, "parallel.initializer=torchrun",
                            f"hydra.run.dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                          env=env)
+                          env=env, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "MASTER_ADDR, MASTER_PORT are not set" in proc.stderr
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import platform
+import random
 import re
 import socket
 from datetime import timedelta

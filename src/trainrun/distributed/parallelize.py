@@ -20,7 +20,12 @@ from trainrun.config.schema import TrainRunConfig
 from trainrun.distributed.activation_checkpoint import apply_ac
 from trainrun.distributed.data_parallel import apply_ddp, apply_fsdp
 from trainrun.distributed.parallel_dims import ParallelDims
-from trainrun.distributed.pipeline import Pipeline, build_pipeline, split_stage, stage_ids
+from trainrun.distributed.pipeline import (
+    Pipeline,
+    build_pipeline,
+    split_stage,
+    stage_ids,
+)
 from trainrun.distributed.tensor_parallel import apply_tp
 
 logger = logging.getLogger(__name__)

@@ -95,7 +95,7 @@ class GPT(nn.Module):
         without ``tok_embeddings`` the input is already the hidden state (B, T, C), and without
         ``output`` the hidden state (B, T, C) is returned.
         """
-        B, T = tokens.shape[:2]
+        T = tokens.shape[1]
         if T > self.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.max_seq_len}")
         if self.tok_embeddings is not None:
