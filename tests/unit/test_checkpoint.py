@@ -220,6 +220,39 @@ def test_failed_save_leaves_previous_intact(tmp_path, monkeypatch):
     assert (tmp_path / LATEST_FILE).read_text().strip() == "step_2"
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_dcp_checkpoint_exception_is_reported_concisely(tmp_path, monkeypatch, mode):
+    """DCP wraps a full disk in CheckpointException, a BaseException: it must not escape as such."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    store = _store(tmp_path)
+    _save(store, 2)
+    enospc = OSError(28, "No space left on device")
+    def failing_write(*args, **kwargs):
+        raise CheckpointException("CheckpointException ranks:dict_keys([0])", {0: (enospc, None)})
+
+    if mode == "sync":
+        monkeypatch.setattr(dcp, "save", failing_write)
+        with pytest.raises(CheckpointError, match=r"rank 0: OSError: \[Errno 28\] No space left on device$"):
+            _save(store, 4)
+    else:
+        from concurrent.futures import Future
+
+        class _Response:
+            staging_completion = Future()
+            upload_completion = Future()
+
+        _Response.staging_completion.set_result(None)
+        _Response.upload_completion.set_exception(CheckpointException("x", {0: (enospc, None)}))
+        monkeypatch.setattr(dcp, "async_save", lambda *a, **k: _Response())
+        store.save_async(4, _tensors(4), {"step": 4})
+        with pytest.raises(CheckpointError, match="async save of step 4 .* rank 0: OSError"):
+            store.finalize(blocking=True)
+        store.close()
+    assert not list(tmp_path.glob(".tmp_*"))
+    assert store.find_latest() == tmp_path / "step_2"
+
+
 def test_resave_same_step_replaces_it(tmp_path):
     store = _store(tmp_path)
     _save(store, 3)

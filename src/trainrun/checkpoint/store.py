@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
@@ -50,6 +51,17 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or is not usable."""
+
+
+_SAVE_ERRORS = (Exception, CheckpointException)
+"""DCP reports failures (e.g. ENOSPC) as CheckpointException, which derives from BaseException."""
+
+
+def _describe(err: BaseException | None) -> str:
+    """One line for an error; DCP's CheckpointException becomes its per-rank root causes."""
+    if isinstance(err, CheckpointException):
+        return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in err.failures.items())
+    return f"{type(err).__name__}: {err}" if err is not None else "unknown error"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -168,9 +180,9 @@ class CheckpointStore:
         tmp = self._prepare_tmp(step)
         try:
             dcp.save(tensors, checkpoint_id=str(tmp))
-        except Exception as err:
+        except _SAVE_ERRORS as err:
             self._discard(tmp)
-            raise CheckpointError(f"saving step {step} to {tmp} failed: {err}") from err
+            raise CheckpointError(f"saving step {step} to {tmp} failed: {_describe(err)}") from err
         return self._commit(step, tmp, meta, protect)
 
     def save_async(self, step: int, tensors: dict, meta: dict, protect: set[Path] = frozenset()) -> None:
@@ -193,9 +205,9 @@ class CheckpointStore:
         try:
             response = dcp.async_save(tensors, checkpoint_id=str(tmp), async_stager=self._stager,
                                       process_group=self._async_pg)
-        except Exception as err:
+        except _SAVE_ERRORS as err:
             self._discard(tmp)
-            raise CheckpointError(f"starting the async save of step {step} to {tmp} failed: {err}") from err
+            raise CheckpointError(f"starting the async save of step {step} to {tmp} failed: {_describe(err)}") from err
         staging = getattr(response, "staging_completion", None)
         upload = getattr(response, "upload_completion", response)
         if self._finisher is None:
@@ -224,12 +236,12 @@ class CheckpointStore:
         error, manifest = None, None
         try:
             manifest = pending.upload.result()
-        except Exception as err:  # noqa: BLE001 - reported below, after all ranks agree
+        except _SAVE_ERRORS as err:  # reported below, after all ranks agree
             error = err
         if not self._all_true(error is None):
             self._discard(pending.tmp)
             raise CheckpointError(f"async save of step {pending.step} to {pending.tmp} failed: "
-                                  f"{error or 'failed on another rank'}") from error
+                                  f"{_describe(error) if error else 'failed on another rank'}") from error
         path = self._commit(pending.step, pending.tmp, pending.meta, protect, manifest)
         logger.info("async checkpoint %s committed %.2fs after it started", path, time.perf_counter() - pending.started)
         return path
@@ -341,7 +353,10 @@ class CheckpointStore:
         missing = sorted(set(_flatten_keys(tensors)) - set(stored))
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks {len(missing)} entries (e.g. {missing[:3]})")
-        dcp.load(tensors, storage_reader=reader)
+        try:
+            dcp.load(tensors, storage_reader=reader)
+        except _SAVE_ERRORS as err:
+            raise CheckpointError(f"loading checkpoint {path} failed: {_describe(err)}") from err
 
 
 def _flatten_keys(tree: dict, prefix: str = "") -> list[str]:
