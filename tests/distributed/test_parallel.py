@@ -131,6 +131,7 @@ LAYOUTS = {
     "hsdp": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
     "fsdp_x_tp": (4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.activation_checkpointing=full"]),
     "pp_x_fsdp": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.activation_checkpointing=selective"]),
+    "pp_x_ddp": (4, ["parallel.pp=2", "parallel.dp_replicate=2"]),
 }
 
 

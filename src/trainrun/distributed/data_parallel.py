@@ -31,9 +31,16 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: str, reshard_after
     return model
 
 
-def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """Composable DDP (``replicate``): parameters stay plain tensors with unchanged names."""
-    from torch.distributed._composable.replicate import replicate
+def apply_ddp(model: nn.Module, mesh: DeviceMesh, precision: str = "fp32") -> nn.Module:
+    """DDP as FSDP2-style ``replicate`` per block + root: full parameters on every rank, gradients all-reduced.
 
-    replicate(model, device_mesh=mesh, bucket_cap_mb=100)
+    Built on FSDP2's machinery (plain names, no wrapper), so pipeline schedules drive its gradient
+    sync like FSDP's; the older DDP-based ``replicate`` mis-averaged gradients under a pipeline schedule.
+    """
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    mp = mixed_precision_policy(precision)
+    for block in model.layers.values():
+        replicate(block, mesh=mesh, mp_policy=mp)
+    replicate(model, mesh=mesh, mp_policy=mp)
     return model

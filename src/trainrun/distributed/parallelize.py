@@ -47,7 +47,7 @@ def _parallelize_part(part: nn.Module, cfg: TrainRunConfig, dims: ParallelDims) 
     if dims.fsdp_enabled:
         apply_fsdp(part, dims.fsdp_mesh, cfg.train.precision, p.fsdp_reshard_after_forward)
     elif dims.ddp_enabled:
-        apply_ddp(part, dims.ddp_mesh)
+        apply_ddp(part, dims.ddp_mesh, cfg.train.precision)
     return part
 
 
