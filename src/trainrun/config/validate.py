@@ -120,6 +120,8 @@ def validate_pipeline(cfg: TrainRunConfig) -> None:
         raise ConfigError("model.tie_embeddings", True, "the embedding and output live on different pipeline stages; set it to false")
     if cfg.train.step_executor != "eager":
         raise ConfigError("train.step_executor", cfg.train.step_executor, "pipeline parallelism runs its own schedule; use eager")
+    if cfg.train.precision == "fp16":
+        raise ConfigError("train.precision", "fp16", "the pipeline executor has no loss scaler; use bf16 or fp32 with parallel.pp>1")
 
 
 def validate_train(cfg: TrainRunConfig) -> None:
