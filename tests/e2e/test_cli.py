@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -96,9 +97,10 @@ def test_wandb_offline_run_writes_files(tmp_path, corpus_cache):
 
 def test_prepare_then_train_on_indexed(tmp_path):
     docs = tmp_path / "docs.jsonl"
-    src = Path(json.__file__).read_text()
-    docs.write_text("\n".join(json.dumps({"text": src[i:i + 2000]}) for i in range(0, len(src), 2000)))
-    prep = run_cli([str(docs), "--output", str(tmp_path / "ds"), "--tokenizer", "bpe", "--vocab-size", "400"],
+    src = "".join(Path(m.__file__).read_text() for m in (json, argparse))
+    docs.write_text("\n".join(json.dumps({"text": src[i:i + 4000]}) for i in range(0, len(src) - 4000, 4000)))
+    prep = run_cli([str(docs), "--output", str(tmp_path / "ds"), "--tokenizer", "bpe", "--vocab-size", "400",
+                    "--val-fraction", "0.2"],
                    cwd=tmp_path, module="trainrun.data.prepare")
     assert prep.returncode == 0, prep.stderr
     run_dir = tmp_path / "run"
