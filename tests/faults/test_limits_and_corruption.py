@@ -17,7 +17,17 @@ import sys
 
 import pytest
 
-from tests.faults.conftest import base_args, fault_env, latest_step, launch, log_since, log_size, losses, output
+from tests.faults.conftest import (
+    base_args,
+    fault_env,
+    latest_step,
+    launch,
+    log_since,
+    log_size,
+    losses,
+    metric_rows,
+    output,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -41,6 +51,8 @@ def test_exit_limits_and_damaged_checkpoints(tmp_path, corpus_cache, reference_l
     code, log, out = _run([*args, "train.exit_interval=8"], run_dir)
     assert code == 3, out[-3000:]
     assert "stopping at step 8 (exit_interval)" in log and latest_step(ckpt) == 8
+    blocked = [row["time_ckpt_blocked_ms"] for row in metric_rows(run_dir) if "time_ckpt_blocked_ms" in row]
+    assert len(blocked) >= 3 and all(ms > 0 for ms in blocked)  # the time each save blocked the loop
 
     data = _data_file(ckpt / "step_8")
     data.write_bytes(data.read_bytes()[:-64])

@@ -15,6 +15,7 @@ The sync and async loops run concurrently (one process each) to use both cores.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -44,6 +45,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 KILLS_PER_MODE = 11
 """2 modes x 11 = 22 kills per run of the suite."""
+SEED = int(os.environ.get("TRAINRUN_FAULT_SEED", "0"))
+"""Change it to draw other kill moments (the fault matrix in docs/checkpointing.md used several)."""
 MAX_KILLS_PER_EPISODE = 6
 
 
@@ -111,10 +114,10 @@ def _kill_loop(mode: str, seed: int, corpus: Path, root: Path, reference: dict[i
 def test_random_sigkill_then_resume_is_exact(tmp_path, corpus_cache, reference_losses):
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(_kill_loop, mode, seed, corpus_cache, tmp_path, reference_losses)
-                   for mode, seed in (("sync", 1234), ("async", 5678))]
+                   for mode, seed in (("sync", 1234 + SEED), ("async", 5678 + SEED))]
         results = [f.result() for f in futures]
     for s in results:
-        print(f"SIGKILL faults [{s.mode}]: kills={s.kills} kills_during_save={s.kills_during_save} "
+        print(f"SIGKILL faults [{s.mode}] seed={SEED}: kills={s.kills} kills_during_save={s.kills_during_save} "
               f"resumes={s.resumes} episodes={s.episodes} max_steps_redone={s.max_redone} "
               f"failures={len(s.failures)}")
     failures = [f for s in results for f in s.failures]
