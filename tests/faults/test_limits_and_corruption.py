@@ -75,6 +75,6 @@ def test_exit_limits_and_damaged_checkpoints(tmp_path, corpus_cache, reference_l
     assert losses(run_dir) == reference_losses
 
     refused = subprocess.run([sys.executable, "-m", "trainrun", *args, "model.n_layers=3"], cwd=run_dir,
-                             capture_output=True, text=True, timeout=240, env=fault_env())
+                             capture_output=True, text=True, timeout=240, env=fault_env(), check=False)
     assert refused.returncode == 2, refused.stderr
     assert "model.n_layers" in refused.stderr and "has model.n_layers=2" in refused.stderr

@@ -19,12 +19,28 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from trainrun.checkpoint.checkpointer import Checkpointer, changed_settings, check_model_compatible, config_hash
+from trainrun.checkpoint.checkpointer import (
+    Checkpointer,
+    changed_settings,
+    check_model_compatible,
+    config_hash,
+)
 from trainrun.checkpoint.exit_controller import ExitController
 from trainrun.checkpoint.policy import SaveContext, SaveKind, build_policy
-from trainrun.checkpoint.store import LATEST_FILE, META_FILE, CheckpointError, CheckpointStore, verify_checkpoint
+from trainrun.checkpoint.store import (
+    LATEST_FILE,
+    META_FILE,
+    CheckpointError,
+    CheckpointStore,
+    verify_checkpoint,
+)
 from trainrun.config.errors import ConfigError
-from trainrun.config.schema import CheckpointConfig, ModelConfig, TrainConfig, TrainRunConfig
+from trainrun.config.schema import (
+    CheckpointConfig,
+    ModelConfig,
+    TrainConfig,
+    TrainRunConfig,
+)
 from trainrun.distributed.env import DistEnv
 from trainrun.optim import build_lr_scheduler
 from trainrun.train.state import TrainState

@@ -25,7 +25,12 @@ from torch.distributed.checkpoint.state_dict import (
 
 import trainrun
 from trainrun.checkpoint.policy import SaveKind
-from trainrun.checkpoint.store import LATEST_FILE, CheckpointError, CheckpointStore, verify_checkpoint
+from trainrun.checkpoint.store import (
+    LATEST_FILE,
+    CheckpointError,
+    CheckpointStore,
+    verify_checkpoint,
+)
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig, TrainRunConfig
 from trainrun.train.state import TrainState
