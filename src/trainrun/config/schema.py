@@ -134,7 +134,7 @@ class TrainConfig:
     exit_interval: int | None = None
     """Stop (after saving) once this many steps ran in this process; exits with the resume code (3)."""
     exit_duration_min: float | None = None
-    """Stop (after saving) once this process has run this many minutes (max over ranks); exit code 3."""
+    """Stop (after saving) once the training loop of this process has run this many minutes (max over ranks); exit code 3."""
     max_skipped_steps: int = 5
     """Consecutive steps with a non-finite loss or grad norm tolerated (each skipped); then exit code 4."""
     inject_nan_at_steps: list[int] = field(default_factory=list)
