@@ -43,7 +43,8 @@ def _run_task(cfg: DictConfig) -> int:
     except CheckpointError as err:
         print(f"trainrun: checkpoint error: {err}", file=sys.stderr)
         return ExitCode.FAILED
-    _print_summary(result)
+    if result.is_rank0:
+        _print_summary(result)
     return int(result.exit_code)
 
 

@@ -48,6 +48,8 @@ class RunResult:
     final_eval: dict[str, float] = field(default_factory=dict)
     sample: str | None = None
     resumed_from: Path | None = None
+    is_rank0: bool = True
+    """Only rank 0 prints the summary of a multi-process run."""
 
 
 def resolve_run_dir(cfg: TrainRunConfig, run_dir: Path | None) -> Path:
@@ -138,7 +140,7 @@ def run(cfg: TrainRunConfig | DictConfig, run_dir: Path | None = None) -> RunRes
         cfg = resolve_vocab(cfg, dataset)
         if cfg.run.dry_run:
             logger.info("dry run:\n%s", dry_run_report(cfg))
-            return RunResult(ExitCode.FINISHED, run_dir)
+            return RunResult(ExitCode.FINISHED, run_dir, is_rank0=env.is_rank0)
         return _train(cfg, env, dataset, run_dir)
     finally:
         env.close()
@@ -181,7 +183,7 @@ def _train(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Pa
     finally:
         loop.parts.metrics.close()
     state = loop.state
-    result = RunResult(code, run_dir, state, resumed_from=loop.parts.checkpointer.resumed_from)
+    result = RunResult(code, run_dir, state, resumed_from=loop.parts.checkpointer.resumed_from, is_rank0=env.is_rank0)
     if code == ExitCode.FINISHED and state.last_val_loss is not None:
         result.final_eval = {"val_loss": state.last_val_loss}
     # Sampling runs on rank 0 alone, so only with an unsharded model (one process or pure DDP).
