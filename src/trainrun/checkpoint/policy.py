@@ -44,16 +44,26 @@ class CheckpointPolicy(Protocol):
     def decide(self, ctx: SaveContext) -> SaveKind | None: ...
 
 
-class IntervalPolicy:
-    """Every ``checkpoint.interval`` steps."""
+class StepIntervalPolicy:
+    """Every ``interval`` steps (0 disables it), saving checkpoints of one kind."""
 
-    def __init__(self, cfg: CheckpointConfig):
-        self.interval = cfg.interval
+    def __init__(self, interval: int, kind: SaveKind):
+        self.interval, self.kind = interval, kind
 
     def decide(self, ctx: SaveContext) -> SaveKind | None:
-        """Persistent on multiples of the interval."""
+        """``kind`` on multiples of the interval."""
         hit = self.interval > 0 and ctx.state.step % self.interval == 0
-        return SaveKind.PERSISTENT if hit else None
+        return self.kind if hit else None
+
+
+def interval_policy(cfg: CheckpointConfig) -> StepIntervalPolicy:
+    """Every ``checkpoint.interval`` steps, persistent."""
+    return StepIntervalPolicy(cfg.interval, SaveKind.PERSISTENT)
+
+
+def non_persistent_policy(cfg: CheckpointConfig) -> StepIntervalPolicy:
+    """Every ``checkpoint.non_persistent_interval`` steps, to the fast local directory (newest only)."""
+    return StepIntervalPolicy(cfg.non_persistent_interval, SaveKind.NON_PERSISTENT)
 
 
 class TimePolicy:
@@ -77,18 +87,6 @@ class BestPolicy:
     def decide(self, ctx: SaveContext) -> SaveKind | None:
         """Persistent on an improved evaluation."""
         return SaveKind.PERSISTENT if self.enabled and ctx.improved else None
-
-
-class NonPersistentPolicy:
-    """Every ``checkpoint.non_persistent_interval`` steps, to the fast local directory."""
-
-    def __init__(self, cfg: CheckpointConfig):
-        self.interval = cfg.non_persistent_interval
-
-    def decide(self, ctx: SaveContext) -> SaveKind | None:
-        """Non-persistent on multiples of the interval."""
-        hit = self.interval > 0 and ctx.state.step % self.interval == 0
-        return SaveKind.NON_PERSISTENT if hit else None
 
 
 class FinalPolicy:
@@ -117,9 +115,9 @@ class CombinedPolicy:
         return None
 
 
-for _name, _cls in {"interval": IntervalPolicy, "time": TimePolicy, "best": BestPolicy,
-                    "non_persistent": NonPersistentPolicy, "final": FinalPolicy}.items():
-    CHECKPOINT_POLICIES.register(_name, _cls)
+for _name, _factory in {"interval": interval_policy, "time": TimePolicy, "best": BestPolicy,
+                        "non_persistent": non_persistent_policy, "final": FinalPolicy}.items():
+    CHECKPOINT_POLICIES.register(_name, _factory)
 
 
 def build_policy(cfg: CheckpointConfig) -> CheckpointPolicy:
