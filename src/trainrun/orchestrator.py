@@ -82,17 +82,23 @@ class ModelAndOptimizer:
 def build_model_and_optimizer(cfg: TrainRunConfig, env: DistEnv, dims: ParallelDims | None = None) -> ModelAndOptimizer:
     """Build the model on meta, materialise it, parallelise it for ``dims``, then optimizers and LR schedules.
 
-    The full model is initialised from the run seed exactly as in one process and then sharded
-    (see ``trainrun.distributed.parallelize``), so every layout starts from the same weights.
+    With several processes only the shards are allocated; rank 0 initialises the full model from
+    the run seed in host memory and broadcasts it (see ``trainrun.distributed.parallelize``), so
+    every layout starts from the weights a one-process CPU run starts from.
     """
-    with torch.device("meta"):
-        model = registry.MODELS.get(cfg.model.name)(cfg.model)
-    n_params = sum(p.numel() for p in model.parameters())
-    model = materialize(model, env.device)
+    def build_on(device: torch.device | str) -> torch.nn.Module:
+        with torch.device("meta"):
+            meta_model = registry.MODELS.get(cfg.model.name)(cfg.model)
+        return meta_model if device == "meta" else materialize(meta_model, device)
+
     if dims is not None and dims.world_size > 1:
-        built = parallelize(model, cfg, dims, env.device)
+        model = build_on("meta")
+        n_params = sum(p.numel() for p in model.parameters())
+        built = parallelize(model, cfg, dims, env.device, build_full=lambda: build_on("cpu"))
         parts, pipeline = built.parts, built.pipeline
     else:
+        model = build_on(env.device)
+        n_params = sum(p.numel() for p in model.parameters())
         parts, pipeline = [model], None
     optimizers = [registry.OPTIMIZERS.get(cfg.optim.name)(part, cfg.optim, env.device.type) for part in parts]
     schedulers = [build_lr_scheduler(opt, cfg.optim, cfg.train.max_steps) for opt in optimizers]

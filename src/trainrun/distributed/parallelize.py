@@ -1,11 +1,11 @@
 """Apply the configured parallelisms to a GPT: pipeline split → TP/SP → activation checkpointing → FSDP2/HSDP/DDP.
 
-Initialisation: the caller materialises the FULL model from the run seed first (exactly as a
-single process does), and the parallelisms then shard those tensors (``distribute_tensor`` of
-full tensors, which every rank holds identically). Weights are therefore bit-identical to the
-one-process run in every layout, at the cost of holding the full model once per rank at start-up;
-fine up to models that fit one device (for larger ones, a meta-device init per shard with a
-DTensor-aware RNG would be needed — torchtitan's path, not taken here).
+Initialisation, torchtitan's order: the model is built and parallelised on the ``meta`` device,
+each rank allocates only its own shards (``to_empty``), and then rank 0 initialises the FULL model
+from the run seed in CPU memory, exactly as a single CPU process does, and broadcasts it into
+every rank's shards (``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``).
+Weights are therefore identical to the one-process run in every layout, no accelerator ever
+holds more than its shards, and only rank 0 needs the full model, in host memory, once.
 """
 
 from __future__ import annotations
@@ -13,8 +13,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from collections.abc import Callable
+
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from trainrun.config.schema import TrainRunConfig
 from trainrun.distributed.activation_checkpoint import apply_ac
@@ -51,15 +55,33 @@ def _parallelize_part(part: nn.Module, cfg: TrainRunConfig, dims: ParallelDims) 
     return part
 
 
-def parallelize(model: nn.Module, cfg: TrainRunConfig, dims: ParallelDims, device: torch.device) -> ParallelModel:
-    """Parallelise a materialised full ``model`` for this rank (in place when there is no pipeline)."""
+def load_full_weights_from_rank0(parts: list[nn.Module], build_full: Callable[[], nn.Module]) -> None:
+    """Fill every rank's (sharded) ``parts`` with the weights of ``build_full()``, run on rank 0 only."""
+    full_state: dict = {}
+    if dist.get_rank() == 0:
+        full_state = build_full().state_dict()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    for part in parts:  # every rank holds the same number of parts, so the broadcasts pair up
+        set_model_state_dict(part, full_state, options=options)
+
+
+def parallelize(model: nn.Module, cfg: TrainRunConfig, dims: ParallelDims, device: torch.device,
+                build_full: Callable[[], nn.Module]) -> ParallelModel:
+    """Parallelise ``model`` (built on ``meta``) for this rank, allocate its shards on ``device`` and
+    load them with the weights ``build_full()`` makes on rank 0."""
     p = cfg.parallel
     if not dims.pp_enabled:
-        return ParallelModel([_parallelize_part(model, cfg, dims)])
-    ids = stage_ids(dims.pp_rank, dims.pp, p.pp_stages_per_rank)
-    num_stages = dims.pp * p.pp_stages_per_rank
-    parts = [_parallelize_part(split_stage(model, sid, num_stages), cfg, dims) for sid in ids]
-    del model  # each stage holds its own copy of its blocks
+        parts = [_parallelize_part(model, cfg, dims)]
+    else:
+        ids = stage_ids(dims.pp_rank, dims.pp, p.pp_stages_per_rank)
+        num_stages = dims.pp * p.pp_stages_per_rank
+        parts = [_parallelize_part(split_stage(model, sid, num_stages), cfg, dims) for sid in ids]
+    for part in parts:
+        part.to_empty(device=device)
+        part.init_buffers()  # RoPE tables are not in the state dict
+    load_full_weights_from_rank0(parts, build_full)
+    if not dims.pp_enabled:
+        return ParallelModel(parts)
     pipe = build_pipeline(parts, ids, p, dims.pp_rank, dims.pp_group, device)
     logger.info("pipeline: %s, %d stages (this rank: %s), %d micro-batches", p.pp_schedule, num_stages, ids,
                 pipe.schedule._n_microbatches)
