@@ -11,9 +11,8 @@ holds more than its shards, and only rank 0 needs the full model, in host memory
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist

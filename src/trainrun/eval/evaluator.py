@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from trainrun.config.schema import TrainRunConfig
+from trainrun.config.validate import data_parallel_size
 from trainrun.data import TokenDataset, build_val_stream, val_batches
 from trainrun.distributed.env import DistEnv
+from trainrun.distributed.parallel_dims import ParallelDims
 from trainrun.registry import EVALUATORS
 from trainrun.train.executors import autocast_context, lm_loss
 
@@ -38,8 +40,10 @@ class ValLossEvaluator:
         self.env = env
         self.stream = build_val_stream(dataset, cfg.data.seq_len)
         self.micro_batch_size, self.iters = cfg.train.micro_batch_size, cfg.eval.iters
-        self.dp_size = cfg.parallel.dp_replicate * cfg.parallel.dp_shard
-        self.dp_rank = env.rank % self.dp_size if dp_rank is None else dp_rank
+        self.dp_size = data_parallel_size(cfg)
+        if dp_rank is None:  # the mesh order decides which ranks are data-parallel peers
+            dp_rank = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank).dp_rank
+        self.dp_rank = dp_rank
         self.forward_loss: LossFn = forward_loss or (lambda x, y: lm_loss(self.parts[0], x, y))
         self.autocast = autocast_context(cfg.train.precision, env.device)
 
