@@ -125,7 +125,8 @@ def main() -> None:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
 
-    summary = {mode: {key: statistics.median(r[key] for r in rows) for key in rows[0]} for mode, rows in results.items()}
+    summary = {mode: {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+               for mode, rows in results.items()}
     print(f"\nparameters: {n_params / 1e6:.1f}M  checkpoint: {size / 1e9:.2f} GB  verify: {cfg.checkpoint.verify}  "
           f"torch threads: {torch.get_num_threads()}  repeats: {args.repeats} (median)")
     print(f"{'mode':<6} {'loop blocked (s)':>17} {'time to commit (s)':>19}")

@@ -54,7 +54,7 @@ def read_finished_wandb_file(path: Path, timeout_s: float = 15.0) -> list:
     while True:
         try:
             records = read_wandb_records(path)
-        except Exception:  # missing, or a record only half written so far
+        except Exception:  # noqa: BLE001 - missing, or a record only half written so far: poll again
             records = []
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             return records

@@ -6,19 +6,27 @@ own composition errors) exit 2 with a short message and no traceback.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from trainrun.checkpoint.store import CheckpointError
+from trainrun.cli_help import register_help_resolver
 from trainrun.config import ConfigError, register_configs
 from trainrun.config.convert import config_dir
+from trainrun.config.store import normalize_overrides
 from trainrun.exit_codes import ExitCode
 from trainrun.registry import UnknownComponentError
+
+# torch and the components are imported inside _run_task: --help, --info and shell completion
+# (a query per TAB) answer without paying for them.
 
 _task_started = False
 
@@ -34,6 +42,7 @@ def _print_summary(result) -> None:
 def _run_task(cfg: DictConfig) -> int:
     """Run one job; return its exit code (errors a user can fix become one line on stderr)."""
     from trainrun import orchestrator
+    from trainrun.checkpoint.store import CheckpointError
 
     try:
         result = orchestrator.run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
@@ -60,17 +69,42 @@ def hydra_entry(cfg: DictConfig) -> int:
     return code
 
 
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def composition_error_line(err: BaseException) -> str:
+    """One line for an error Hydra or OmegaConf raised while composing: the field, then what is wrong.
+
+    Hydra's own report spans several lines and lists the internal ``base_*`` schema entries.
+    """
+    for cause in _causes(err):
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            return f"{cause.full_key}: {str(cause).splitlines()[0]}"
+        if isinstance(cause, MissingConfigException):
+            options = [o for o in (cause.options or []) if not o.startswith("base_")]
+            first = str(cause).strip().splitlines()[0]
+            return f"{first}; available: {', '.join(options)}" if options else first
+    return " ".join(str(err).split())
+
+
 def main() -> None:
     """Console entry point."""
     register_configs()
+    register_help_resolver()
+    sys.argv[1:] = normalize_overrides(sys.argv[1:])
+    # Without this Hydra prints composition errors over several lines itself and exits 1; with it
+    # they reach us, and every configuration error gets the same one line and exit code 2.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         hydra_entry()
-    except SystemExit as exit_:
-        # Hydra reports composition errors (unknown key, bad type, missing group option) and exits 1
-        # before our task starts; those are configuration errors too.
-        if exit_.code == 1 and not _task_started:
-            sys.exit(ExitCode.CONFIG_ERROR)
-        raise
+    except (HydraException, OmegaConfBaseException, ConfigError, UnknownComponentError) as err:
+        if _task_started:
+            raise  # a crash inside the run: the traceback matters, exit code 1
+        print(f"trainrun: configuration error: {composition_error_line(err)}", file=sys.stderr)
+        sys.exit(ExitCode.CONFIG_ERROR)
 
 
 if __name__ == "__main__":

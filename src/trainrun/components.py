@@ -1,11 +1,11 @@
 """Imports trainrun's built-in components so that they register themselves in the registries."""
 
-import trainrun.checkpoint.policy  # noqa: F401
-import trainrun.data.datasets  # noqa: F401
-import trainrun.distributed.initializers  # noqa: F401
-import trainrun.eval.evaluator  # noqa: F401
-import trainrun.model.gpt  # noqa: F401
-import trainrun.observe.sinks  # noqa: F401
-import trainrun.optim.optimizer  # noqa: F401
-import trainrun.optim.schedules  # noqa: F401
-import trainrun.train.executors  # noqa: F401
+import trainrun.checkpoint.policy
+import trainrun.data.datasets
+import trainrun.distributed.initializers
+import trainrun.eval.evaluator
+import trainrun.model.gpt
+import trainrun.observe.sinks
+import trainrun.optim.optimizer
+import trainrun.optim.schedules
+import trainrun.train.executors  # noqa: F401 - imported for its registrations (see the docstring)

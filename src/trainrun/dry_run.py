@@ -31,13 +31,15 @@ def dry_run_report(cfg: TrainRunConfig) -> str:
     )
     accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * data_parallel_size(cfg))
     lines = [
-        f"parameters           {params:,} (analytic {analytic:,}; non-embedding {count_parameters(cfg.model, include_embeddings=False):,})",
+        (f"parameters           {params:,} (analytic {analytic:,}; "
+         f"non-embedding {count_parameters(cfg.model, include_embeddings=False):,})"),
         f"FLOPs per token      {fpt:.4g} (6N + attention, forward+backward)",
-        f"tokens per step      {tokens_per_step:,} (global batch {cfg.train.global_batch_size} x seq {cfg.data.seq_len}; "
-        f"{accum} micro-batches of {cfg.train.micro_batch_size} per rank)",
+        (f"tokens per step      {tokens_per_step:,} (global batch {cfg.train.global_batch_size} "
+         f"x seq {cfg.data.seq_len}; {accum} micro-batches of {cfg.train.micro_batch_size} per rank)"),
         f"FLOPs per step       {fpt * tokens_per_step:.4g}",
         (f"layout               dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} pp={p.pp} "
-         f"({p.dp_replicate * p.dp_shard * p.tp * p.pp} devices; activation checkpointing {p.activation_checkpointing})"),
+         f"({p.dp_replicate * p.dp_shard * p.tp * p.pp} devices; "
+         f"activation checkpointing {p.activation_checkpointing})"),
         f"memory per device    ({cfg.train.precision}; model state sharded by dp_shard x tp x pp)",
         memory.format(),
     ]

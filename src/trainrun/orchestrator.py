@@ -30,7 +30,9 @@ from trainrun.eval.sample import sample_text
 from trainrun.exit_codes import ExitCode
 from trainrun.model import flops_per_token, materialize
 from trainrun.observe import build_metric_logger, peak_flops_per_device, setup_logging
+from trainrun.observe.profiler import StepProfiler
 from trainrun.optim import build_lr_scheduler, param_group_summary
+from trainrun.train.debug_hooks import RepeatedBatches, install_nan_injection
 from trainrun.train.executors import PipelineExecutor, SchedulerGroup
 from trainrun.train.loop import LoopComponents, TrainingLoop
 from trainrun.train.state import TrainState
@@ -65,7 +67,8 @@ def resolve_vocab(cfg: TrainRunConfig, dataset: TokenDataset) -> TrainRunConfig:
     if vocab is None:
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=dataset.vocab_size))
     if vocab < dataset.vocab_size:
-        raise ConfigError("model.vocab_size", vocab, f"the dataset needs at least {dataset.vocab_size}; raise it or set null")
+        raise ConfigError("model.vocab_size", vocab,
+                          f"the dataset needs at least {dataset.vocab_size}; raise it or set null")
     return cfg
 
 
@@ -114,19 +117,21 @@ def build_executor_and_eval_loss(cfg: TrainRunConfig, env: DistEnv, built: Model
             built.parts[0], built.optimizers[0], built.scheduler, cfg, env.device)
         return executor, None
     pipe = built.pipeline
-    hidden = (cfg.train.micro_batch_size, cfg.data.seq_len // cfg.parallel.tp, cfg.model.d_model)  # (B, T/tp, C) under SP
+    # (B, T/tp, C) under SP
+    hidden = (cfg.train.micro_batch_size, cfg.data.seq_len // cfg.parallel.tp, cfg.model.d_model)
     return (PipelineExecutor(pipe, built.optimizers, built.scheduler, cfg, env.device),
             lambda x, y: pipeline_eval_loss(pipe, x, y, hidden, env.device))
 
 
 def build_checkpointer(cfg: TrainRunConfig, env: DistEnv, run_dir: Path, model_parts, optimizers, scheduler,
                        train_iter, state: TrainState, extra_meta: dict) -> Checkpointer:
-    """The persistent store (checkpoint.dir or <run dir>/checkpoints), the non-persistent one, and their checkpointer."""
+    """The persistent store (checkpoint.dir or <run dir>/checkpoints), the non-persistent one, and their
+    checkpointer."""
     c = cfg.checkpoint
     directory = Path(c.dir) if c.dir else run_dir / "checkpoints"
     store = CheckpointStore(directory, c.keep_last, env.is_rank0, env.barrier, c.verify, env.all_true)
     local = None
-    if c.non_persistent_interval > 0 and "non_persistent" in c.policies:
+    if c.non_persistent_interval > 0:
         local = CheckpointStore(non_persistent_dir(cfg, run_dir), 1, env.is_rank0, env.barrier, c.verify, env.all_true)
     return Checkpointer(cfg, store, model_parts, optimizers, scheduler, train_iter, state, env.device,
                         extra_meta=extra_meta, local_store=local)
@@ -160,8 +165,12 @@ def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset
     # Data is sharded by data-parallel rank only: TP and PP peers of one dp rank read the same batches.
     train_iter = build_train_iterator(dataset, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.run.seed,
                                       dp_rank=dims.dp_rank, dp_size=dims.dp_size)
+    if cfg.debug.overfit_batches:
+        train_iter = RepeatedBatches(train_iter, cfg.debug.overfit_batches)
     state = TrainState()
-    checkpointer = build_checkpointer(cfg, env, run_dir, built.parts, built.optimizers, built.scheduler, train_iter, state,
+    install_nan_injection(built.parts, state, cfg.debug.inject_nan_at_steps)
+    checkpointer = build_checkpointer(cfg, env, run_dir, built.parts, built.optimizers, built.scheduler,
+                                      train_iter, state,
                                       extra_meta={"data_checksum": dataset.checksum, "world_size": env.world_size})
     checkpointer.resume()
     metrics = build_metric_logger(cfg.logging, run_dir, env.is_rank0)
@@ -178,6 +187,8 @@ def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset
         policy=build_policy(cfg.checkpoint),
         metrics=metrics,
         state=state,
+        profiler=StepProfiler(run_dir, cfg.debug.profile_steps, cfg.debug.profile_wait_steps, env.rank,
+                              env.device.type),
     )
     return TrainingLoop(cfg, env, parts, flops_per_token(cfg.model, cfg.data.seq_len), peak)
 
@@ -196,6 +207,7 @@ def _train(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Pa
     p = cfg.parallel
     unsharded = p.dp_shard == 1 and p.tp == 1 and p.pp == 1
     if code == ExitCode.FINISHED and env.is_rank0 and cfg.eval.sample_tokens > 0 and unsharded:
-        result.sample = sample_text(loop.parts.model_parts[0], dataset.tokenizer, cfg.eval.sample_prompt, cfg.eval.sample_tokens,
-                                    cfg.eval.temperature, cfg.eval.top_k, cfg.run.seed, env.device)
+        result.sample = sample_text(loop.parts.model_parts[0], dataset.tokenizer, cfg.eval.sample_prompt,
+                                    cfg.eval.sample_tokens, cfg.eval.temperature, cfg.eval.top_k, cfg.run.seed,
+                                    env.device)
     return result

@@ -28,7 +28,7 @@ class UnknownComponentError(KeyError):
 
     def __init__(self, kind: str, name: str, known: list[str], field: str | None = None):
         where = f"{field}={name!r}" if field else repr(name)
-        msg = f"unknown {kind} {where}; registered {kind}s: {', '.join(sorted(known)) or '(none)'}"
+        msg = f"unknown {kind} {where}; registered: {', '.join(sorted(known)) or '(none)'}"
         super().__init__(msg)
         self.message = msg
 
@@ -43,14 +43,28 @@ class Registry(Generic[T]):
         self.kind = kind
         self.config_field = config_field
         self._factories: dict[str, T] = {}
+        self._switches: dict[str, str] = {}
+        self._checks: dict[str, Callable] = {}
 
-    def register(self, name: str, factory: T | None = None, *, override: bool = False):
-        """Register ``factory`` under ``name``; usable as a decorator when ``factory`` is omitted."""
+    def register(self, name: str, factory: T | None = None, *, override: bool = False, switch: str | None = None,
+                 check: Callable | None = None):
+        """Register ``factory`` under ``name``; usable as a decorator when ``factory`` is omitted.
+
+        ``switch`` marks a built-in that its own config field turns on and off (e.g. the console
+        sink's ``logging.console``): naming it in the list of extra components is refused, so
+        each component has exactly one way to be switched. ``check`` is a cheap test of the
+        component's config section (raising ``ConfigError``) that validation runs before anything
+        is built, e.g. that a dataset directory is complete.
+        """
 
         def _add(fn: T) -> T:
             if name in self._factories and not override and self._factories[name] is not fn:
                 raise ValueError(f"{self.kind} {name!r} is already registered; pass override=True to replace it")
             self._factories[name] = fn
+            if switch is not None:
+                self._switches[name] = switch
+            if check is not None:
+                self._checks[name] = check
             return fn
 
         return _add(factory) if factory is not None else _add
@@ -62,6 +76,22 @@ class Registry(Generic[T]):
             return self._factories[name]
         except KeyError:
             raise UnknownComponentError(self.kind, name, list(self._factories), self.config_field) from None
+
+    def get_extra(self, name: str) -> T:
+        """Like :meth:`get` for a name listed as an extra component; a built-in with its own switch is refused."""
+        factory = self.get(name)
+        if name in self._switches:
+            from trainrun.config.errors import ConfigError
+
+            raise ConfigError(self.config_field or self.kind, name,
+                              f"is built in and switched by {self._switches[name]}; remove it from the list")
+        return factory
+
+    def check(self, name: str, section: object) -> None:
+        """Run ``name``'s registered config check on its config ``section`` (nothing if it has none)."""
+        self.get(name)
+        if name in self._checks:
+            self._checks[name](section)
 
     def names(self) -> list[str]:
         """Sorted names of all registered components."""
@@ -112,4 +142,5 @@ def import_plugin_modules(modules: list[str]) -> None:
         except ImportError as err:
             from trainrun.config.errors import ConfigError
 
-            raise ConfigError("run.plugins", module, f"it cannot be imported ({err}); install it or fix the name") from err
+            raise ConfigError("run.plugins", module,
+                              f"it cannot be imported ({err}); install it or fix the name") from err

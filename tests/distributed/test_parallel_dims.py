@@ -9,12 +9,15 @@ import pytest
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ParallelConfig
 from trainrun.distributed.parallel_dims import ParallelDims
-from trainrun.distributed.pipeline import num_microbatches, stage_ids
+from trainrun.distributed.pipeline import stage_ids
 
 
 def test_degrees_must_multiply_to_world_size():
+    from trainrun.config.schema import TrainRunConfig
+    from trainrun.config.validate import validate_config
+
     with pytest.raises(ConfigError, match="degrees multiply to 4 but the world size is 2"):
-        ParallelDims(dp_replicate=1, dp_shard=2, tp=2, pp=1, world_size=2)
+        validate_config(TrainRunConfig(parallel=ParallelConfig(dp_shard=2, tp=2)), world_size=2)
 
 
 @pytest.mark.parametrize(("pp", "rep", "shard", "tp"), [(2, 1, 2, 2), (1, 2, 2, 2), (2, 2, 1, 2), (1, 1, 4, 2)])
@@ -33,28 +36,34 @@ def test_coordinates_follow_mesh_order(pp, rep, shard, tp):
 
 def test_pipeline_stage_placement_and_microbatches():
     assert stage_ids(1, 2, 2) == [1, 3]  # loop style: stage s on rank s % pp
-    assert num_microbatches(ParallelConfig(pp=2)) == 2
-    assert num_microbatches(ParallelConfig(pp=2, pp_schedule="Interleaved1F1B", pp_stages_per_rank=2)) == 4
-    assert num_microbatches(ParallelConfig(pp=2, pp_microbatches=8)) == 8
+    assert ParallelConfig(pp=2).pipeline_microbatches() == 2
+    assert ParallelConfig(pp=2, pp_schedule="Interleaved1F1B", pp_stages_per_rank=2).pipeline_microbatches() == 4
+    assert ParallelConfig(pp=2, pp_microbatches=8).pipeline_microbatches() == 8
 
 
 @pytest.mark.parametrize(("parallel", "model", "train", "message"), [
     ({"pp": 2, "pp_microbatches": 3}, {"tie_embeddings": False}, {}, "must divide the per-data-parallel-rank batch"),
     ({"pp": 2, "pp_schedule": "Interleaved1F1B"}, {"tie_embeddings": False}, {}, "at least 2 virtual stages"),
-    ({"pp": 2, "pp_schedule": "ZeroBubble"}, {"tie_embeddings": False}, {}, "use one of GPipe, 1F1B, Interleaved1F1B"),
     ({"pp": 2}, {"tie_embeddings": False}, {"step_executor": "compile"}, "use eager"),
     ({"tp": 2}, {"ffn_hidden": 33}, {}, "must divide the MLP hidden size 33"),
     ({"tp": 2}, {"position": "learned"}, {}, "rope positions only"),
-    ({"activation_checkpointing": "some"}, {}, {}, "use one of none, selective, full"),
 ])
 def test_layout_errors_name_the_field(parallel, model, train, message):
     import dataclasses
 
     from trainrun.config.schema import ModelConfig, TrainConfig, TrainRunConfig
-    from trainrun.config.validate import validate_parallel
+    from trainrun.config.validate import validate_config
 
     cfg = TrainRunConfig(parallel=ParallelConfig(**parallel), model=dataclasses.replace(ModelConfig(), **model),
                          train=dataclasses.replace(TrainConfig(), **train))
-    world = cfg.parallel.dp_replicate * cfg.parallel.dp_shard * cfg.parallel.tp * cfg.parallel.pp
     with pytest.raises(ConfigError, match=message):
-        validate_parallel(cfg, world)
+        validate_config(cfg, cfg.parallel.world_size)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("pp_schedule", "ZeroBubble", "use one of GPipe, 1F1B, Interleaved1F1B"),
+    ("activation_checkpointing", "some", "use one of none, selective, full"),
+])
+def test_layout_choices_are_enums(field, value, message):
+    with pytest.raises(ConfigError, match=f"parallel.{field}='{value}': {message}"):
+        ParallelConfig(**{field: value})

@@ -1,4 +1,4 @@
-"""NaN injection (train.inject_nan_at_steps) and a full disk during a save.
+"""NaN injection (debug.inject_nan_at_steps) and a full disk during a save.
 
 Both launch pairs run concurrently (one process per core).
 """
@@ -24,9 +24,9 @@ def test_nan_steps_skipped_counted_and_persistent_nan_exits_4(tmp_path, corpus_c
     once, persistent = tmp_path / "once", tmp_path / "persistent"
     with ThreadPoolExecutor(2) as pool:
         f_once = pool.submit(_run, base_args(corpus_cache, once, "checkpoint.interval=2",
-                                             "train.inject_nan_at_steps=[5]"), once)
+                                             "debug.inject_nan_at_steps=[5]"), once)
         f_persistent = pool.submit(_run, base_args(corpus_cache, persistent, "checkpoint.interval=2",
-                                                   "train.inject_nan_at_steps=[3,4,5,6,7,8]",
+                                                   "debug.inject_nan_at_steps=[3,4,5,6,7,8]",
                                                    "train.max_skipped_steps=3"), persistent)
         (code_once, out_once), (code_persistent, out_persistent) = f_once.result(), f_persistent.result()
 
@@ -76,7 +76,8 @@ def test_full_disk_during_save_keeps_previous_checkpoint(tmp_path, corpus_cache,
         assert all(s in losses(run_dir) for s in range(1, 21))  # it trained to the end
         # The previous checkpoint is intact and loadable: resume from it elsewhere and finish exactly.
         resumed = tmp_path / "resumed"
-        code, out = _run(base_args(corpus_cache, resumed, "checkpoint.interval=0", f"checkpoint.resume={ckpt / 'step_2'}"),
+        code, out = _run(base_args(corpus_cache, resumed, "checkpoint.interval=0",
+                                   f"checkpoint.resume={ckpt / 'step_2'}"),
                          resumed)
         assert code == 0, out[-3000:]
         assert "resumed from" in (resumed / "train.log").read_text()

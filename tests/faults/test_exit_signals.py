@@ -80,7 +80,8 @@ def test_sigterm_and_sigusr1_single_process(tmp_path, corpus_cache, reference_lo
 def test_sigterm_and_sigusr1_two_processes(tmp_path, corpus_cache):
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     two = ["parallel.dp_replicate=2"]
-    assert run_to_end(base_args(corpus_cache, reference_dir, *two, "checkpoint.interval=0"), reference_dir, nproc=2) == 0
+    assert run_to_end(base_args(corpus_cache, reference_dir, *two, "checkpoint.interval=0"),
+                      reference_dir, nproc=2) == 0
     reference = losses(reference_dir)
     assert sorted(reference) == list(range(1, MAX_STEPS + 1))
 

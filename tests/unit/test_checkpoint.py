@@ -73,9 +73,15 @@ def test_policies_can_be_disabled():
                            save_final=False)
     policy = build_policy(cfg)
     assert all(policy.decide(_ctx(s, final=True, improved=True, minutes=1e9)) is None for s in range(1, 50))
-    only_interval = build_policy(CheckpointConfig(policies=["interval"], interval=4, save_best=True))
+    only_interval = build_policy(CheckpointConfig(interval=4, save_final=False))
     assert only_interval.decide(_ctx(4)) == SaveKind.PERSISTENT
     assert only_interval.decide(_ctx(5, final=True, improved=True, minutes=1e9)) is None
+
+
+def test_built_in_policies_have_one_switch_each():
+    """A built-in policy is switched by its own field; listing it as an extra policy is refused."""
+    with pytest.raises(ConfigError, match="switched by checkpoint.interval"):
+        build_policy(CheckpointConfig(policies=["interval"]))
 
 
 # ---- store: commit, verify, fall back, prune ----------------------------------------------------
@@ -408,7 +414,7 @@ def test_resume_restores_everything_and_weights_only(tmp_path):
     assert full.resume() == tmp_path / "ckpt" / "step_3"
     assert full.state.step == 3 and full.train_iter.position == 12
     _train_steps(full, 1)
-    for a, b in zip(saved.model_parts[0].parameters(), full.model_parts[0].parameters()):
+    for a, b in zip(saved.model_parts[0].parameters(), full.model_parts[0].parameters(), strict=True):
         assert torch.equal(a, b)  # weights, moments, RNG and LR schedule all restored: bit-exact
     weights_only = _checkpointer(tmp_path, load_optimizer=False, resume=str(tmp_path / "ckpt" / "step_3"))
     assert weights_only.resume() == tmp_path / "ckpt" / "step_3"

@@ -13,7 +13,7 @@ import torch
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import DataConfig
 from trainrun.data.corpus import build_stdlib_corpus
-from trainrun.data.datasets import build_indexed, open_dataset_dir, validate_data_config
+from trainrun.data.datasets import build_indexed, open_dataset_dir
 from trainrun.data.indexed import IndexedDataset, IndexedDatasetWriter
 from trainrun.data.loader import (
     BatchIterator,
@@ -67,10 +67,9 @@ def test_idx_byte_layout_and_round_trip(tmp_path: Path) -> None:
 
 
 def test_writer_crash_leaves_no_files(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError):
-        with IndexedDatasetWriter(tmp_path / "ds", np.uint16) as w:
-            w.add_document(np.arange(4))
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), IndexedDatasetWriter(tmp_path / "ds", np.uint16) as w:
+        w.add_document(np.arange(4))
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -115,7 +114,7 @@ def test_stdlib_registry_factory(tmp_path: Path) -> None:
     ds = DATASETS._factories["stdlib"](cfg)  # no load_plugins(): only this module's registration
     assert ds.train.num_tokens > 0 and ds.path.parent == tmp_path
     with pytest.raises(ConfigError, match="data.val_fraction"):
-        validate_data_config(DataConfig(val_fraction=1.5))
+        DataConfig(val_fraction=1.5).validate()
 
 
 def test_indexed_factory_needs_path(tmp_path: Path) -> None:
@@ -152,7 +151,7 @@ def test_resume_mid_epoch_gives_same_batches() -> None:
     expected = [next(it) for _ in range(3)]
     resumed = BatchIterator(_stream(), micro_batch_size=4)
     resumed.load_state_dict(state)
-    for (x1, y1), (x2, y2) in zip(expected, [next(resumed) for _ in range(3)]):
+    for (x1, y1), (x2, y2) in zip(expected, [next(resumed) for _ in range(3)], strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     with pytest.raises(ValueError, match="seed"):
         BatchIterator(_stream(seed=8), micro_batch_size=4).load_state_dict(state)
@@ -185,7 +184,7 @@ def test_val_batches_are_deterministic_and_unshuffled() -> None:
     s = SampleStream(np.arange(81, dtype=np.uint16), 8, shuffle=False, split="val")
     a = [x for x, _ in val_batches(s, 4, 3)]
     b = [x for x, _ in val_batches(s, 4, 3)]
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
     assert (torch.cat(a)[:, 0] // 8).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]  # wraps
     r1 = [x for x, _ in val_batches(s, 2, 1, dp_rank=1, dp_size=2)]
     assert torch.equal(r1[0], a[0][2:])

@@ -52,7 +52,7 @@ def test_bf16_autocast_tracks_fp32(tmp_path, corpus_cache):
 
 
 def test_nan_step_is_skipped_and_parameters_unchanged(tmp_path, corpus_cache):
-    loop = _loop(tmp_path, corpus_cache, "train.inject_nan_at_steps=[2]")
+    loop = _loop(tmp_path, corpus_cache, "debug.inject_nan_at_steps=[2]")
     model = loop.parts.model_parts[0]
     assert not loop.train_step().skipped
     before = {k: v.clone() for k, v in model.state_dict().items()}

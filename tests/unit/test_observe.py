@@ -20,12 +20,12 @@ from trainrun.observe import (
     ConsoleSink,
     JsonlSink,
     TensorBoardSink,
-    ThroughputMeter,
     Timers,
     build_metric_logger,
     format_eval_line,
     format_train_line,
     log_write,
+    measure_throughput,
     memory_stats,
     peak_flops_per_device,
     progress_bar,
@@ -204,10 +204,12 @@ def test_non_rank0_gets_no_sinks(tmp_path: Path) -> None:
 
 def test_rank0_builds_configured_sinks_and_fans_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = LoggingConfig(console=True, jsonl=True, tensorboard=True, sinks=["jsonl"])
-    with caplog.at_level(logging.INFO, logger="trainrun.metrics"):
-        with build_metric_logger(cfg, tmp_path, is_rank0=True) as metric_logger:
-            assert metric_logger.names == ["console", "jsonl", "tensorboard"]
-            metric_logger.log({"loss": 1.25}, step=5)
+    with (
+        caplog.at_level(logging.INFO, logger="trainrun.metrics"),
+        build_metric_logger(cfg, tmp_path, is_rank0=True) as metric_logger,
+    ):
+        assert metric_logger.names == ["console", "jsonl", "tensorboard"]
+        metric_logger.log({"loss": 1.25}, step=5)
     assert _rows(tmp_path / "metrics.jsonl") == [{"step": 5, "loss": 1.25}]
     assert any("loss 1.2500" in r.getMessage() for r in caplog.records)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -281,29 +283,17 @@ def test_timers_average_over_intervals_without_steps_and_misuse_raises() -> None
 # --- throughput ------------------------------------------------------------------------------
 
 
-def test_throughput_meter_tokens_per_s_and_mfu() -> None:
-    meter = ThroughputMeter(flops_per_token=6e6, peak_flops=1e12, window=2)
-    assert meter.tokens_per_s == 0.0
-    meter.update(step_time_s=10.0, tokens=1)  # pushed out of the window below
-    meter.update(step_time_s=0.5, tokens=4096)
-    meter.update(step_time_s=1.5, tokens=4096)
-    assert meter.tokens_per_s == pytest.approx(8192 / 2.0)
-    assert meter.mfu == pytest.approx(4096 * 6e6 / 1e12)
-
-    dp = ThroughputMeter(flops_per_token=6e6, peak_flops=1e12, num_devices=4)
-    dp.update(1.0, 4 * 4096)
-    assert dp.tokens_per_s_per_device == pytest.approx(4096)
-    assert dp.mfu == pytest.approx(4096 * 6e6 / 1e12)
-
-
-def test_throughput_tick_uses_perf_counter(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = iter([100.0, 100.25, 100.75])
-    monkeypatch.setattr("trainrun.observe.throughput.time.perf_counter", lambda: next(clock))
-    meter = ThroughputMeter(flops_per_token=1.0, peak_flops=1.0)
-    meter.tick(999)  # only starts the clock
-    meter.tick(100)
-    meter.tick(200)
-    assert meter.tokens_per_s == pytest.approx(300 / 0.75)
+def test_measure_throughput_tokens_per_s_and_mfu() -> None:
+    speed = measure_throughput(tokens=8192, seconds=2.0, flops_per_token=6e6, num_devices=1, peak_flops=1e12)
+    assert speed.tokens_per_s == pytest.approx(4096)
+    assert speed.mfu == pytest.approx(4096 * 6e6 / 1e12)
+    assert speed.tflops_per_device == pytest.approx(4096 * 6e6 / 1e12)
+    # Four devices processing four times the tokens in the same time: same MFU, same per-device TFLOP/s.
+    dp = measure_throughput(tokens=4 * 8192, seconds=2.0, flops_per_token=6e6, num_devices=4, peak_flops=1e12)
+    assert dp.tokens_per_s == pytest.approx(4 * 4096)
+    assert dp.mfu == pytest.approx(speed.mfu) and dp.tflops_per_device == pytest.approx(speed.tflops_per_device)
+    with pytest.raises(ValueError):
+        measure_throughput(1, 1.0, 1.0, num_devices=0, peak_flops=1.0)
 
 
 def test_peak_flops_lookup() -> None:
@@ -367,7 +357,6 @@ def test_progress_bar_is_noop_without_tty(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_mfu_formula_matches_console_percentage() -> None:
-    meter = ThroughputMeter(flops_per_token=1e6, peak_flops=1e12)
-    meter.update(1.0, 123_000)
-    assert math.isclose(meter.mfu, 0.123)
-    assert "MFU 12.3%" in format_train_line({"mfu": meter.mfu}, step=1)
+    speed = measure_throughput(123_000, 1.0, flops_per_token=1e6, num_devices=1, peak_flops=1e12)
+    assert math.isclose(speed.mfu, 0.123)
+    assert "MFU 12.3%" in format_train_line({"mfu": speed.mfu}, step=1)

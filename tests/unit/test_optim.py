@@ -17,7 +17,6 @@ from trainrun.optim import (
     cosine_schedule,
     linear_schedule,
     param_group_summary,
-    validate_optim_config,
     wsd_schedule,
     wsd_sqrt_schedule,
 )
@@ -48,7 +47,8 @@ def test_decay_groups_split_by_ndim():
     assert "layers.0.attention.wq.weight" in decay and "tok_embeddings.weight" in decay
     assert "norm.weight" in no_decay and "norm.bias" in no_decay
     assert "layers.1.attention_norm.weight" in no_decay and "layers.0.mlp.w2.bias" in no_decay
-    assert all(p.dim() >= 2 for p in groups["decay"]["params"]) and all(p.dim() < 2 for p in groups["no_decay"]["params"])
+    assert all(p.dim() >= 2 for p in groups["decay"]["params"])
+    assert all(p.dim() < 2 for p in groups["no_decay"]["params"])
     # tied output weight appears exactly once
     assert len(decay) + len(no_decay) == len(list(m.parameters()))
     assert "decay:" in param_group_summary(opt) and "no_decay:" in param_group_summary(opt)
@@ -56,7 +56,13 @@ def test_decay_groups_split_by_ndim():
 
 @pytest.mark.parametrize(
     "implementation,device_type,fused,foreach",
-    [("auto", "cpu", False, True), ("auto", "cuda", True, False), ("for_loop", "cpu", False, False), ("foreach", "cuda", False, True), ("fused", "cpu", True, False)],
+    [
+        ("auto", "cpu", False, True),
+        ("auto", "cuda", True, False),
+        ("for_loop", "cpu", False, False),
+        ("foreach", "cuda", False, True),
+        ("fused", "cpu", True, False),
+    ],
 )
 def test_implementation(implementation, device_type, fused, foreach, monkeypatch):
     captured = {}
@@ -155,21 +161,22 @@ def test_build_lr_scheduler_drives_optimizer():
         (dict(wsd_decay_fraction=1.2), 100, "optim.wsd_decay_fraction"),
         (dict(lr=0.0), 100, "optim.lr"),
         (dict(beta2=1.0), 100, "optim.beta2"),
-        (dict(implementation="turbo"), 100, "optim.implementation"),
-        (dict(), 0, "train.max_steps"),
     ],
 )
 def test_validate_errors(overrides, max_steps, field):
     with pytest.raises(ConfigError) as err:
-        validate_optim_config(OptimConfig(**overrides), max_steps)
+        OptimConfig(**overrides).validate()
     assert err.value.field == field
-    with pytest.raises(ConfigError):  # the factories refuse too
-        cosine_schedule(OptimConfig(**overrides), max_steps)
+
+
+def test_bad_implementation_is_refused_when_built():
+    with pytest.raises(ConfigError, match="optim.implementation='turbo': use one of auto, fused, foreach, for_loop"):
+        OptimConfig(implementation="turbo")
 
 
 def test_validate_accepts_defaults_and_edge_values():
-    validate_optim_config(OptimConfig(), 300)
-    validate_optim_config(OptimConfig(warmup_steps=100, min_lr_ratio=1.0), 100)
+    OptimConfig().validate()
+    OptimConfig(warmup_steps=100, min_lr_ratio=1.0).validate()
     f = cosine_schedule(OptimConfig(warmup_steps=100, min_lr_ratio=0.0), 100)
     assert f(99) == pytest.approx(100 / 101) and f(100) == 0.0  # no decay window: straight to the floor
 

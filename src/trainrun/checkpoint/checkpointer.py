@@ -207,7 +207,8 @@ class Checkpointer:
         if (path / LATEST_FILE).is_file() or (path.is_dir() and any(path.glob("step_*"))):
             found = CheckpointStore(path, 0, True, lambda: None, self.cfg.checkpoint.verify).find_latest()
             if found is None:
-                raise ConfigError("checkpoint.resume", str(path), "this checkpoint directory holds no complete checkpoint")
+                raise ConfigError("checkpoint.resume", str(path),
+                                  "this checkpoint directory holds no complete checkpoint")
             return found
         problem = verify_checkpoint(path, self.cfg.checkpoint.verify)
         if problem is not None:
@@ -222,7 +223,8 @@ class Checkpointer:
         try:
             meta = CheckpointStore.read_meta(path)
         except (OSError, ValueError) as err:
-            raise ConfigError("checkpoint.resume", str(path), f"its {path / 'trainrun.json'} is unreadable ({err})") from err
+            raise ConfigError("checkpoint.resume", str(path),
+                              f"its {path / 'trainrun.json'} is unreadable ({err})") from err
         check_model_compatible(meta["model"], self.cfg.model, path)
         full = self.cfg.checkpoint.load_optimizer
         self._warn_changed(meta)

@@ -30,7 +30,7 @@ class ExitController:
         self.env = env
         self.exit_interval = cfg.train.exit_interval
         self.exit_duration_s = None if cfg.train.exit_duration_min is None else cfg.train.exit_duration_min * 60
-        self.signals = [signal.Signals[name] for name in cfg.checkpoint.exit_signals]
+        self.signals = [signal.Signals[str(name)] for name in cfg.checkpoint.exit_signals]
         self.start_step, self.start_time = start_step, time.monotonic()
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
@@ -69,5 +69,5 @@ class ExitController:
         if self.env.distributed:
             flags = flags.to(self.env.device)
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        hits = [reason for reason, flag in zip(REASONS, flags.tolist()) if flag > 0]
+        hits = [reason for reason, flag in zip(REASONS, flags.tolist(), strict=True) if flag > 0]
         return hits[0] if hits else None

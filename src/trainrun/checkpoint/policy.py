@@ -1,6 +1,8 @@
 """Checkpoint policies decide when to save (and what kind); the store decides how.
 
-Several policies combine (``checkpoint.policies``): after each step every policy is asked, and
+The built-in policies are always asked and each is switched by its own field (``interval``,
+``time_interval_min``, ``save_best``, ``save_final``, ``non_persistent_interval``);
+``checkpoint.policies`` adds registered ones. After each step every policy is asked, and
 a persistent request wins over a non-persistent one. Saving on exit (signal, time limit,
 exit interval) is not a policy: the loop always does it, because the resume code promises it.
 """
@@ -115,11 +117,20 @@ class CombinedPolicy:
         return None
 
 
-for _name, _factory in {"interval": interval_policy, "time": TimePolicy, "best": BestPolicy,
-                        "non_persistent": non_persistent_policy, "final": FinalPolicy}.items():
-    CHECKPOINT_POLICIES.register(_name, _factory)
+BUILT_IN_POLICIES = {
+    "interval": (interval_policy, "checkpoint.interval"),
+    "time": (TimePolicy, "checkpoint.time_interval_min"),
+    "best": (BestPolicy, "checkpoint.save_best"),
+    "final": (FinalPolicy, "checkpoint.save_final"),
+    "non_persistent": (non_persistent_policy, "checkpoint.non_persistent_interval"),
+}
+"""Name -> (factory, the field that switches it)."""
+
+for _name, (_factory, _switch) in BUILT_IN_POLICIES.items():
+    CHECKPOINT_POLICIES.register(_name, _factory, switch=_switch)
 
 
 def build_policy(cfg: CheckpointConfig) -> CheckpointPolicy:
-    """Combine the policies named in ``checkpoint.policies``."""
-    return CombinedPolicy([CHECKPOINT_POLICIES.get(name)(cfg) for name in cfg.policies])
+    """Every built-in policy (inert where its field turns it off) plus the extras of ``checkpoint.policies``."""
+    built_in = [factory(cfg) for factory, _ in BUILT_IN_POLICIES.values()]
+    return CombinedPolicy(built_in + [CHECKPOINT_POLICIES.get_extra(name)(cfg) for name in cfg.policies])

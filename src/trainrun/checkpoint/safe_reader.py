@@ -17,7 +17,8 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 _ALLOWED_PREFIXES = ("torch.distributed.checkpoint.",)
 _ALLOWED = {
-    ("torch", "Size"), ("torch._utils", "_get_layout"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+    ("torch", "Size"), ("torch._utils", "_get_layout"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
     ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
 }
 

@@ -315,7 +315,8 @@ class CheckpointStore:
                     if named in names and names.index(named) > names.index(path.name):
                         logger.warning("%s names %s, which is unusable; falling back to %s", latest_file, named, path)
                     elif named not in names:
-                        logger.warning("%s names %s, which does not exist; falling back to %s", latest_file, named, path)
+                        logger.warning("%s names %s, which does not exist; falling back to %s",
+                                       latest_file, named, path)
                     else:  # killed between the rename and the update of latest
                         logger.warning("%s names %s, but the newer %s is complete; using it", latest_file, named, path)
                 return path

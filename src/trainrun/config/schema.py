@@ -2,11 +2,33 @@
 
 Each group is stored in Hydra's ConfigStore as ``base_<group>`` (see ``store.py``); the YAML files
 under ``conf/`` only pick and tweak these defaults. Attribute docstrings document each field.
+Fields with a fixed set of values are Enums from ``choices.py`` (checked while Hydra composes).
+Each group checks its own fields in ``validate()``; rules that involve several groups live in
+``validate.py``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainrun.config.checks import coerce_choices, in_range, optional_positive, positive
+from trainrun.config.choices import (
+    ActivationCheckpointing,
+    Device,
+    ExitSignal,
+    LogLevel,
+    Mlp,
+    Norm,
+    OptimizerImpl,
+    PipelineSchedule,
+    Position,
+    Precision,
+    Verify,
+    WandbMode,
+)
+from trainrun.config.errors import ConfigError
 
 
 @dataclass
@@ -17,7 +39,7 @@ class RunConfig:
     """Seed for model init, data order and sampling; each rank derives its own from it."""
     dry_run: bool = False
     """Build the model on the meta device, print size/FLOPs/memory estimates and exit 0."""
-    device: str = "auto"
+    device: Device = Device.auto
     """auto (cuda if available, else cpu), cpu or cuda."""
     output_dir: str | None = None
     """Run directory; null uses Hydra's run dir (``hydra.run.dir``) or the current directory."""
@@ -25,6 +47,15 @@ class RunConfig:
     """Python modules imported before the run so that they can register components."""
     deterministic: bool = True
     """Ask torch for deterministic kernels (bit-exact resume on CPU)."""
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "run")
+
+    def validate(self) -> None:
+        """Plugins are module names (importing them is the registry's job, in ``validate.py``)."""
+        for module in self.plugins:
+            if not module or not all(part.isidentifier() for part in module.split(".")):
+                raise ConfigError("run.plugins", module, "must be importable module names such as my_pkg.components")
 
 
 @dataclass
@@ -45,15 +76,15 @@ class ModelConfig:
     """Vocabulary size; null takes it from the dataset."""
     max_seq_len: int = 256
     """Longest sequence the model accepts (size of learned position table / RoPE cache)."""
-    norm: str = "rmsnorm"
+    norm: Norm = Norm.rmsnorm
     """rmsnorm or layernorm (pre-norm in every block)."""
     norm_eps: float = 1e-5
     """Epsilon of the normalisation layers."""
-    position: str = "rope"
+    position: Position = Position.rope
     """rope or learned position embeddings."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
-    mlp: str = "swiglu"
+    mlp: Mlp = Mlp.swiglu
     """swiglu or gelu MLP."""
     tie_embeddings: bool = True
     """Share the input embedding with the output projection."""
@@ -63,6 +94,42 @@ class ModelConfig:
     """Dropout on attention and residual branches (0 for pre-training at scale)."""
     init_std: float = 0.02
     """Std of the normal init; output projections use init_std/sqrt(2*n_layers) (GPT-2/Megatron)."""
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "model")
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head."""
+        return self.d_model // self.n_heads
+
+    def ffn_hidden_size(self) -> int:
+        """MLP hidden size: ``ffn_hidden`` or the default for ``mlp``.
+
+        SwiGLU has three matrices instead of two, so 8/3*d keeps its parameter count close to a 4*d
+        GELU MLP (Shazeer 2020); rounding up to a multiple of 64 keeps matmul shapes kernel-friendly.
+        """
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.mlp is Mlp.swiglu:
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
+    def validate(self) -> None:
+        """Positive sizes, heads that divide the width, an even RoPE head size."""
+        for name in ("n_layers", "n_heads", "d_model", "max_seq_len"):
+            positive(f"model.{name}", getattr(self, name))
+        if self.d_model % self.n_heads:
+            raise ConfigError("model.n_heads", self.n_heads,
+                              f"must divide model.d_model={self.d_model}; pick a divisor of it")
+        if self.position is Position.rope and self.head_dim % 2:
+            raise ConfigError("model.n_heads", self.n_heads, "RoPE needs an even head size d_model/n_heads")
+        optional_positive("model.vocab_size", self.vocab_size)
+        optional_positive("model.ffn_hidden", self.ffn_hidden)
+        in_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        positive("model.norm_eps", self.norm_eps)
+        positive("model.rope_theta", self.rope_theta)
+        positive("model.init_std", self.init_std)
 
 
 @dataclass
@@ -93,8 +160,27 @@ class OptimConfig:
     """wsd only: fraction of decay_steps spent in the final decay."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
-    implementation: str = "auto"
+    implementation: OptimizerImpl = OptimizerImpl.auto
     """auto, fused, foreach or for_loop (auto: fused on CUDA, foreach elsewhere)."""
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "optim")
+
+    def validate(self) -> None:
+        """Ranges of the AdamW and schedule hyper-parameters."""
+        positive("optim.lr", self.lr)
+        positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ConfigError("optim.decay_steps", self.decay_steps,
+                              "must be positive, or null for max_steps - warmup_steps")
+        in_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        in_range("optim.wsd_decay_fraction", self.wsd_decay_fraction, 0.0, 1.0)
+        positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        in_range("optim.beta1", self.beta1, 0.0, 1.0, high_open=True)
+        in_range("optim.beta2", self.beta2, 0.0, 1.0, high_open=True)
+        positive("optim.eps", self.eps)
+        if self.grad_clip < 0:
+            raise ConfigError("optim.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
 
 
 @dataclass
@@ -104,13 +190,24 @@ class DataConfig:
     name: str = "stdlib"
     """Registered dataset: stdlib (bundled corpus, no download) or indexed (trainrun-prepare output)."""
     path: str | None = None
-    """Dataset directory (train.bin/.idx, val.bin/.idx, meta.json); stdlib: cache dir (null: ~/.cache/trainrun)."""
+    """Dataset directory (train.bin/.idx, val.bin/.idx, meta.json); stdlib: its cache dir (conf sets
+    ``${paths.cache_dir}``; null: ~/.cache/trainrun)."""
     seq_len: int = 128
     """Tokens per training sample (the model sees seq_len inputs and seq_len targets)."""
     val_fraction: float = 0.02
     """stdlib only: fraction of documents held out for validation."""
     max_documents: int | None = None
     """stdlib only: cap on the number of source files (null: all)."""
+
+    def validate(self) -> None:
+        """Sequence length, split fraction and a path that is not a file (its contents are the dataset's to check)."""
+        positive("data.seq_len", self.seq_len)
+        in_range("data.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        if self.max_documents is not None and self.max_documents < 2:
+            raise ConfigError("data.max_documents", self.max_documents,
+                              "need at least 2 documents (one for train, one for val); use null for all")
+        if self.path is not None and Path(self.path).expanduser().is_file():
+            raise ConfigError("data.path", self.path, "is a file; it must be a dataset (or cache) directory")
 
 
 @dataclass
@@ -127,18 +224,27 @@ class TrainConfig:
     """Steps between console lines / metrics.jsonl rows."""
     step_executor: str = "eager"
     """Registered step executor: eager, compile (torch.compile) or cuda_graph."""
-    precision: str = "fp32"
+    precision: Precision = Precision.fp32
     """fp32, bf16 (autocast) or fp16 (autocast + grad scaler, CUDA only)."""
     progress_bar: bool = True
     """Show a tqdm progress bar on a terminal."""
     exit_interval: int | None = None
     """Stop (after saving) once this many steps ran in this process; exits with the resume code (3)."""
     exit_duration_min: float | None = None
-    """Stop (after saving) once the training loop of this process has run this many minutes (max over ranks); exit code 3."""
+    """Stop (after saving) once the training loop of this process has run this many minutes (max over ranks);
+    exit code 3."""
     max_skipped_steps: int = 5
     """Consecutive steps with a non-finite loss or grad norm tolerated (each skipped); then exit code 4."""
-    inject_nan_at_steps: list[int] = field(default_factory=list)
-    """Testing hook: poison the loss of these steps (1-based) to exercise bad-step handling."""
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "train")
+
+    def validate(self) -> None:
+        """Positive step counts and batch sizes, positive exit limits."""
+        for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval", "max_skipped_steps"):
+            positive(f"train.{name}", getattr(self, name))
+        optional_positive("train.exit_interval", self.exit_interval)
+        optional_positive("train.exit_duration_min", self.exit_duration_min)
 
 
 @dataclass
@@ -160,6 +266,14 @@ class EvalConfig:
     top_k: int = 40
     """Sample among the top-k tokens; 0 disables top-k filtering."""
 
+    def validate(self) -> None:
+        """Non-negative intervals and sample sizes, positive batch count and temperature."""
+        positive("eval.interval", self.interval, allow_zero=True)
+        positive("eval.iters", self.iters)
+        positive("eval.sample_tokens", self.sample_tokens, allow_zero=True)
+        positive("eval.temperature", self.temperature)
+        positive("eval.top_k", self.top_k, allow_zero=True)
+
 
 @dataclass
 class ParallelConfig:
@@ -179,37 +293,89 @@ class ParallelConfig:
     """Collective timeout in minutes."""
     fsdp_reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like)."""
-    pp_schedule: str = "1F1B"
+    pp_schedule: PipelineSchedule = PipelineSchedule["1F1B"]
     """Pipeline schedule: GPipe, 1F1B or Interleaved1F1B."""
     pp_microbatches: int | None = None
     """Micro-batches per pipeline step; null: pp (or 2*pp for Interleaved1F1B)."""
     pp_stages_per_rank: int = 1
     """Virtual stages per pipeline rank (Interleaved1F1B needs >= 2)."""
-    activation_checkpointing: str = "none"
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
     """none, selective (every other block) or full (every block)."""
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "parallel")
+
+    @property
+    def world_size(self) -> int:
+        """Processes this layout needs: the product of the degrees."""
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Number of data-parallel ranks (replicate x shard)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def interleaved(self) -> bool:
+        """The schedule runs several virtual stages per rank."""
+        return self.pp_schedule is PipelineSchedule["Interleaved1F1B"]
+
+    def pipeline_microbatches(self) -> int:
+        """``pp_microbatches``, or its default: pp (2*pp for Interleaved1F1B, so every virtual stage is busy)."""
+        if self.pp_microbatches is not None:
+            return self.pp_microbatches
+        return self.pp * (2 if self.interleaved else 1)
+
+    def validate(self) -> None:
+        """Positive degrees and timeout; a stage count per rank that fits the schedule."""
+        for name in ("dp_replicate", "dp_shard", "tp", "pp", "pp_stages_per_rank"):
+            positive(f"parallel.{name}", getattr(self, name))
+        positive("parallel.timeout_min", self.timeout_min)
+        optional_positive("parallel.pp_microbatches", self.pp_microbatches)
+        if self.pp == 1:
+            return
+        if self.interleaved and self.pp_stages_per_rank < 2:
+            raise ConfigError("parallel.pp_stages_per_rank", self.pp_stages_per_rank,
+                              "Interleaved1F1B needs at least 2 virtual stages per rank")
+        if not self.interleaved and self.pp_stages_per_rank != 1:
+            raise ConfigError("parallel.pp_stages_per_rank", self.pp_stages_per_rank,
+                              f"{self.pp_schedule} runs one stage per rank; set it to 1 or use Interleaved1F1B")
+        n_mb = self.pipeline_microbatches()
+        if self.pp_schedule is not PipelineSchedule["GPipe"] and n_mb < self.pp:
+            raise ConfigError("parallel.pp_microbatches", n_mb,
+                              f"{self.pp_schedule} needs at least pp={self.pp} micro-batches")
+        if self.interleaved and n_mb % self.pp:
+            raise ConfigError("parallel.pp_microbatches", n_mb, f"Interleaved1F1B needs a multiple of pp={self.pp}")
 
 
 @dataclass
 class CheckpointConfig:
-    """When and where checkpoints are written, and what is resumed."""
+    """When and where checkpoints are written, and what is resumed.
 
-    policies: list[str] = field(default_factory=lambda: ["interval", "time", "best", "non_persistent", "final"])
-    """Registered checkpoint policies, combined: a checkpoint is saved when any of them asks."""
+    Each built-in policy is switched by its own field (interval, time_interval_min, save_best,
+    non_persistent_interval, save_final); ``policies`` adds your own registered ones.
+    """
+
     interval: int = 100
-    """interval policy: save every N steps; 0 disables it."""
+    """interval policy: save every N steps; 0 turns it off."""
     time_interval_min: float | None = None
-    """time policy: save when this many minutes of wall time passed since the last save; null disables it."""
+    """time policy: save when this many minutes of wall time passed since the last save; null turns it off."""
     save_best: bool = False
     """best policy: save (persistently) whenever the validation loss improves."""
+    save_final: bool = True
+    """final policy: save a checkpoint when training finishes."""
     non_persistent_interval: int = 0
-    """non_persistent policy: every N steps save a fast checkpoint to non_persistent_dir, keeping only the newest."""
+    """non_persistent policy: every N steps save a fast checkpoint to non_persistent_dir, keeping only the newest;
+    0 turns it off."""
     non_persistent_dir: str | None = None
     """Directory of non-persistent checkpoints; null: <tmp>/trainrun-nonpersistent/<hash of the run dir>."""
+    policies: list[str] = field(default_factory=list)
+    """Extra registered checkpoint policies by name (plugins); a checkpoint is saved when any policy asks."""
     keep_last: int = 3
     """Keep the newest N persistent checkpoints (never deleting the best or the resumed one); 0 keeps all."""
-    verify: str = "sha256"
+    verify: Verify = Verify.sha256
     """Manifest check on save/resume: sha256 (every byte; catches bit flips), size (file sizes only) or none."""
-    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    exit_signals: list[ExitSignal] = field(default_factory=lambda: [ExitSignal.SIGTERM, ExitSignal.SIGUSR1])
     """Signals that make trainrun save at the next step boundary and exit with code 3."""
     resume: str = "auto"
     """auto (newest complete checkpoint in the checkpoint dir), never, or a checkpoint path."""
@@ -217,10 +383,21 @@ class CheckpointConfig:
     """Write checkpoints in the background with DCP async save."""
     dir: str | None = None
     """Checkpoint directory; null: <run dir>/checkpoints."""
-    save_final: bool = True
-    """final policy: save a checkpoint when training finishes."""
     load_optimizer: bool = True
     """Restore optimizer/scheduler/data state on resume (false: weights only, for fine-tuning)."""
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "checkpoint")
+
+    def validate(self) -> None:
+        """Non-negative intervals and retention, a resume target that exists."""
+        positive("checkpoint.interval", self.interval, allow_zero=True)
+        positive("checkpoint.keep_last", self.keep_last, allow_zero=True)
+        positive("checkpoint.non_persistent_interval", self.non_persistent_interval, allow_zero=True)
+        optional_positive("checkpoint.time_interval_min", self.time_interval_min)
+        if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
+            raise ConfigError("checkpoint.resume", self.resume,
+                              "use auto, never, or the path of an existing checkpoint directory")
 
 
 @dataclass
@@ -228,9 +405,9 @@ class WandbConfig:
     """Weights & Biases logging."""
 
     enabled: bool = False
-    """Log metrics to wandb."""
-    mode: str = "offline"
-    """online, offline (nothing leaves the machine) or disabled."""
+    """Log metrics to wandb (the one switch of this sink)."""
+    mode: WandbMode = WandbMode.offline
+    """online or offline (nothing leaves the machine; `wandb sync` uploads later)."""
     project: str = "trainrun"
     """wandb project."""
     entity: str | None = None
@@ -238,27 +415,73 @@ class WandbConfig:
     name: str | None = None
     """Run name; null: the run directory's name."""
 
+    def __post_init__(self) -> None:
+        coerce_choices(self, "logging.wandb")
+
 
 @dataclass
 class LoggingConfig:
-    """Where metrics go."""
+    """Where metrics go. Each built-in sink has one switch (console, jsonl, tensorboard, wandb.enabled);
+    ``sinks`` adds your own registered ones."""
 
-    level: str = "INFO"
+    level: LogLevel = LogLevel.INFO
     """Python log level of trainrun's loggers."""
-    jsonl: bool = True
-    """Write metrics.jsonl in the run directory."""
     console: bool = True
     """Print one console line per log interval."""
+    jsonl: bool = True
+    """Write metrics.jsonl in the run directory."""
     tensorboard: bool = False
     """Write tensorboard event files to <run dir>/tensorboard."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """wandb settings."""
     sinks: list[str] = field(default_factory=list)
-    """Extra registered metric sinks by name."""
+    """Extra registered metric sinks by name (plugins)."""
     peak_tflops: float | None = None
     """Peak TFLOP/s per device for MFU; null: a table value for known GPUs, a nominal 1.0 on CPU."""
     all_ranks: bool = False
     """Log from every rank with a [rank N] prefix (default: rank 0 only)."""
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "logging")
+
+    def validate(self) -> None:
+        """A positive peak for MFU."""
+        optional_positive("logging.peak_tflops", self.peak_tflops)
+
+
+@dataclass
+class PathsConfig:
+    """Where data, caches and run outputs live; conf/paths/default.yaml reads them from the environment."""
+
+    data_dir: str = "data"
+    """Root of prepared datasets (``data.path=${paths.data_dir}/<name>``); env TRAINRUN_DATA_DIR."""
+    cache_dir: str = "~/.cache/trainrun"
+    """Caches such as the bundled corpus; env TRAINRUN_CACHE_DIR."""
+    output_dir: str = "outputs"
+    """Root of run and sweep directories (``hydra.run.dir`` and ``hydra.sweep.dir`` live under it);
+    env TRAINRUN_OUTPUT_DIR."""
+
+
+@dataclass
+class DebugConfig:
+    """Debugging aids; the presets in conf/debug/ set them (``debug=fast|overfit|profile|nan``)."""
+
+    overfit_batches: int = 0
+    """Train on the first N micro-batches of this rank over and over (the loss must approach 0); 0: normal data."""
+    profile_steps: int = 0
+    """Trace this many steps with the torch profiler into <run dir>/profile/; 0 turns profiling off."""
+    profile_wait_steps: int = 2
+    """Steps to run before the profiler starts (one more warms it up), so start-up is not traced."""
+    inject_nan_at_steps: list[int] = field(default_factory=list)
+    """Make the loss of these steps (1-based) NaN, to exercise skipped-step handling."""
+
+    def validate(self) -> None:
+        """Non-negative counts and 1-based NaN steps."""
+        positive("debug.overfit_batches", self.overfit_batches, allow_zero=True)
+        positive("debug.profile_steps", self.profile_steps, allow_zero=True)
+        positive("debug.profile_wait_steps", self.profile_wait_steps, allow_zero=True)
+        for step in self.inject_nan_at_steps:
+            positive("debug.inject_nan_at_steps", step)
 
 
 @dataclass
@@ -274,3 +497,9 @@ class TrainRunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def groups(self) -> dict[str, object]:
+        """Each group's config by name, in schema order."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -16,13 +16,50 @@ GROUP_SCHEMAS: dict[str, type] = {
     "parallel": schema.ParallelConfig,
     "checkpoint": schema.CheckpointConfig,
     "logging": schema.LoggingConfig,
+    "paths": schema.PathsConfig,
+    "debug": schema.DebugConfig,
 }
-"""Config group name -> its schema; YAML files in conf/<group>/ extend ``base_<group>``."""
+"""Section name -> its schema, in the order of ``TrainRunConfig``."""
+
+SCHEMA_BACKED_GROUPS = ("model", "optim", "data", "train", "parallel", "checkpoint", "logging", "paths")
+"""Config groups whose YAML files extend ``/base_<group>@_here_``. run and eval have no files (schema
+defaults and overrides suffice); debug's presets are ``_global_`` and set fields of several sections."""
+
+SLOT_GROUPS = ("experiment", "hparams_search", "debug")
+"""Groups filled from the command line into a null slot of the defaults list; ``+group=x`` means ``group=x``."""
 
 
 def register_configs() -> None:
-    """Store ``base_config`` and one ``base_<group>`` schema per group, as Hydra's tutorial 5.2 does."""
+    """Store ``base_config`` and the ``base_<group>`` schemas, as Hydra's structured-config tutorial 5.2 does.
+
+    The group schemas sit at the root of the ConfigStore, not inside their groups, and group files
+    extend them with ``/base_<group>@_here_``: inside a group they would be options a user can pick,
+    and Hydra's --help and shell completion would offer ``model=base_model``.
+    """
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=schema.TrainRunConfig)
-    for group, node in GROUP_SCHEMAS.items():
-        cs.store(group=group, name=f"base_{group}", node=node)
+    for group in SCHEMA_BACKED_GROUPS:
+        cs.store(name=f"base_{group}", node=GROUP_SCHEMAS[group])
+
+
+_FLOAT_WORDS = {"nan", "inf", "+inf", "-inf"}
+
+
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """Command-line spellings of the slot groups that Hydra alone would refuse.
+
+    * ``+experiment=x`` (the spelling trainrun documents) means ``experiment=x``: the slots exist in
+      the defaults list with a null value, so ``+`` would fail with "Multiple values for experiment";
+    * ``debug=nan`` picks the preset named nan: Hydra's grammar reads a bare ``nan`` (or ``inf``) as
+      a float, which is no option name, so such a value is quoted.
+    """
+    normalized = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        group = key.removeprefix("+")
+        if sep and group in SLOT_GROUPS:
+            if value.lower() in _FLOAT_WORDS:
+                value = f"'{value}'"
+            override = f"{group}={value}"
+        normalized.append(override)
+    return normalized

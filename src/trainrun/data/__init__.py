@@ -4,7 +4,7 @@ Importing :mod:`trainrun.data.datasets` registers the ``stdlib`` and ``indexed``
 """
 
 from trainrun.data.corpus import build_stdlib_corpus
-from trainrun.data.datasets import TokenDataset, open_dataset_dir, validate_data_config
+from trainrun.data.datasets import TokenDataset, open_dataset_dir
 from trainrun.data.indexed import IndexedDataset, IndexedDatasetWriter, token_dtype
 from trainrun.data.layout import DatasetDirWriter, compute_checksum, read_meta
 from trainrun.data.loader import (
@@ -42,5 +42,4 @@ __all__ = [
     "token_dtype",
     "train_bpe",
     "val_batches",
-    "validate_data_config",
 ]

@@ -59,14 +59,6 @@ def list_source_files(root: Path) -> list[tuple[str, int]]:
     return found
 
 
-def _check_options(val_fraction: float, max_documents: int | None) -> None:
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError("data.val_fraction", val_fraction, "must be in (0, 1), e.g. 0.02")
-    if max_documents is not None and max_documents < 2:
-        raise ConfigError("data.max_documents", max_documents,
-                          "need at least 2 documents (one for train, one for val); use null for all")
-
-
 def corpus_key(files: list[tuple[str, int]], val_fraction: float, max_documents: int | None) -> str:
     """Short hash identifying the corpus a build would produce."""
     h = hashlib.sha256()
@@ -101,15 +93,12 @@ def build_stdlib_corpus(cache_root: str | os.PathLike | None = None, val_fractio
     Python version and option set. Building happens in a staging directory that is renamed into
     place, so concurrent processes and crashes never expose a partial dataset.
     """
-    _check_options(val_fraction, max_documents)
     src = Path(root) if root is not None else stdlib_root()
     files = list_source_files(src)
     if not files:
         raise ConfigError("data.name", "stdlib", f"no .py files under {src}; use data.name=indexed with a "
                           "dataset from `trainrun-prepare`")
     cache = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
-    if cache.exists() and not cache.is_dir():
-        raise ConfigError("data.path", str(cache), "is a file; for data.name=stdlib it must be a cache directory")
     pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
     final = cache / f"stdlib-{pyver}-{corpus_key(files, val_fraction, max_documents)}"
     if (final / META_FILE).is_file():
@@ -124,7 +113,7 @@ def build_stdlib_corpus(cache_root: str | os.PathLike | None = None, val_fractio
     tokenizer = ByteTokenizer()
     with staging_dir(final) as tmp:
         with DatasetDirWriter(tmp, tokenizer, "byte") as writer:
-            for (rel, raw), is_val in zip(docs, val):
+            for (_rel, raw), is_val in zip(docs, val, strict=True):
                 writer.add("val" if is_val else "train", np.frombuffer(raw, dtype=np.uint8))
             meta = writer.finish(source=f"Python {sys.version.split()[0]} standard library at {src} "
                                         f"({len(docs)} files, val_fraction={val_fraction})")

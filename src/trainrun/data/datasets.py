@@ -61,6 +61,11 @@ def open_dataset_dir(path: str | os.PathLike, verify_checksum: bool = False,
                         eod_id=int(meta["eod_id"]), checksum=str(meta["checksum"]), path=directory)
 
 
+def check_indexed_config(cfg: DataConfig) -> None:
+    """The cheap check validation runs before anything is built: a complete dataset directory."""
+    read_meta(_check_indexed_path(cfg.path))
+
+
 def _check_indexed_path(path: str | None) -> Path:
     if path is None or str(path).strip() == "":
         raise ConfigError("data.path", path, f"data.name=indexed needs a dataset directory; {PREPARE_HINT}")
@@ -77,33 +82,13 @@ def _check_indexed_path(path: str | None) -> Path:
     return directory
 
 
-def validate_data_config(cfg: DataConfig) -> None:
-    """Cheap checks of ``cfg`` (paths, ranges) that fail before any model or data is built."""
-    if cfg.seq_len < 1:
-        raise ConfigError("data.seq_len", cfg.seq_len, "must be a positive number of tokens, e.g. 128")
-    if cfg.name == "indexed":
-        read_meta(_check_indexed_path(cfg.path))
-    elif cfg.name == "stdlib":
-        if not 0.0 < cfg.val_fraction < 1.0:
-            raise ConfigError("data.val_fraction", cfg.val_fraction, "must be in (0, 1), e.g. 0.02")
-        if cfg.max_documents is not None and cfg.max_documents < 2:
-            raise ConfigError("data.max_documents", cfg.max_documents,
-                              "need at least 2 documents (one for train, one for val); use null for all")
-        if cfg.path is not None and Path(cfg.path).expanduser().is_file():
-            raise ConfigError("data.path", cfg.path, "is a file; for data.name=stdlib it must be a cache directory "
-                              "(or null for ~/.cache/trainrun)")
-    # Other names belong to plugins, which validate themselves when built.
-
-
 @DATASETS.register("stdlib")
 def build_stdlib(cfg: DataConfig) -> TokenDataset:
     """The bundled standard-library corpus (byte tokens), built once into the cache."""
-    validate_data_config(cfg)
     return open_dataset_dir(build_stdlib_corpus(cfg.path, cfg.val_fraction, cfg.max_documents))
 
 
-@DATASETS.register("indexed")
+@DATASETS.register("indexed", check=check_indexed_config)
 def build_indexed(cfg: DataConfig) -> TokenDataset:
     """A dataset directory written by ``trainrun-prepare`` at ``data.path``."""
-    validate_data_config(cfg)
     return open_dataset_dir(_check_indexed_path(cfg.path))

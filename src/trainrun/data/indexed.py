@@ -96,7 +96,7 @@ class IndexedDatasetWriter:
         self._idx_path = index_file_path(path_prefix)
         self._bin_tmp = self._bin_path.with_name(self._bin_path.name + f".tmp-{os.getpid()}")
         self._idx_tmp = self._idx_path.with_name(self._idx_path.name + f".tmp-{os.getpid()}")
-        self._bin = open(self._bin_tmp, "wb")
+        self._bin = open(self._bin_tmp, "wb")  # noqa: SIM115 - stays open across add_document() calls; close() closes it
         self._sizes: list[int] = []
         self.num_tokens = 0
         self._closed = False

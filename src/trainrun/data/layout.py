@@ -71,7 +71,8 @@ def read_meta(directory: str | os.PathLike, field: str = "data.path") -> dict[st
         raise ConfigError(field, str(directory), f"{path.name} is missing, so this is not a dataset directory; "
                           "run `trainrun-prepare INPUTS --output DIR` first") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(field, str(directory), f"{path.name} is not valid JSON ({err}); rerun `trainrun-prepare`") from None
+        raise ConfigError(field, str(directory),
+                          f"{path.name} is not valid JSON ({err}); rerun `trainrun-prepare`") from None
     missing = [k for k in ("tokenizer", "vocab_size", "eod_id", "checksum") if k not in meta]
     if missing:
         raise ConfigError(field, str(directory), f"{path.name} lacks {', '.join(missing)}; rerun `trainrun-prepare`")

@@ -39,8 +39,6 @@ class SampleStream:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, shuffle: bool = True,
                  split: str = "train"):
-        if seq_len < 1:
-            raise ConfigError("data.seq_len", seq_len, "must be a positive number of tokens, e.g. 128")
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
         self.tokens = tokens
@@ -119,8 +117,6 @@ class BatchIterator:
 
     def __init__(self, stream: SampleStream, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  consumed_samples: int = 0):
-        if micro_batch_size < 1:
-            raise ConfigError("train.micro_batch_size", micro_batch_size, "must be at least 1")
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} is not a rank of dp_size={dp_size}")
         if consumed_samples < 0:

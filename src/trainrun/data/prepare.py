@@ -135,22 +135,23 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size:
     if tokenizer == "bpe":
         if vocab_size < 257:
             raise PrepareError(f"--vocab-size must be at least 257 for a byte-level BPE, got {vocab_size}")
-        train_texts = (t for t, v in zip(iter_documents(sources, text_key), is_val) if not v)
+        train_texts = (t for t, v in zip(iter_documents(sources, text_key), is_val, strict=True) if not v)
         tok = train_bpe(train_texts, vocab_size)
     else:
         tok = ByteTokenizer()
 
-    docs = zip(iter_documents(sources, text_key), is_val)
+    docs = zip(iter_documents(sources, text_key), is_val, strict=True)
     with staging_dir(out) as tmp:
         with DatasetDirWriter(tmp, tok, tokenizer) as writer:
             for chunk in _chunks(_progress(docs, len(keys), "tokenizing"), ENCODE_CHUNK):
                 texts = [t for t, _ in chunk]
                 ids = tok.encode_batch(texts) if isinstance(tok, BPETokenizer) else [tok.encode(t) for t in texts]
-                for tokens, (text, v) in zip(ids, chunk):
+                for tokens, (text, v) in zip(ids, chunk, strict=True):
                     if text:  # an empty document would only be a lone EOD
                         writer.add("val" if v else "train", np.asarray(tokens, dtype=writer.dtype))
             if writer.count("train") == 0 or writer.count("val") == 0:
-                raise PrepareError("a split came out empty (documents without text?); add inputs or change --val-fraction")
+                raise PrepareError("a split came out empty (documents without text?); "
+                                   "add inputs or change --val-fraction")
             meta = writer.finish(source=f"trainrun-prepare of {len(sources)} file(s): "
                                         + ", ".join(str(s.path) for s in sources[:5])
                                         + (" ..." if len(sources) > 5 else ""))
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainrun-prepare", description=__doc__.splitlines()[0].split(": ", 1)[-1])
     p.add_argument("inputs", nargs="+", help="text files, directories or .jsonl files")
     p.add_argument("--output", "-o", required=True, help="dataset directory to write (use as data.path)")
-    p.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte", help="byte (vocab 257) or a locally trained BPE")
+    p.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte",
+                   help="byte (vocab 257) or a locally trained BPE")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size including EOD (bpe only)")
     p.add_argument("--val-fraction", type=float, default=0.02, help="fraction of documents held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")

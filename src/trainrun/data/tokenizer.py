@@ -71,7 +71,7 @@ class BPETokenizer:
 
     name = "bpe"
 
-    def __init__(self, tokenizer: "tokenizers.Tokenizer"):  # noqa: F821 - imported lazily
+    def __init__(self, tokenizer: tokenizers.Tokenizer):  # noqa: F821 - imported lazily
         eod = tokenizer.token_to_id(EOD_TOKEN)
         if eod is None:
             raise ValueError(f"the tokenizer has no {EOD_TOKEN!r} special token")
@@ -91,7 +91,7 @@ class BPETokenizer:
         return self._eod
 
     @property
-    def backend(self) -> "tokenizers.Tokenizer":  # noqa: F821
+    def backend(self) -> tokenizers.Tokenizer:  # noqa: F821 - imported lazily
         """The wrapped ``tokenizers.Tokenizer``."""
         return self._tok
 

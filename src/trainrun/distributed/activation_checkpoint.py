@@ -7,21 +7,18 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 
-MODES = ("none", "selective", "full")
+from trainrun.config.choices import ActivationCheckpointing
 
 
-def apply_ac(model: nn.Module, mode: str) -> nn.Module:
+def apply_ac(model: nn.Module, mode: ActivationCheckpointing) -> nn.Module:
     """Wrap blocks in ``checkpoint_wrapper`` (recompute in backward) per ``mode``; returns ``model``.
 
     ``selective`` wraps every other block (by global layer index, so pipeline stages agree), halving
     stored activations for ~1/6 more compute; ``full`` wraps every block. Block FQNs are unchanged
     in state dicts (the wrapper strips its prefix), so checkpoints move between modes.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown activation checkpointing mode {mode!r}; use one of {', '.join(MODES)}")
-    if mode == "none":
-        return model
+    mode = ActivationCheckpointing(mode)
     for name in list(model.layers.keys()):
-        if mode == "full" or int(name) % 2 == 0:
+        if mode.recomputes(int(name)):
             model.layers[name] = checkpoint_wrapper(model.layers[name])
     return model

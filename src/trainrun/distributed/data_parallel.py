@@ -7,16 +7,18 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from trainrun.config.choices import Precision
 
-def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+
+def mixed_precision_policy(precision: Precision) -> MixedPrecisionPolicy:
     """bf16/fp16 compute params with fp32 gradient reduction; fp32: no casting at all."""
-    if precision == "fp32":
+    dtype = Precision(precision).autocast_dtype
+    if dtype is None:
         return MixedPrecisionPolicy()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: str, reshard_after_forward: bool) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: Precision, reshard_after_forward: bool) -> nn.Module:
     """``fully_shard`` each block, then the root (embeddings, final norm, output) — torchtitan's layout.
 
     One FSDP unit per block lets the all-gather of block i+1 overlap the compute of block i; the
@@ -31,7 +33,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, precision: str, reshard_after
     return model
 
 
-def apply_ddp(model: nn.Module, mesh: DeviceMesh, precision: str = "fp32") -> nn.Module:
+def apply_ddp(model: nn.Module, mesh: DeviceMesh, precision: Precision = Precision.fp32) -> nn.Module:
     """DDP as FSDP2-style ``replicate`` per block + root: full parameters on every rank, gradients all-reduced.
 
     Built on FSDP2's machinery (plain names, no wrapper), so pipeline schedules drive its gradient

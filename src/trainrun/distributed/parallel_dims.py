@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ParallelConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
@@ -31,13 +30,9 @@ class ParallelDims:
     mesh: DeviceMesh | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("dp_replicate", "dp_shard", "tp", "pp"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"parallel.{name}", getattr(self, name), "must be positive")
-        product = self.dp_replicate * self.dp_shard * self.tp * self.pp
-        if product != self.world_size:
-            raise ConfigError("parallel", self.describe(),
-                              f"degrees multiply to {product} but the world size is {self.world_size}")
+        # The user-facing rule is checked once, by config validation; this guards the arithmetic below.
+        if self.dp_replicate * self.dp_shard * self.tp * self.pp != self.world_size:
+            raise ValueError(f"{self.describe()} does not describe a world of {self.world_size}")
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int, rank: int) -> ParallelDims:

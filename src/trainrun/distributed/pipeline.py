@@ -26,17 +26,14 @@ from torch.distributed.pipelining.schedules import (
     _PipelineSchedule,
 )
 
+from trainrun.config.choices import PipelineSchedule
 from trainrun.config.schema import ParallelConfig
 
-SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
-MULTI_STAGE = {"Interleaved1F1B"}
-
-
-def num_microbatches(cfg: ParallelConfig) -> int:
-    """``parallel.pp_microbatches``, defaulting to pp (2*pp for Interleaved1F1B)."""
-    if cfg.pp_microbatches is not None:
-        return cfg.pp_microbatches
-    return cfg.pp * (2 if cfg.pp_schedule in MULTI_STAGE else 1)
+SCHEDULES: dict[PipelineSchedule, type[_PipelineSchedule]] = {
+    PipelineSchedule["GPipe"]: ScheduleGPipe,
+    PipelineSchedule["1F1B"]: Schedule1F1B,
+    PipelineSchedule["Interleaved1F1B"]: ScheduleInterleaved1F1B,
+}
 
 
 def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
@@ -94,8 +91,8 @@ def build_pipeline(parts: list[nn.Module], ids: list[int], cfg: ParallelConfig, 
     num_stages = cfg.pp * cfg.pp_stages_per_rank
     stages = [PipelineStage(part, sid, num_stages, device, group=group) for part, sid in zip(parts, ids, strict=True)]
     cls = SCHEDULES[cfg.pp_schedule]
-    n_mb = num_microbatches(cfg)
-    schedule = cls(stages if cfg.pp_schedule in MULTI_STAGE else stages[0], n_microbatches=n_mb, loss_fn=pipeline_loss)
+    n_mb = cfg.pipeline_microbatches()
+    schedule = cls(stages if cfg.interleaved else stages[0], n_microbatches=n_mb, loss_fn=pipeline_loss)
     return Pipeline(parts, ids, num_stages, schedule, group, pp_rank, cfg.pp)
 
 

@@ -53,7 +53,8 @@ class ValLossEvaluator:
         for part in self.parts:
             part.eval()
         total = torch.zeros((), device=self.env.device)
-        batches = val_batches(self.stream, self.micro_batch_size, self.iters, dp_rank=self.dp_rank, dp_size=self.dp_size)
+        batches = val_batches(self.stream, self.micro_batch_size, self.iters,
+                              dp_rank=self.dp_rank, dp_size=self.dp_size)
         count = 0
         for inputs, targets in batches:
             with self.autocast():

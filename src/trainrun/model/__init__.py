@@ -12,7 +12,6 @@ from trainrun.model.accounting import (
 from trainrun.model.generate import generate
 from trainrun.model.gpt import GPT, build_gpt
 from trainrun.model.init import materialize
-from trainrun.model.layers import ffn_hidden_size
 
 __all__ = [
     "GPT",
@@ -20,7 +19,6 @@ __all__ = [
     "build_gpt",
     "count_parameters",
     "estimate_training_memory",
-    "ffn_hidden_size",
     "flops_per_token",
     "generate",
     "materialize",

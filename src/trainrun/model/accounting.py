@@ -10,12 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from trainrun.config.choices import ActivationCheckpointing, Mlp, Norm, Position, Precision
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig
-from trainrun.model.layers import ffn_hidden_size
-
-_BYTES_PER_ACTIVATION = {"fp32": 4, "bf16": 2, "fp16": 2}
-_CHECKPOINTING = ("none", "selective", "full")
 
 
 def _vocab(cfg: ModelConfig) -> int:
@@ -33,10 +30,10 @@ def count_parameters(cfg: ModelConfig, include_embeddings: bool = True) -> int:
     LayerNorm with ``cfg.bias``; the output projection never has a bias.
     """
     d, L = cfg.d_model, cfg.n_layers
-    hidden = ffn_hidden_size(cfg)
-    norm = d + (d if cfg.norm == "layernorm" and cfg.bias else 0)
+    hidden = cfg.ffn_hidden_size()
+    norm = d + (d if cfg.norm is Norm.layernorm and cfg.bias else 0)
     attention = 4 * d * d + (4 * d if cfg.bias else 0)  # wq, wk, wv, wo
-    if cfg.mlp == "swiglu":
+    if cfg.mlp is Mlp.swiglu:
         mlp = 3 * d * hidden + ((2 * hidden + d) if cfg.bias else 0)  # w1, w3: d->h; w2: h->d
     else:
         mlp = 2 * d * hidden + ((hidden + d) if cfg.bias else 0)  # w1: d->h; w2: h->d
@@ -45,7 +42,7 @@ def count_parameters(cfg: ModelConfig, include_embeddings: bool = True) -> int:
         return non_embedding
     V = _vocab(cfg)
     embeddings = V * d
-    if cfg.position == "learned":
+    if cfg.position is Position.learned:
         embeddings += cfg.max_seq_len * d
     if not cfg.tie_embeddings:
         embeddings += V * d
@@ -91,11 +88,11 @@ def estimate_training_memory(
     cfg: ModelConfig,
     micro_batch_size: int,
     seq_len: int,
-    precision: str = "fp32",
+    precision: Precision = Precision.fp32,
     dp_shard: int = 1,
     tp: int = 1,
     pp: int = 1,
-    activation_checkpointing: str = "none",
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none,
     *,
     dp_replicate: int = 1,
     flash_attention: bool = True,
@@ -118,11 +115,9 @@ def estimate_training_memory(
     ``L/pp`` layers, i.e. L layers' worth. Logits add ``s*b*V*4`` bytes (fp32 for the loss, vocab-sharded
     by tp). Ignores allocator fragmentation, temporary buffers and communication buckets.
     """
-    if precision not in _BYTES_PER_ACTIVATION:
-        raise ConfigError("train.precision", precision, f"use one of {', '.join(_BYTES_PER_ACTIVATION)}")
-    if activation_checkpointing not in _CHECKPOINTING:
-        raise ConfigError("activation_checkpointing", activation_checkpointing, f"use one of {', '.join(_CHECKPOINTING)}")
-    for name, value in (("micro_batch_size", micro_batch_size), ("seq_len", seq_len), ("parallel.dp_shard", dp_shard), ("parallel.tp", tp), ("parallel.pp", pp), ("parallel.dp_replicate", dp_replicate)):
+    precision, activation_checkpointing = Precision(precision), ActivationCheckpointing(activation_checkpointing)
+    for name, value in (("micro_batch_size", micro_batch_size), ("seq_len", seq_len), ("parallel.dp_shard", dp_shard),
+                        ("parallel.tp", tp), ("parallel.pp", pp), ("parallel.dp_replicate", dp_replicate)):
         if value < 1:
             raise ConfigError(name, value, "must be positive")
 
@@ -133,13 +128,13 @@ def estimate_training_memory(
     optimizer_state = math.ceil(8 * n / shards)
 
     s, b, h, a, L = seq_len, micro_batch_size, cfg.d_model, cfg.n_heads, cfg.n_layers
-    scale = _BYTES_PER_ACTIVATION[precision] / 2  # the formula's coefficients are 16-bit bytes
+    scale = precision.activation_bytes / 2  # the formula's coefficients are 16-bit bytes
     score_term = 0.0 if flash_attention else 5 * a * s / h
     full_layer = s * b * h * (34 + score_term) * scale
-    if activation_checkpointing == "none":
+    recomputed = sum(activation_checkpointing.recomputes(i) for i in range(L))
+    if recomputed == 0:
         layers = L * full_layer
     else:
-        recomputed = L if activation_checkpointing == "full" else (L + 1) // 2  # selective: blocks 0, 2, 4, ...
         layers = recomputed * 2 * s * b * h * scale + (L - recomputed) * full_layer + full_layer
     logits = s * b * _vocab(cfg) * 4
     activations = math.ceil((layers + logits) / tp)

@@ -7,38 +7,23 @@ Nothing here knows about parallelism.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainrun.config.choices import Mlp, Norm
 from trainrun.config.schema import ModelConfig
-
-
-def ffn_hidden_size(cfg: ModelConfig) -> int:
-    """MLP hidden size: ``cfg.ffn_hidden`` or the default for ``cfg.mlp``.
-
-    SwiGLU has three matrices instead of two, so 8/3*d keeps its parameter count close to a 4*d
-    GELU MLP (Shazeer 2020); rounding up to a multiple of 64 keeps matmul shapes kernel-friendly.
-    """
-    if cfg.ffn_hidden is not None:
-        return cfg.ffn_hidden
-    if cfg.mlp == "swiglu":
-        return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
-    return 4 * cfg.d_model
 
 
 def build_norm(cfg: ModelConfig) -> nn.Module:
     """RMSNorm (weight only: ``nn.RMSNorm`` has no bias) or LayerNorm (bias iff ``cfg.bias``)."""
-    if cfg.norm == "rmsnorm":
+    if cfg.norm is Norm.rmsnorm:
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
-    raise ValueError(f"unknown norm {cfg.norm!r}; use rmsnorm or layernorm")
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_cache(head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cache(head_dim: int, max_seq_len: int, theta: float,
+               device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of rotate-half RoPE (Su et al. 2021), each (max_seq_len, head_dim), in fp32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)  # (hs/2,)
     t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
@@ -94,10 +79,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = ffn_hidden_size(cfg)
-        self.swiglu = cfg.mlp == "swiglu"
-        if cfg.mlp not in ("swiglu", "gelu"):
-            raise ValueError(f"unknown mlp {cfg.mlp!r}; use swiglu or gelu")
+        hidden = cfg.ffn_hidden_size()
+        self.swiglu = cfg.mlp is Mlp.swiglu
         self.w1 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)  # gate (swiglu) / up (gelu)
         self.w2 = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)  # down
         self.w3 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias) if self.swiglu else None  # up (swiglu)
@@ -105,10 +88,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C)."""
-        if self.swiglu:
-            h = F.silu(self.w1(x)) * self.w3(x)  # (B, T, ffn)
-        else:
-            h = F.gelu(self.w1(x))  # (B, T, ffn)
+        h = F.silu(self.w1(x)) * self.w3(x) if self.swiglu else F.gelu(self.w1(x))  # (B, T, ffn)
         return self.dropout(self.w2(h))
 
 

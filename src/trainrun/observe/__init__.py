@@ -16,7 +16,7 @@ from trainrun.observe.metric_logger import (
 from trainrun.observe.progress import NullProgressBar, log_write, progress_bar
 from trainrun.observe.sinks import MetricSink
 from trainrun.observe.tensorboard_sink import TensorBoardSink
-from trainrun.observe.throughput import ThroughputMeter, peak_flops_per_device
+from trainrun.observe.throughput import Throughput, measure_throughput, peak_flops_per_device
 from trainrun.observe.timers import Timer, Timers
 from trainrun.observe.wandb_sink import WandbSink, stable_run_id
 
@@ -27,7 +27,7 @@ __all__ = [
     "MetricSink",
     "NullProgressBar",
     "TensorBoardSink",
-    "ThroughputMeter",
+    "Throughput",
     "Timer",
     "Timers",
     "WandbSink",
@@ -35,6 +35,7 @@ __all__ = [
     "format_eval_line",
     "format_train_line",
     "log_write",
+    "measure_throughput",
     "memory_stats",
     "peak_flops_per_device",
     "progress_bar",

@@ -103,7 +103,7 @@ class ConsoleSink:
         """Nothing to release."""
 
 
-@METRIC_SINKS.register("console")
+@METRIC_SINKS.register("console", switch="logging.console")
 def build_console_sink(cfg: LoggingConfig, run_dir: Path) -> ConsoleSink:
     """Registry factory for :class:`ConsoleSink`."""
     return ConsoleSink()

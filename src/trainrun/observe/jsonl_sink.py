@@ -62,7 +62,7 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
-@METRIC_SINKS.register("jsonl")
+@METRIC_SINKS.register("jsonl", switch="logging.jsonl")
 def build_jsonl_sink(cfg: LoggingConfig, run_dir: Path) -> JsonlSink:
     """Registry factory for :class:`JsonlSink` writing ``<run_dir>/metrics.jsonl``."""
     return JsonlSink(run_dir / METRICS_FILE)

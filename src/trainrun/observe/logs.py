@@ -21,7 +21,7 @@ class TqdmAwareHandler(logging.Handler):
         """Format ``record`` and write it to stderr without breaking a tqdm bar."""
         try:
             log_write(self.format(record))
-        except Exception:  # logging must never crash training
+        except Exception:  # noqa: BLE001 - logging must never crash training; handleError reports it
             self.handleError(record)
 
 

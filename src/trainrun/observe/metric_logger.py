@@ -10,7 +10,7 @@ from typing import Any
 from trainrun.config.schema import LoggingConfig
 
 # Imported for their registrations in METRIC_SINKS.
-from trainrun.observe import console_sink, jsonl_sink, tensorboard_sink, wandb_sink  # noqa: F401
+from trainrun.observe import console_sink, jsonl_sink, tensorboard_sink, wandb_sink  # noqa: F401 - registrations
 from trainrun.observe.logs import warn_once
 from trainrun.observe.sinks import Metrics, MetricSink
 from trainrun.registry import METRIC_SINKS
@@ -70,21 +70,13 @@ class MetricLogger:
             warn_once(logger, f"metric sink {name!r} failed in {what} ({type(err).__name__}: {err}); continuing")
 
 
+_BUILT_IN = ("console", "jsonl", "tensorboard", "wandb")
+
+
 def selected_sink_names(cfg: LoggingConfig) -> list[str]:
-    """Sink names enabled by ``cfg``: the built-in flags, then ``cfg.sinks``, without duplicates."""
-    names: list[str] = []
-    if cfg.console:
-        names.append("console")
-    if cfg.jsonl:
-        names.append("jsonl")
-    if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
-        names.append("wandb")
-    if cfg.tensorboard:
-        names.append("tensorboard")
-    for name in cfg.sinks:
-        if name not in names:
-            names.append(name)
-    return names
+    """Sink names enabled by ``cfg``: each built-in by its own switch, then the extra ``cfg.sinks``."""
+    switches = dict(zip(_BUILT_IN, (cfg.console, cfg.jsonl, cfg.tensorboard, cfg.wandb.enabled), strict=True))
+    return [name for name, on in switches.items() if on] + list(cfg.sinks)
 
 
 def build_metric_logger(cfg: LoggingConfig, run_dir: Path, is_rank0: bool) -> MetricLogger:
@@ -94,7 +86,8 @@ def build_metric_logger(cfg: LoggingConfig, run_dir: Path, is_rank0: bool) -> Me
     sinks: dict[str, MetricSink] = {}
     try:
         for name in selected_sink_names(cfg):
-            sinks[name] = METRIC_SINKS.get(name)(cfg, run_dir)
+            factory = METRIC_SINKS.get(name) if name in _BUILT_IN else METRIC_SINKS.get_extra(name)
+            sinks[name] = factory(cfg, run_dir)
     except BaseException:
         for sink in sinks.values():  # do not leak an open wandb run or file on a config error
             sink.close()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import contextlib
 from typing import Any, Protocol, TypeAlias, runtime_checkable
-
-from trainrun.config.schema import LoggingConfig
 
 MetricValue: TypeAlias = float | int | str
 Metrics: TypeAlias = dict[str, MetricValue]
@@ -32,25 +30,13 @@ class MetricSink(Protocol):
         ...
 
 
-class MetricSinkFactory(Protocol):
-    """Signature of the factories stored in ``METRIC_SINKS``."""
-
-    def __call__(self, cfg: LoggingConfig, run_dir: Path) -> MetricSink:
-        """Build a sink writing under ``run_dir``."""
-        ...
-
-
 def numeric_items(metrics: Metrics) -> dict[str, float]:
     """The numeric entries of ``metrics`` as floats (strings and other objects dropped)."""
     out: dict[str, float] = {}
     for key, value in metrics.items():
-        if isinstance(value, bool):
-            out[key] = float(value)
-        elif isinstance(value, (int, float)):
+        if isinstance(value, (bool, int, float)):
             out[key] = float(value)
         elif hasattr(value, "item"):  # 0-d torch tensors / numpy scalars that slipped through
-            try:
+            with contextlib.suppress(TypeError, ValueError):
                 out[key] = float(value.item())
-            except (TypeError, ValueError):
-                pass
     return out

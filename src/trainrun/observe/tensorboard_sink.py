@@ -40,7 +40,7 @@ class TensorBoardSink:
         self._writer.close()
 
 
-@METRIC_SINKS.register("tensorboard")
+@METRIC_SINKS.register("tensorboard", switch="logging.tensorboard")
 def build_tensorboard_sink(cfg: LoggingConfig, run_dir: Path) -> TensorBoardSink:
     """Registry factory for :class:`TensorBoardSink` writing ``<run_dir>/tensorboard``."""
     return TensorBoardSink(run_dir / TENSORBOARD_DIR)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import time
-from collections import deque
+from dataclasses import dataclass
 
 import torch
+
+from trainrun.config.choices import Precision
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks in FLOP/s, from vendor datasheets.
 # Matched by substring on torch.cuda.get_device_name in order, so specific names
@@ -44,7 +45,7 @@ _UNKNOWN_GPU_FLOPS = 312e12
 
 
 def peak_flops_per_device(
-    device: torch.device, override_tflops: float | None = None, precision: str = "bf16"
+    device: torch.device, override_tflops: float | None = None, precision: Precision = Precision.bf16
 ) -> tuple[float, str]:
     """Peak FLOP/s of one device for MFU, and a note on where the number came from.
 
@@ -52,8 +53,6 @@ def peak_flops_per_device(
     of dense bf16 peaks; on CPU a nominal 1 TFLOP/s is used, so MFU there only shows trends.
     """
     if override_tflops is not None:
-        if override_tflops <= 0:
-            raise ValueError(f"logging.peak_tflops must be positive, got {override_tflops}")
         return override_tflops * 1e12, f"peak {override_tflops:g} TFLOP/s from logging.peak_tflops"
     if device.type != "cuda":
         return _CPU_NOMINAL_FLOPS, (
@@ -62,7 +61,7 @@ def peak_flops_per_device(
         )
     name = torch.cuda.get_device_name(device)
     peak, note = lookup_gpu_peak(name)
-    if precision == "fp32":
+    if precision is Precision.fp32:
         note += "; training in fp32, so MFU is against the bf16 peak and will look low"
     return peak, note
 
@@ -79,55 +78,27 @@ def lookup_gpu_peak(device_name: str) -> tuple[float, str]:
     )
 
 
-class ThroughputMeter:
-    """Sliding-window tokens/s and MFU.
+@dataclass(frozen=True)
+class Throughput:
+    """Speed of a window of training steps, as the log line reports it."""
 
-    ``tokens`` passed to ``update`` are the tokens processed by all ``num_devices`` devices in
-    that step; MFU divides by the aggregate peak, which equals per-device MFU.
+    tokens_per_s: float
+    """Tokens per second, all devices together."""
+    tflops_per_device: float
+    """Achieved model TFLOP/s per device (model FLOPs only: recomputation is not counted)."""
+    mfu: float
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak, as a fraction."""
+
+
+def measure_throughput(tokens: int, seconds: float, flops_per_token: float, num_devices: int,
+                       peak_flops: float) -> Throughput:
+    """Throughput of ``tokens`` processed by ``num_devices`` devices in ``seconds`` (PaLM's MFU definition).
+
+    Dividing the aggregate FLOP/s by the device count gives the per-device figure, so MFU is the
+    same whether it is read per device or for the whole job.
     """
-
-    def __init__(self, flops_per_token: float, peak_flops: float, window: int = 20, num_devices: int = 1):
-        if peak_flops <= 0 or num_devices < 1 or window < 1:
-            raise ValueError("peak_flops must be > 0, num_devices >= 1 and window >= 1")
-        self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
-        self.num_devices = num_devices
-        self._steps: deque[tuple[float, int]] = deque(maxlen=window)
-        self._last_tick: float | None = None
-
-    def update(self, step_time_s: float, tokens: int) -> None:
-        """Record one step that took ``step_time_s`` seconds and processed ``tokens`` tokens."""
-        if step_time_s < 0:
-            raise ValueError(f"step time must be >= 0, got {step_time_s}")
-        self._steps.append((step_time_s, tokens))
-
-    def tick(self, tokens: int) -> None:
-        """Record a step ending now, timed with ``time.perf_counter`` since the previous tick.
-
-        The first tick only starts the clock (the time before it is unknown).
-        """
-        now = time.perf_counter()
-        if self._last_tick is not None:
-            self.update(now - self._last_tick, tokens)
-        self._last_tick = now
-
-    def reset(self) -> None:
-        """Drop the window, e.g. after an evaluation or checkpoint pause that is not training time."""
-        self._steps.clear()
-        self._last_tick = None
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Tokens per second over the window, all devices together (0 before any step)."""
-        seconds = sum(t for t, _ in self._steps)
-        return sum(n for _, n in self._steps) / seconds if seconds > 0 else 0.0
-
-    @property
-    def tokens_per_s_per_device(self) -> float:
-        """Tokens per second per device over the window."""
-        return self.tokens_per_s / self.num_devices
-
-    @property
-    def mfu(self) -> float:
-        """Model FLOPs utilisation as a fraction: achieved model FLOP/s over peak FLOP/s."""
-        return self.tokens_per_s * self.flops_per_token / (self.peak_flops * self.num_devices)
+    if num_devices < 1 or peak_flops <= 0:
+        raise ValueError(f"num_devices must be >= 1 and peak_flops > 0, got {num_devices} and {peak_flops}")
+    tokens_per_s = tokens / max(seconds, 1e-9)
+    per_device_flops = tokens_per_s * flops_per_token / num_devices
+    return Throughput(tokens_per_s, per_device_flops / 1e12, per_device_flops / peak_flops)

@@ -6,13 +6,11 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import LoggingConfig, WandbConfig
 from trainrun.observe.sinks import Metrics
 from trainrun.registry import METRIC_SINKS
 
 WANDB_ID_FILE = "wandb_id.txt"
-WANDB_MODES = ("online", "offline", "disabled")
 
 
 def stable_run_id(run_dir: Path) -> str:
@@ -36,8 +34,6 @@ class WandbSink:
     """Logs metric rows to a wandb run (``resume="allow"`` on a stable id)."""
 
     def __init__(self, cfg: WandbConfig, run_dir: Path):
-        if cfg.mode not in WANDB_MODES:
-            raise ConfigError("logging.wandb.mode", cfg.mode, f"use one of {', '.join(WANDB_MODES)}")
         import wandb  # imported here: it is slow to import and only needed when enabled
 
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -48,7 +44,7 @@ class WandbSink:
             entity=cfg.entity,
             name=cfg.name or run_dir.name,
             dir=str(run_dir),
-            mode=cfg.mode,
+            mode=cfg.mode.value,
             id=self.run_id,
             resume="allow",
             # silent: no banner or sync hints in the training log; console="off": wandb must not
@@ -76,7 +72,7 @@ class WandbSink:
             self._run = None
 
 
-@METRIC_SINKS.register("wandb")
+@METRIC_SINKS.register("wandb", switch="logging.wandb.enabled")
 def build_wandb_sink(cfg: LoggingConfig, run_dir: Path) -> WandbSink:
     """Registry factory for :class:`WandbSink` from ``logging.wandb``."""
     return WandbSink(cfg.wandb, run_dir)

@@ -10,7 +10,6 @@ from trainrun.optim.schedules import (
     constant_schedule,
     cosine_schedule,
     linear_schedule,
-    validate_optim_config,
     wsd_schedule,
     wsd_sqrt_schedule,
 )
@@ -23,7 +22,6 @@ __all__ = [
     "linear_schedule",
     "param_group_summary",
     "param_groups",
-    "validate_optim_config",
     "wsd_schedule",
     "wsd_sqrt_schedule",
 ]

@@ -5,11 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainrun.config.errors import ConfigError
+from trainrun.config.choices import OptimizerImpl
 from trainrun.config.schema import OptimConfig
 from trainrun.registry import OPTIMIZERS
-
-IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -29,18 +27,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _implementation_kwargs(implementation: str, device_type: str) -> dict[str, bool]:
+def _implementation_kwargs(implementation: OptimizerImpl, device_type: str) -> dict[str, bool]:
     """Map ``optim.implementation`` to AdamW's ``fused`` / ``foreach`` flags."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ConfigError("optim.implementation", implementation, f"use one of {', '.join(IMPLEMENTATIONS)}")
-    if implementation == "auto":
+    if implementation is OptimizerImpl.auto:
         # The fused CUDA kernel is one launch for all tensors; elsewhere foreach is the safe fast path.
-        implementation = "fused" if device_type == "cuda" else "foreach"
-    return {
-        "fused": {"fused": True, "foreach": False},
-        "foreach": {"fused": False, "foreach": True},
-        "for_loop": {"fused": False, "foreach": False},
-    }[implementation]
+        implementation = OptimizerImpl.fused if device_type == "cuda" else OptimizerImpl.foreach
+    return dict(fused=implementation is OptimizerImpl.fused, foreach=implementation is OptimizerImpl.foreach)
 
 
 @OPTIMIZERS.register("adamw")

@@ -15,9 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import OptimConfig
-from trainrun.optim.optimizer import IMPLEMENTATIONS
 from trainrun.registry import LR_SCHEDULES
 
 logger = logging.getLogger(__name__)
@@ -25,36 +23,8 @@ logger = logging.getLogger(__name__)
 Schedule = Callable[[int], float]
 
 
-def validate_optim_config(cfg: OptimConfig, max_steps: int) -> None:
-    """Raise ``ConfigError`` naming the field, value and fix for any invalid optimizer setting."""
-    if max_steps < 1:
-        raise ConfigError("train.max_steps", max_steps, "must be positive")
-    if not cfg.lr > 0:
-        raise ConfigError("optim.lr", cfg.lr, "must be positive")
-    if cfg.warmup_steps < 0:
-        raise ConfigError("optim.warmup_steps", cfg.warmup_steps, "must be >= 0")
-    if cfg.decay_steps is not None and cfg.decay_steps < 1:
-        raise ConfigError("optim.decay_steps", cfg.decay_steps, "must be positive, or null for max_steps - warmup_steps")
-    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
-        raise ConfigError("optim.min_lr_ratio", cfg.min_lr_ratio, "must be in [0, 1]")
-    if not 0.0 <= cfg.wsd_decay_fraction <= 1.0:
-        raise ConfigError("optim.wsd_decay_fraction", cfg.wsd_decay_fraction, "must be in [0, 1]")
-    if cfg.weight_decay < 0:
-        raise ConfigError("optim.weight_decay", cfg.weight_decay, "must be >= 0")
-    for name in ("beta1", "beta2"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise ConfigError(f"optim.{name}", getattr(cfg, name), "must be in [0, 1)")
-    if not cfg.eps > 0:
-        raise ConfigError("optim.eps", cfg.eps, "must be positive")
-    if cfg.grad_clip < 0:
-        raise ConfigError("optim.grad_clip", cfg.grad_clip, "must be >= 0 (0 disables clipping)")
-    if cfg.implementation not in IMPLEMENTATIONS:
-        raise ConfigError("optim.implementation", cfg.implementation, f"use one of {', '.join(IMPLEMENTATIONS)}")
-
-
 def _with_warmup(cfg: OptimConfig, max_steps: int, decay: Callable[[float], float]) -> Schedule:
     """Wrap ``decay(progress in [0, 1]) -> multiplier`` with warmup and the post-decay floor."""
-    validate_optim_config(cfg, max_steps)
     warmup = cfg.warmup_steps
     decay_steps = cfg.decay_steps if cfg.decay_steps is not None else max_steps - warmup
 
@@ -118,7 +88,6 @@ def build_lr_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """``LambdaLR`` applying the schedule registered as ``cfg.schedule`` to every param group."""
-    validate_optim_config(cfg, max_steps)
     if cfg.warmup_steps > max_steps:
         # Legitimate for a short test of a long recipe (e.g. +experiment=gpt_125m train.max_steps=50).
         logger.warning("optim.warmup_steps=%d > train.max_steps=%d: the run ends inside warmup",

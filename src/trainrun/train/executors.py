@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from trainrun.config.choices import Precision
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import TrainRunConfig
 from trainrun.registry import STEP_EXECUTORS
@@ -48,11 +49,11 @@ class StepExecutor(Protocol):
         ...
 
 
-def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+def autocast_context(precision: Precision, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of autocast contexts for the configured precision (fp32: no autocast)."""
-    if precision == "fp32":
+    dtype = Precision(precision).autocast_dtype
+    if dtype is None:
         return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -111,10 +112,8 @@ class EagerExecutor:
         self.model, self.optimizer, self.scheduler, self.device = model, optimizer, scheduler, device
         self.grad_clip = cfg.optim.grad_clip
         self.autocast = autocast_context(cfg.train.precision, device)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.train.precision is Precision.fp16 else None
         self.loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss
-        self.poison_next_step = False
-        """Testing hook (train.inject_nan_at_steps): make the next step's loss NaN."""
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -126,15 +125,12 @@ class EagerExecutor:
         skipped iterations; the caller counts them.
         """
         self.model.train()
-        poison, self.poison_next_step = self.poison_next_step, False
         total = torch.zeros((), device=self.device)
         for inputs, targets in micro_batches:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with self.autocast():
                 loss = self.loss_fn(self.model, inputs, targets)
-            if poison:
-                loss = loss * float("nan")
             self._backward(loss / len(micro_batches))
             total += loss.detach()
         if self.scaler:
@@ -174,14 +170,11 @@ class PipelineExecutor:
         self.pipe, self.optimizers, self.scheduler, self.device = pipeline, optimizers, scheduler, device
         self.grad_clip = cfg.optim.grad_clip
         self.autocast = autocast_context(cfg.train.precision, device)
-        self.poison_next_step = False
-        """Testing hook (train.inject_nan_at_steps): make the next step's loss NaN."""
 
     def step(self, micro_batches: Sequence[Batch], before_update: Callable[[], None] | None = None) -> StepResult:
         """Forward/backward of all micro-batches by the schedule, global-norm clip, optimizer and LR step."""
         for part in self.pipe.parts:
             part.train()
-        poison, self.poison_next_step = self.poison_next_step, False
         inputs = torch.cat([b[0] for b in micro_batches]).to(self.device)  # (B_local, T)
         targets = torch.cat([b[1] for b in micro_batches]).to(self.device)  # (B_local, T)
         losses: list[torch.Tensor] = []
@@ -190,8 +183,6 @@ class PipelineExecutor:
             args = (inputs,) if self.pipe.has_first else ()
             self.pipe.schedule.step(*args, target=targets if last else None, losses=losses if last else None)
         loss = torch.stack([x.detach().float() for x in losses]).mean() if last else torch.zeros((), device=self.device)
-        if poison:
-            loss = loss * float("nan")
         dist.all_reduce(loss, group=self.pipe.group)  # the last stage's loss, on every stage
         params = [p for part in self.pipe.parts for p in part.parameters()]
         grad_norm = clip_grad_norm_global(params, self.grad_clip if self.grad_clip > 0 else math.inf, self.pipe.group)
@@ -254,5 +245,6 @@ def build_compiled(model, optimizer, scheduler, cfg: TrainRunConfig, device: tor
 def build_cuda_graph(model, optimizer, scheduler, cfg: TrainRunConfig, device: torch.device) -> StepExecutor:
     """torch.compile with CUDA-graph capture (mode reduce-overhead); needs a CUDA device."""
     if device.type != "cuda":
-        raise ConfigError("train.step_executor", "cuda_graph", "CUDA-graph capture needs run.device=cuda; use eager or compile")
+        raise ConfigError("train.step_executor", "cuda_graph",
+                          "CUDA-graph capture needs run.device=cuda; use eager or compile")
     return CompiledExecutor(model, optimizer, scheduler, cfg, device, mode="reduce-overhead")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -22,7 +23,8 @@ from trainrun.config.validate import data_parallel_size
 from trainrun.distributed.env import DistEnv
 from trainrun.eval.evaluator import Evaluator
 from trainrun.exit_codes import ExitCode
-from trainrun.observe import Timers, memory_stats, progress_bar
+from trainrun.observe import Timers, measure_throughput, memory_stats, progress_bar
+from trainrun.observe.profiler import StepProfiler
 from trainrun.train.executors import Batch, StepExecutor, StepResult
 from trainrun.train.state import TrainState
 
@@ -41,6 +43,8 @@ class LoopComponents:
     policy: CheckpointPolicy
     metrics: object  # observe.MetricLogger
     state: TrainState
+    profiler: StepProfiler = field(default_factory=lambda: StepProfiler(Path("."), active_steps=0))
+    """Traces a window of steps when ``debug.profile_steps`` > 0; a no-op otherwise."""
 
 
 class TrainingLoop:
@@ -70,8 +74,6 @@ class TrainingLoop:
     def train_step(self) -> StepResult:
         """Fetch data and run one optimizer step; advance the counters."""
         batches = self.next_global_batch()
-        if self.state.step + 1 in self.cfg.train.inject_nan_at_steps:
-            self.parts.executor.poison_next_step = True
         with self.timers.time("step"):
             # An async save may still be copying parameters: wait for it before they change.
             result = self.parts.executor.step(batches, before_update=self._wait_for_staging)
@@ -101,15 +103,15 @@ class TrainingLoop:
         """Reduce the loss over ranks and emit one metrics row (syncs the device)."""
         elapsed = time.perf_counter() - self._window_start
         self.state.train_time_s += elapsed
-        tokens_per_s = self.tokens_per_step * self._window_steps / max(elapsed, 1e-9)
-        per_device_flops = tokens_per_s * self.flops_per_token / self.env.world_size
+        speed = measure_throughput(self.tokens_per_step * self._window_steps, elapsed, self.flops_per_token,
+                                   self.env.world_size, self.peak_flops)
         row: dict[str, float | int] = {
             "loss": self.env.all_reduce_mean(result.loss).item(),
             "lr": result.lr,
             "grad_norm": result.grad_norm.item(),
-            "tokens_per_s": tokens_per_s,
-            "tflops_per_device": per_device_flops / 1e12,
-            "mfu": per_device_flops / self.peak_flops,
+            "tokens_per_s": speed.tokens_per_s,
+            "tflops_per_device": speed.tflops_per_device,
+            "mfu": speed.mfu,
             "consumed_tokens": self.state.consumed_tokens,
             "skipped_steps": self.state.skipped_steps,
         }
@@ -186,32 +188,12 @@ class TrainingLoop:
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> ExitCode:
         """Train to ``train.max_steps``; RESUME when stopped early after saving, BAD_STEPS on persistent NaNs."""
-        max_steps, eval_interval = self.cfg.train.max_steps, self.cfg.eval.interval
-        bar = progress_bar(total=max_steps, initial=self.state.step,
+        bar = progress_bar(total=self.cfg.train.max_steps, initial=self.state.step,
                            enabled=self.cfg.train.progress_bar and self.env.is_rank0)
         self.exit_controller.install()
         try:
-            while self.state.step < max_steps:
-                result = self.train_step()
-                bar.update(1)
-                if self.consecutive_skips >= self.cfg.train.max_skipped_steps:
-                    logger.error("%d consecutive steps had a non-finite loss or gradient norm (train.max_skipped_steps="
-                                 "%d); stopping without saving", self.consecutive_skips, self.cfg.train.max_skipped_steps)
-                    self.log_step(result)
-                    return ExitCode.BAD_STEPS
-                last = self.state.step == max_steps
-                if self.state.step % self.cfg.train.log_interval == 0 or last:
-                    self.log_step(result)
-                    bar.set_postfix(loss=f"{self.last_loss:.3f}")
-                improved = False
-                if last or (eval_interval and self.state.step % eval_interval == 0):
-                    improved = self.evaluate()
-                reason = self.checkpoint_and_decide_exit(improved)
-                if reason is not None:
-                    logger.info("stopping at step %d (%s); exit code %d asks to be resumed",
-                                self.state.step, reason, ExitCode.RESUME)
-                    return ExitCode.RESUME
-            return ExitCode.FINISHED
+            with self.parts.profiler:
+                return self._run_steps(bar)
         finally:
             bar.close()
             # Commit a pending async save while the exit handlers are still installed: a signal
@@ -220,3 +202,29 @@ class TrainingLoop:
                 self.parts.checkpointer.close()
             finally:
                 self.exit_controller.restore()
+
+    def _run_steps(self, bar) -> ExitCode:
+        """Step until the end or an exit condition; the exit code says which."""
+        max_steps, eval_interval = self.cfg.train.max_steps, self.cfg.eval.interval
+        while self.state.step < max_steps:
+            result = self.train_step()
+            self.parts.profiler.step()
+            bar.update(1)
+            if self.consecutive_skips >= self.cfg.train.max_skipped_steps:
+                logger.error("%d consecutive steps had a non-finite loss or gradient norm (train.max_skipped_steps="
+                             "%d); stopping without saving", self.consecutive_skips, self.cfg.train.max_skipped_steps)
+                self.log_step(result)
+                return ExitCode.BAD_STEPS
+            last = self.state.step == max_steps
+            if self.state.step % self.cfg.train.log_interval == 0 or last:
+                self.log_step(result)
+                bar.set_postfix(loss=f"{self.last_loss:.3f}")
+            improved = False
+            if last or (eval_interval and self.state.step % eval_interval == 0):
+                improved = self.evaluate()
+            reason = self.checkpoint_and_decide_exit(improved)
+            if reason is not None:
+                logger.info("stopping at step %d (%s); exit code %d asks to be resumed",
+                            self.state.step, reason, ExitCode.RESUME)
+                return ExitCode.RESUME
+        return ExitCode.FINISHED
