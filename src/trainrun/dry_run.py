@@ -27,7 +27,6 @@ def dry_run_report(cfg: TrainRunConfig) -> str:
     memory = estimate_training_memory(
         cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.precision,
         dp_shard=p.dp_shard, tp=p.tp, pp=p.pp, activation_checkpointing=p.activation_checkpointing,
-        dp_replicate=p.dp_replicate,
     )
     accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * data_parallel_size(cfg))
     lines = [

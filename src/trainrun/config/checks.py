@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from enum import Enum
 
 from trainrun.config.choices import enum_fields
@@ -54,7 +53,3 @@ def _member(enum_type: type[Enum], field: str, value: object) -> Enum:
         allowed = ", ".join(m.name for m in enum_type)
         raise ConfigError(field, value, f"use one of {allowed}") from None
 
-
-def fields_of(obj: object) -> list[str]:
-    """Field names of a dataclass instance, in order."""
-    return [f.name for f in dataclasses.fields(obj)]  # type: ignore[arg-type]

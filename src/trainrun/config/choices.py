@@ -23,11 +23,6 @@ class Choice(str, Enum):
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
 
-    @classmethod
-    def spellings(cls) -> list[str]:
-        """The allowed values as users type them."""
-        return [member.value for member in cls]
-
 
 class Device(Choice):
     """Where the run computes (``run.device``)."""

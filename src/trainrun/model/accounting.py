@@ -94,14 +94,13 @@ def estimate_training_memory(
     pp: int = 1,
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none,
     *,
-    dp_replicate: int = 1,
     flash_attention: bool = True,
 ) -> MemoryEstimate:
     """Peak training memory per device of AdamW mixed-precision training, roughly.
 
     Model state: fp32 master weights (4 B/param), fp32 grads (4) and AdamW's two fp32 moments (8),
-    all sharded by ``dp_shard`` (FSDP) and divided by ``tp * pp``. ``dp_replicate`` (DDP, or HSDP's
-    outer dim) does not lower per-device memory: each replica holds the full (shard of the) state.
+    all sharded by ``dp_shard`` (FSDP) and divided by ``tp * pp``. Data-parallel replicas (DDP, or HSDP's
+    outer dim) do not lower per-device memory, so ``parallel.dp_replicate`` is not a parameter.
     bf16/fp16 is autocast, so no second weight copy is kept.
 
     Activations per layer follow Korthikanti et al. 2022 (for 16-bit, in bytes):
@@ -116,10 +115,6 @@ def estimate_training_memory(
     by tp). Ignores allocator fragmentation, temporary buffers and communication buckets.
     """
     precision, activation_checkpointing = Precision(precision), ActivationCheckpointing(activation_checkpointing)
-    for name, value in (("micro_batch_size", micro_batch_size), ("seq_len", seq_len), ("parallel.dp_shard", dp_shard),
-                        ("parallel.tp", tp), ("parallel.pp", pp), ("parallel.dp_replicate", dp_replicate)):
-        if value < 1:
-            raise ConfigError(name, value, "must be positive")
 
     n = count_parameters(cfg)
     shards = dp_shard * tp * pp

@@ -26,11 +26,6 @@ class Timer:
         self._started_at: float | None = None
 
     @property
-    def running(self) -> bool:
-        """Whether the timer is between ``start`` and ``stop``."""
-        return self._started_at is not None
-
-    @property
     def count(self) -> int:
         """Completed start/stop intervals since the last reset."""
         return self._count
@@ -105,12 +100,6 @@ class Timers:
             yield timer
         finally:
             timer.stop()
-
-    def elapsed_ms(self, name: str, reset: bool = True) -> float:
-        """Total milliseconds timed under ``name`` since the last reset (0 for an unknown name)."""
-        if name not in self._timers:
-            return 0.0
-        return self._timers[name].elapsed_s(reset=reset) * 1e3
 
     def as_dict(self, prefix: str = "time_", reset: bool = True, steps: int | None = None) -> dict[str, float]:
         """Per-step average milliseconds of every timer since the last reset, keyed ``prefix + name``.

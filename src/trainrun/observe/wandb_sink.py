@@ -38,7 +38,6 @@ class WandbSink:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = stable_run_id(run_dir)
-        self._wandb = wandb
         self._run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,

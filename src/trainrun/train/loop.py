@@ -62,7 +62,6 @@ class TrainingLoop:
         self.last_loss = float("nan")
         self._window_start = time.perf_counter()
         self._window_steps = 0
-        self._window_skipped = 0
         self._save_blocked_ms = 0.0
 
     # ---- one step -------------------------------------------------------------------------
@@ -83,7 +82,6 @@ class TrainingLoop:
         self._window_steps += 1
         if result.skipped:
             self.state.skipped_steps += 1
-            self._window_skipped += 1
             self.consecutive_skips += 1
             logger.warning("step %d skipped: loss %s, grad norm %s (%d in a row)", self.state.step,
                            result.loss.item(), result.grad_norm.item(), self.consecutive_skips)
