@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,13 +40,13 @@ def _print_summary(result) -> None:
     print(f"run directory: {result.run_dir.resolve()}")
 
 
-def _run_task(cfg: DictConfig) -> int:
+def _run_task(cfg: DictConfig, run_dir: Path) -> int:
     """Run one job; return its exit code (errors a user can fix become one line on stderr)."""
     from trainrun import orchestrator
     from trainrun.checkpoint.store import CheckpointError
 
     try:
-        result = orchestrator.run(cfg, run_dir=Path(HydraConfig.get().runtime.output_dir))
+        result = orchestrator.run(cfg, run_dir=run_dir)
     except (ConfigError, UnknownComponentError) as err:
         print(f"trainrun: configuration error: {err}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
@@ -57,14 +58,55 @@ def _run_task(cfg: DictConfig) -> int:
     return int(result.exit_code)
 
 
+def _launch_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun's RANK, Slurm's SLURM_PROCID)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def run_in_dir(cfg: DictConfig, run_dir: Path) -> int:
+    """Run one job in ``run_dir``: rank 0 holds the directory's lock and records each attempt's outcome."""
+    from trainrun.launch.run_status import RunDirLock, record_status
+
+    if _launch_rank() != 0:
+        return _run_task(cfg, run_dir)
+    try:
+        with RunDirLock(run_dir):
+            code = ExitCode.FAILED
+            try:
+                code = _run_task(cfg, run_dir)
+            finally:
+                record_status(run_dir, ExitCode(code).name.lower(), int(code))
+    except ConfigError as err:  # the directory is locked by another run
+        print(f"trainrun: configuration error: {err}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    return code
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def hydra_entry(cfg: DictConfig) -> int:
     """Run the composed config. A single run exits with its code; in a sweep (-m) each job returns
-    its code to the launcher so one failing job does not end the others."""
+    its code to the launcher so one failing job does not end the others, a point that finished in
+    an earlier launch of the same sweep is skipped, and a submitit job that stopped early to be
+    resumed (code 3) is requeued instead of reported."""
+    from trainrun.launch.run_status import is_finished
+    from trainrun.launch.slurm_requeue import in_submitit_job, requeue_this_job
+
     global _task_started
     _task_started = True
-    code = _run_task(cfg)
-    if HydraConfig.get().mode != RunMode.MULTIRUN and code != ExitCode.FINISHED:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun and is_finished(run_dir):
+        print(f"trainrun: sweep point {run_dir.name} ({hydra_cfg.job.override_dirname or 'no overrides'}) "
+              f"finished in an earlier launch; skipping it", file=sys.stderr)
+        return ExitCode.FINISHED
+    code = run_in_dir(cfg, run_dir)
+    if code == ExitCode.RESUME and in_submitit_job():
+        # Returning would write submitit's result file and end the job for good; leaving without
+        # one after `scontrol requeue` is what submitit's own preemption handler does.
+        requeue_this_job()
+        raise SystemExit(code)
+    if not multirun and code != ExitCode.FINISHED:
         sys.exit(code)
     return code
 
@@ -95,6 +137,9 @@ def main() -> None:
     register_configs()
     register_help_resolver()
     sys.argv[1:] = normalize_overrides(sys.argv[1:])
+    # conf/hydra/launcher/submitit_*.yaml keep the names users know and are typed by the plugin's
+    # schemas of the same name; Hydra validates them that way and warns that it is deprecated.
+    warnings.filterwarnings("ignore", message=r"(?s).*hydra/launcher/submitit_\w+' is validated against ConfigStore")
     # Without this Hydra prints composition errors over several lines itself and exits 1; with it
     # they reach us, and every configuration error gets the same one line and exit code 2.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")

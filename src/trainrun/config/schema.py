@@ -375,8 +375,10 @@ class CheckpointConfig:
     """Keep the newest N persistent checkpoints (never deleting the best or the resumed one); 0 keeps all."""
     verify: Verify = Verify.sha256
     """Manifest check on save/resume: sha256 (every byte; catches bit flips), size (file sizes only) or none."""
-    exit_signals: list[ExitSignal] = field(default_factory=lambda: [ExitSignal.SIGTERM, ExitSignal.SIGUSR1])
-    """Signals that make trainrun save at the next step boundary and exit with code 3."""
+    exit_signals: list[ExitSignal] = field(
+        default_factory=lambda: [ExitSignal.SIGTERM, ExitSignal.SIGUSR1, ExitSignal.SIGUSR2])
+    """Signals that make trainrun save at the next step boundary and exit with code 3 (USR2: submitit's
+    preemption signal)."""
     resume: str = "auto"
     """auto (newest complete checkpoint in the checkpoint dir), never, or a checkpoint path."""
     async_save: bool = False
