@@ -129,3 +129,13 @@ def _wait_for_step(run_dir: Path, step: int, launcher: subprocess.Popen, timeout
             return
         time.sleep(0.1)
     raise AssertionError(f"the job never reached step {step}")
+
+
+def test_preflight_rejects_a_bad_point_and_queues_nothing(slurm_env, corpus_cache, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # Two tasks per job, but the degrees of the second point describe one process.
+    proc = sweep([*QUIET, f"data.path={corpus_cache}", "hydra.launcher.tasks_per_node=2",
+                  "parallel.dp_replicate=2,1", f"hydra.sweep.dir={sweep_dir}"], slurm_env, tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "parallel.dp_replicate=1" in proc.stderr and "world size is 2" in proc.stderr
+    assert squeue(slurm_env) == [] and not (sweep_dir / ".submitit").exists()

@@ -1,0 +1,50 @@
+"""Sweeps (-m) with Hydra's basic launcher: pre-flight checks, point identity, skip-finished, the exit code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+def _points(sweep_dir: Path) -> dict[str, dict]:
+    return {p.name: json.loads((p / "trainrun_status.json").read_text())
+            for p in sorted(sweep_dir.iterdir()) if (p / "trainrun_status.json").is_file()}
+
+
+def test_sweep_points_have_stable_directories_and_a_second_launch_skips_finished_ones(tmp_path, corpus_cache):
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", *TINY, "eval.sample_tokens=0", f"data.path={corpus_cache}", "train.max_steps=2",
+            "model.n_layers=1,2", f"hydra.sweep.dir={sweep_dir}"]
+    first = run_cli(args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "pre-flight: 2 sweep point(s) compose and validate" in first.stderr
+    points = _points(sweep_dir)
+    assert len(points) == 2 and all(s["status"] == "finished" for s in points.values())
+    second = run_cli(args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stderr.count("finished in an earlier launch; skipping it") == 2
+    assert _points(sweep_dir) == points  # no new attempt recorded
+
+
+def test_preflight_rejects_a_bad_point_before_any_runs(tmp_path, corpus_cache):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli(["-m", *TINY, f"data.path={corpus_cache}", "model.n_heads=4,3", f"hydra.sweep.dir={sweep_dir}"],
+                   cwd=tmp_path)
+    assert proc.returncode == 2
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("trainrun:")]
+    assert "sweep point p" in line and "model.n_heads=3" in line and "must divide model.d_model=64" in line
+    assert not sweep_dir.exists()  # nothing ran, not even the good point
+
+
+def test_a_point_stopped_early_makes_the_sweep_exit_3(tmp_path, corpus_cache):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli(["-m", *TINY, "eval.sample_tokens=0", f"data.path={corpus_cache}", "train.max_steps=4",
+                    "train.exit_interval=2,10", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert sorted(s["status"] for s in _points(sweep_dir).values()) == ["finished", "resume"]
