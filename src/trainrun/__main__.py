@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,11 +72,11 @@ def run_in_dir(cfg: DictConfig, run_dir: Path) -> int:
         return _run_task(cfg, run_dir)
     try:
         with RunDirLock(run_dir):
-            code = ExitCode.FAILED
+            code, started = ExitCode.FAILED, time.time()
             try:
                 code = _run_task(cfg, run_dir)
             finally:
-                record_status(run_dir, ExitCode(code).name.lower(), int(code))
+                record_status(run_dir, ExitCode(code).name.lower(), int(code), started)
     except ConfigError as err:  # the directory is locked by another run
         print(f"trainrun: configuration error: {err}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -48,3 +49,22 @@ def test_a_point_stopped_early_makes_the_sweep_exit_3(tmp_path, corpus_cache):
                     "train.exit_interval=2,10", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert sorted(s["status"] for s in _points(sweep_dir).values()) == ["finished", "resume"]
+
+
+def test_report_tables_every_point_with_csv_and_png(tmp_path, corpus_cache):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli(["-m", *TINY, "eval.sample_tokens=0", f"data.path={corpus_cache}", "train.max_steps=4",
+                    "optim.lr=1e-3,3e-3", "train.exit_interval=2,100", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    report = run_cli([str(sweep_dir)], cwd=tmp_path, module="trainrun.launch.report")
+    assert report.returncode == 0, report.stderr
+    lines = report.stdout.splitlines()
+    assert lines[0].split()[:3] == ["point", "overrides", "status"] and len(lines) >= 5
+    with open(sweep_dir / "report.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and sorted(r["status"] for r in rows) == ["finished", "finished", "requeued 1 times", "requeued 1 times"]
+    finished = [r for r in rows if r["status"] == "finished"]
+    assert all(float(r["final_val_loss"]) > 0 and float(r["wall_time_s"]) > 0 for r in finished)
+    assert all("optim.lr=" in r["overrides"] and r["point"].startswith("p") for r in rows)
+    png = (sweep_dir / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -62,3 +62,13 @@ def test_a_run_directory_is_locked_while_a_run_writes_to_it(tmp_path: Path):
     killed.wait(30)
     with RunDirLock(tmp_path):  # a killed holder leaves no stale lock either
         pass
+
+
+def test_wandb_group_of_a_sweep_point_is_the_sweep(tmp_path: Path):
+    from trainrun.observe.wandb_sink import sweep_group
+
+    point = tmp_path / "sweep-7" / "p0123456789"
+    point.mkdir(parents=True)
+    assert sweep_group(point) is None  # a single run
+    (tmp_path / "sweep-7" / "multirun.yaml").write_text("{}")
+    assert sweep_group(point) == "sweep-7"

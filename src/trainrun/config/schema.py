@@ -416,6 +416,8 @@ class WandbConfig:
     """wandb entity (team/user); null: wandb's default."""
     name: str | None = None
     """Run name; null: the run directory's name."""
+    group: str | None = None
+    """Run group; null: in a sweep, the sweep directory's name (all points of a sweep in one group)."""
 
     def __post_init__(self) -> None:
         coerce_choices(self, "logging.wandb")

@@ -36,12 +36,13 @@ def is_finished(run_dir: Path) -> bool:
     return read_status(run_dir).get("status") == "finished"
 
 
-def record_status(run_dir: Path, status: str, exit_code: int) -> dict:
-    """Append this attempt to the status file (atomically replaced) and return the new status."""
+def record_status(run_dir: Path, status: str, exit_code: int, started: float | None = None) -> dict:
+    """Append this attempt (it began at ``started``, a ``time.time()``) to the status file, atomically replaced."""
     previous = read_status(run_dir)
+    now = time.time()
     attempts = previous.get("attempts", []) + [
-        {"status": status, "exit_code": exit_code, "time": time.time(), "host": socket.gethostname(),
-         "slurm_job_id": os.environ.get("SLURM_JOB_ID")}]
+        {"status": status, "exit_code": exit_code, "started": now if started is None else started, "time": now,
+         "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}]
     status_doc = {"status": status, "exit_code": exit_code, "attempts": attempts,
                   "requeues": sum(1 for a in attempts if a["status"] == "resume")}
     tmp = run_dir / f".{STATUS_FILE}.tmp"

@@ -30,6 +30,11 @@ def stable_run_id(run_dir: Path) -> str:
     return run_id
 
 
+def sweep_group(run_dir: Path) -> str | None:
+    """The sweep directory's name when ``run_dir`` is a sweep point (Hydra writes multirun.yaml there)."""
+    return run_dir.parent.name if (run_dir.parent / "multirun.yaml").is_file() else None
+
+
 class WandbSink:
     """Logs metric rows to a wandb run (``resume="allow"`` on a stable id)."""
 
@@ -42,6 +47,7 @@ class WandbSink:
             project=cfg.project,
             entity=cfg.entity,
             name=cfg.name or run_dir.name,
+            group=cfg.group or sweep_group(run_dir),
             dir=str(run_dir),
             mode=cfg.mode.value,
             id=self.run_id,

@@ -1,0 +1,143 @@
+"""``trainrun-report <sweep dir>``: one row per sweep point, as a console table, a CSV and a PNG of loss curves.
+
+Each row: the point's id and overrides, its status (finished / running / failed / requeued n
+times, from ``trainrun_status.json`` and the run-directory lock), final and best validation loss,
+median tokens/s and MFU, peak memory and wall time over all attempts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from trainrun.launch.run_status import LOCK_FILE, read_status
+from trainrun.observe.analysis import load_metrics, summarize
+
+COLUMNS = ("point", "overrides", "status", "steps", "final_val_loss", "best_val_loss", "tokens_per_s", "mfu",
+           "peak_mem_gib", "wall_time_s")
+
+
+def is_running(run_dir: Path) -> bool:
+    """Someone holds the run directory's lock right now."""
+    lock = run_dir / LOCK_FILE
+    if not lock.is_file():
+        return False
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def point_status(run_dir: Path) -> str:
+    """running, finished (after n requeues), requeued n times (stopped early, waiting to resume), failed, ..."""
+    status = read_status(run_dir)
+    requeues = status.get("requeues", 0)
+    if is_running(run_dir):
+        return "running"
+    word = status.get("status", "not started")
+    if word == "resume":
+        return f"requeued {requeues} times"
+    return f"{word} after {requeues} requeues" if word == "finished" and requeues else word
+
+
+def point_row(run_dir: Path) -> dict[str, object]:
+    """The report row of one point directory."""
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    row: dict[str, object] = {"point": run_dir.name, "overrides": " ".join(overrides or []),
+                              "status": point_status(run_dir)}
+    if (run_dir / "metrics.jsonl").is_file():
+        metrics = load_metrics(run_dir)
+        summary = summarize(metrics)
+        row.update(steps=summary["steps"], final_val_loss=summary["final_val_loss"],
+                   best_val_loss=summary["best_val_loss"], tokens_per_s=summary["median_tokens_per_s"],
+                   mfu=summary["median_mfu"])
+        peaks = [r.get("mem_peak_gib", r.get("mem_gib")) for r in metrics.train]
+        row["peak_mem_gib"] = max((p for p in peaks if p is not None), default=None)
+    attempts = read_status(run_dir).get("attempts", [])
+    if attempts:
+        row["wall_time_s"] = sum(a["time"] - a.get("started", a["time"]) for a in attempts)
+    return row
+
+
+def sweep_rows(sweep_dir: Path) -> list[dict[str, object]]:
+    """Rows of every point directory (one holding ``.hydra/``) of ``sweep_dir``, best final loss first."""
+    rows = [point_row(p) for p in sorted(sweep_dir.iterdir()) if (p / ".hydra").is_dir()]
+    return sorted(rows, key=lambda r: (r.get("final_val_loss") is None, r.get("final_val_loss") or 0.0))
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    """A fixed-width console table."""
+    def cell(value: object) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+    cells = [[cell(r.get(c)) for c in COLUMNS] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def plot_sweep(sweep_dir: Path, rows: list[dict[str, object]], path: Path) -> Path:
+    """Training and validation loss of every point on one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for row in rows:
+        run_dir = sweep_dir / str(row["point"])
+        if not (run_dir / "metrics.jsonl").is_file():
+            continue
+        metrics = load_metrics(run_dir)
+        label = str(row["overrides"]) or str(row["point"])
+        ax_train.plot([r["step"] for r in metrics.train], [r["loss"] for r in metrics.train], label=label)
+        if metrics.eval:
+            ax_val.plot([r["step"] for r in metrics.eval], [r["val_loss"] for r in metrics.eval], "o-", label=label)
+    ax_train.set(xlabel="step", ylabel="loss (nats/token)", title="training loss")
+    ax_val.set(xlabel="step", ylabel="loss (nats/token)", title="validation loss")
+    ax_val.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: print the table, write ``report.csv`` and ``report.png`` into the sweep directory."""
+    parser = argparse.ArgumentParser(prog="trainrun-report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a sweep directory (hydra.sweep.dir)")
+    parser.add_argument("--output", type=Path, default=None, help="where report.csv/.png go (default: the sweep dir)")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"trainrun-report: {args.sweep_dir} is not a directory", file=sys.stderr)
+        return 2
+    rows = sweep_rows(args.sweep_dir)
+    if not rows:
+        print(f"trainrun-report: no sweep points (directories with .hydra/) in {args.sweep_dir}", file=sys.stderr)
+        return 2
+    out = args.output or args.sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "report.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({c: r.get(c) for c in COLUMNS} for r in rows)
+    plot_sweep(args.sweep_dir, rows, out / "report.png")
+    print(format_table(rows))
+    print(f"\nwrote {out / 'report.csv'} and {out / 'report.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
