@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hydra.core.config_store import ConfigStore
 
 from trainrun.config import schema
@@ -40,6 +42,26 @@ def register_configs() -> None:
     cs.store(name="base_config", node=schema.TrainRunConfig)
     for group in SCHEMA_BACKED_GROUPS:
         cs.store(name=f"base_{group}", node=GROUP_SCHEMAS[group])
+    expose_hydra_plugins()
+
+
+def expose_hydra_plugins() -> None:
+    """Make trainrun's Hydra plugins (hydra_plugins/trainrun_optuna) visible to Hydra's plugin scan.
+
+    Hydra walks ``hydra_plugins.__path__``, which lists the ``hydra_plugins`` folders on sys.path. A
+    wheel puts trainrun's there; an editable install maps it through an import hook instead, which
+    the walk does not see, so its folder is added to the namespace path (once).
+    """
+    import importlib.util
+
+    import hydra_plugins
+
+    spec = importlib.util.find_spec("hydra_plugins.trainrun_optuna")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    folder = str(Path(list(spec.submodule_search_locations)[0]).parent)
+    if folder not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(folder)
 
 
 _FLOAT_WORDS = {"nan", "inf", "+inf", "-inf"}

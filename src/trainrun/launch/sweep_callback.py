@@ -86,7 +86,12 @@ class SweepCallback(Callback):
               f"{world_size} process(es) per job", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **_: Any) -> None:
-        """One line per point; exit non-zero unless every point of the sweep directory finished."""
+        """One line per point; exit non-zero unless every point of the sweep directory finished.
+
+        Searches (other sweepers) expect failed trials: their summary is the sweeper's own.
+        """
+        if str(config.hydra.sweeper.get("_target_", "")) != _BASIC_SWEEPER:
+            return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         rows = [(p.name, read_status(p)) for p in sorted(sweep_dir.iterdir()) if (p / ".hydra").is_dir()]
         worst = ExitCode.FINISHED
