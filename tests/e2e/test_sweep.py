@@ -33,6 +33,21 @@ def test_sweep_points_have_stable_directories_and_a_second_launch_skips_finished
     assert _points(sweep_dir) == points  # no new attempt recorded
 
 
+def test_a_second_launch_resumes_the_unfinished_point(tmp_path, corpus_cache):
+    sweep_dir = tmp_path / "sweep"
+    common = ["-m", *TINY, "eval.sample_tokens=0", f"data.path={corpus_cache}", "train.max_steps=4",
+              f"hydra.sweep.dir={sweep_dir}"]
+    assert run_cli([*common, "model.n_layers=1"], cwd=tmp_path).returncode == 0
+    # Stopped early after saving (exit 3): how a run is driven is not part of the point's identity.
+    assert run_cli([*common, "model.n_layers=2", "train.exit_interval=2"], cwd=tmp_path).returncode == 3
+    both = run_cli([*common, "model.n_layers=1,2"], cwd=tmp_path)
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert both.stderr.count("finished in an earlier launch; skipping it") == 1
+    statuses = sorted([a["status"] for a in s["attempts"]] for s in _points(sweep_dir).values())
+    assert statuses == [["finished"], ["resume", "finished"]]
+    assert "resumed from" in both.stderr
+
+
 def test_preflight_rejects_a_bad_point_before_any_runs(tmp_path, corpus_cache):
     sweep_dir = tmp_path / "sweep"
     proc = run_cli(["-m", *TINY, f"data.path={corpus_cache}", "model.n_heads=4,3", f"hydra.sweep.dir={sweep_dir}"],
@@ -43,18 +58,34 @@ def test_preflight_rejects_a_bad_point_before_any_runs(tmp_path, corpus_cache):
     assert not sweep_dir.exists()  # nothing ran, not even the good point
 
 
+def test_preflight_refuses_a_point_that_does_not_fit_the_device_memory(tmp_path):
+    # dry_run: should the check miss, the points only plan, they never train a 1.3B model on this CPU
+    proc = run_cli(["-m", "experiment=gpt_1b", "run.dry_run=true", "run.device_memory_gib=80",
+                    "train.micro_batch_size=1,32", f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("trainrun:")]
+    assert "train.micro_batch_size=32" in line and "exceed run.device_memory_gib=80" in line
+
+
+def test_points_that_would_share_a_directory_are_refused(tmp_path, corpus_cache):
+    proc = run_cli(["-m", *TINY, f"data.path={corpus_cache}", "train.exit_interval=2,3",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "share the run directory" in proc.stderr and "exclude_keys" in proc.stderr
+
+
 def test_a_point_stopped_early_makes_the_sweep_exit_3(tmp_path, corpus_cache):
     sweep_dir = tmp_path / "sweep"
-    proc = run_cli(["-m", *TINY, "eval.sample_tokens=0", f"data.path={corpus_cache}", "train.max_steps=4",
-                    "train.exit_interval=2,10", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    proc = run_cli(["-m", *TINY, "eval.sample_tokens=0", f"data.path={corpus_cache}", "train.max_steps=2,6",
+                    "train.exit_interval=3", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert sorted(s["status"] for s in _points(sweep_dir).values()) == ["finished", "resume"]
 
 
 def test_report_tables_every_point_with_csv_and_png(tmp_path, corpus_cache):
     sweep_dir = tmp_path / "sweep"
-    proc = run_cli(["-m", *TINY, "eval.sample_tokens=0", f"data.path={corpus_cache}", "train.max_steps=4",
-                    "optim.lr=1e-3,3e-3", "train.exit_interval=2,100", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    proc = run_cli(["-m", *TINY, "eval.sample_tokens=0", f"data.path={corpus_cache}", "train.max_steps=2,6",
+                    "optim.lr=1e-3,3e-3", "train.exit_interval=3", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr[-3000:]
     report = run_cli([str(sweep_dir)], cwd=tmp_path, module="trainrun.launch.report")
     assert report.returncode == 0, report.stderr

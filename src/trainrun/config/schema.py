@@ -47,12 +47,16 @@ class RunConfig:
     """Python modules imported before the run so that they can register components."""
     deterministic: bool = True
     """Ask torch for deterministic kernels (bit-exact resume on CPU)."""
+    device_memory_gib: float | None = None
+    """Memory of one accelerator in GiB (e.g. 80 for an H100): a sweep's pre-flight refuses points whose
+    estimated training memory per device exceeds it; null: not checked."""
 
     def __post_init__(self) -> None:
         coerce_choices(self, "run")
 
     def validate(self) -> None:
-        """Plugins are module names (importing them is the registry's job, in ``validate.py``)."""
+        """A positive device memory; plugins are module names (importing them is the registry's job)."""
+        optional_positive("run.device_memory_gib", self.device_memory_gib)
         for module in self.plugins:
             if not module or not all(part.isidentifier() for part in module.split(".")):
                 raise ConfigError("run.plugins", module, "must be importable module names such as my_pkg.components")

@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from trainrun.config.errors import ConfigError
+from trainrun.config.schema import TrainRunConfig
 from trainrun.exit_codes import ExitCode
 from trainrun.launch.point import point_id
 from trainrun.launch.run_status import read_status
@@ -50,8 +51,25 @@ def sweep_points(config: DictConfig) -> list[list[str]]:
     return [list(point) for batch in batches for point in batch]
 
 
-def check_point(config: DictConfig, overrides: list[str], world_size: int) -> None:
-    """Compose and validate one point as its job will; a ConfigError names the point and the field."""
+def check_memory(cfg: TrainRunConfig) -> None:
+    """The dry-run memory estimate per device fits ``run.device_memory_gib`` (when both are known)."""
+    if cfg.run.device_memory_gib is None or cfg.model.vocab_size is None:
+        return  # unknown device, or a vocabulary that only the dataset knows
+    from trainrun.model.accounting import estimate_training_memory
+
+    p = cfg.parallel
+    need = estimate_training_memory(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.precision,
+                                    dp_shard=p.dp_shard, tp=p.tp, pp=p.pp,
+                                    activation_checkpointing=p.activation_checkpointing).total / 2**30
+    if need > cfg.run.device_memory_gib:
+        raise ConfigError("train.micro_batch_size", cfg.train.micro_batch_size,
+                          f"the estimated {need:.1f} GiB per device exceed run.device_memory_gib="
+                          f"{cfg.run.device_memory_gib:g}; lower it, shard more (parallel.dp_shard, tp, pp) or "
+                          "set parallel.activation_checkpointing")
+
+
+def check_point(config: DictConfig, overrides: list[str], world_size: int) -> str:
+    """Compose and validate one point as its job will; return its id. A ConfigError names the point and the field."""
     from hydra.core.global_hydra import GlobalHydra
 
     from trainrun.config.convert import to_dataclass
@@ -62,9 +80,12 @@ def check_point(config: DictConfig, overrides: list[str], world_size: int) -> No
     with open_dict(composed):
         del composed["hydra"]
     try:
-        validate_config(to_dataclass(composed), world_size=world_size)
+        cfg = to_dataclass(composed)
+        validate_config(cfg, world_size=world_size)
+        check_memory(cfg)
     except ConfigError as err:
         raise ConfigError(f"sweep point {point} [{' '.join(overrides)}]: {err.field}", err.value, err.fix) from None
+    return point
 
 
 class SweepCallback(Callback):
@@ -76,9 +97,17 @@ class SweepCallback(Callback):
             return  # other sweepers (Optuna) choose their points as they go
         world_size = launcher_world_size(config)
         points = sweep_points(config)
+        seen: dict[str, list[str]] = {}
         try:
             for overrides in points:
-                check_point(config, overrides, world_size)
+                point = check_point(config, overrides, world_size)
+                if point in seen:
+                    raise ConfigError(
+                        "hydra.sweeper", f"[{' '.join(seen[point])}] and [{' '.join(overrides)}]",
+                        f"these points share the run directory {point}: they differ only in keys that "
+                        "hydra.job.config.override_dirname.exclude_keys leaves out of a point's identity; "
+                        "sweep other keys")
+                seen[point] = overrides
         except ConfigError as err:
             print(f"trainrun: configuration error: {err}", file=sys.stderr)
             raise SystemExit(ExitCode.CONFIG_ERROR) from None
