@@ -116,5 +116,7 @@ def test_multirun_sweep_runs_each_job(tmp_path, corpus_cache):
             f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    lrs = sorted(read_metrics(tmp_path / "sweep" / str(job))[0]["lr"] for job in (0, 1))
+    points = sorted((tmp_path / "sweep").glob("p*/metrics.jsonl"))  # one directory per point, named by its hash
+    assert len(points) == 2
+    lrs = sorted(read_metrics(p.parent)[0]["lr"] for p in points)
     assert lrs == pytest.approx([1e-3 / 2, 3e-3 / 2])  # warmup step 0 of 1: (0+1)/(1+1) of peak

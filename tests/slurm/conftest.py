@@ -46,6 +46,16 @@ def slurm_env() -> Iterator[dict[str, str]]:
         subprocess.run(["bash", str(STOP)], env=env, check=False, timeout=60)
 
 
+@pytest.fixture(autouse=True)
+def _empty_queue_after_each_test(request) -> Iterator[None]:
+    """A test that fails mid-way must not leave jobs that the next test would find in squeue."""
+    yield
+    if "slurm_env" in request.fixturenames:
+        env = request.getfixturevalue("slurm_env")
+        for job, _, _ in squeue(env):
+            subprocess.run(["scancel", job], env=env, check=False, capture_output=True)
+
+
 def squeue(env: dict[str, str]) -> list[tuple[str, str, str]]:
     """(job id, state, reason) of every job in the queue."""
     out = subprocess.run(["squeue", "-h", "-o", "%i|%T|%r"], env=env, capture_output=True, text=True,

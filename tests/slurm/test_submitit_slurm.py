@@ -6,6 +6,7 @@ and a 2-task job trains with DDP like one process."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -51,7 +52,35 @@ def test_sweep_runs_every_point_and_a_second_launch_skips_them(slurm_env, corpus
     assert all(len(_status(p)["attempts"]) == 1 for p in _points(sweep_dir))
 
 
-def test_preempted_job_saves_requeues_and_finishes_like_an_uninterrupted_run(slurm_env, corpus_cache, tmp_path):
+def test_a_second_launch_skips_the_finished_point_and_resumes_the_killed_one(slurm_env, corpus_cache, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    common = [*QUIET, f"data.path={corpus_cache}", "train.max_steps=300", "checkpoint.interval=20",
+              f"hydra.sweep.dir={sweep_dir}"]
+    assert sweep([*common, "model.n_layers=1"], slurm_env, tmp_path).returncode == 0
+    # The second point's job and the sweep command die without a chance to save (a lost node and
+    # login session: SIGKILL), after step 40.
+    launcher = start_sweep([*common, "model.n_layers=2"], slurm_env, tmp_path)
+    killed = next(p for p in _wait_for_points(sweep_dir, 2, launcher) if not (p / "trainrun_status.json").exists())
+    _wait_for_step(killed, 45, launcher)
+    [(job, _, _)] = squeue(slurm_env)
+    launcher.kill()
+    launcher.communicate(timeout=30)
+    trainer_pid = int((killed / ".trainrun.lock").read_text().split()[1])  # "pid <N> on <host>"
+    os.kill(trainer_pid, signal.SIGKILL)
+    subprocess.run(["scancel", job], env=slurm_env, check=False)  # and the job is gone for good
+    _wait_for_empty_queue(slurm_env)
+    both = sweep([*common, "model.n_layers=1,2"], slurm_env, tmp_path)
+    assert both.returncode == 0, both.stderr[-3000:]
+    job_logs = "".join(f.read_text() for f in (sweep_dir / ".submitit").rglob("*_log.err"))
+    assert job_logs.count("finished in an earlier launch; skipping it") == 1
+    resumed = int((killed / "train.log").read_text().split("resumed from")[1].split("(step ")[1].split(")")[0])
+    assert resumed >= 40 and resumed % 20 == 0  # the newest checkpoint the killed job had committed
+    assert sorted(train_losses(killed)) == list(range(1, 301)) and _status(killed)["status"] == "finished"
+
+
+@pytest.mark.parametrize("interruption", ["usr2", "scontrol_requeue"])
+def test_preempted_job_saves_requeues_and_finishes_like_an_uninterrupted_run(slurm_env, corpus_cache, tmp_path,
+                                                                            interruption):
     common = [*QUIET, f"data.path={corpus_cache}", "train.max_steps=300", "checkpoint.interval=0"]
     reference = tmp_path / "reference"
     proc = run_cli([*common, f"hydra.run.dir={reference}"], cwd=tmp_path, env=slurm_env)
@@ -64,16 +93,18 @@ def test_preempted_job_saves_requeues_and_finishes_like_an_uninterrupted_run(slu
         _wait_for_step(run_dir, 20, launcher)
         [(job, state, _)] = squeue(slurm_env)
         assert state == "RUNNING"
-        # What Slurm's --signal=USR2@<signal_delay_s> (and submitit's job._interrupt()) sends.
-        subprocess.run(["scancel", f"--signal={signal.SIGUSR2.name.removeprefix('SIG')}", job], env=slurm_env,
-                       check=True)
+        if interruption == "usr2":  # what Slurm's --signal=USR2@<signal_delay_s> (and submitit's _interrupt()) sends
+            subprocess.run(["scancel", f"--signal={signal.SIGUSR2.name.removeprefix('SIG')}", job], env=slurm_env,
+                           check=True)
+        else:  # an operator's requeue: Slurm sends SIGTERM, then SIGKILL after KillWait
+            subprocess.run(["scontrol", "requeue", job], env=slurm_env, check=True)
         out, _ = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, out[-4000:]
     status = _status(run_dir)
     assert [a["status"] for a in status["attempts"]] == ["resume", "finished"], status
     assert releaser.released >= 1
     log = (run_dir / "train.log").read_text()
-    assert "received SIGUSR2" in log and "resumed from" in log
+    assert f"received {'SIGUSR2' if interruption == 'usr2' else 'SIGTERM'}" in log and "resumed from" in log
     stopped_at = int(log.split("resumed from")[1].split("(step ")[1].split(")")[0])
     assert 20 <= stopped_at < 300
     expected, got = train_losses(reference), train_losses(run_dir)
@@ -118,6 +149,23 @@ def _wait_for_point(sweep_dir: Path, launcher: subprocess.Popen, timeout: float 
             return _points(sweep_dir)[0]
         time.sleep(0.2)
     raise AssertionError("the job never created its run directory")
+
+
+def _wait_for_points(sweep_dir: Path, count: int, launcher: subprocess.Popen, timeout: float = 120) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert launcher.poll() is None, launcher.communicate()[0][-3000:]
+        if sweep_dir.is_dir() and len(_points(sweep_dir)) >= count:
+            return _points(sweep_dir)
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {count} run directories appeared")
+
+
+def _wait_for_empty_queue(env: dict[str, str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while squeue(env) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not squeue(env), squeue(env)
 
 
 def _wait_for_step(run_dir: Path, step: int, launcher: subprocess.Popen, timeout: float = 120) -> None:
