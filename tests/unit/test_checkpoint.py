@@ -6,6 +6,7 @@ Fast: tiny tensors and a two-layer model, no subprocesses (the process-level fau
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -494,3 +495,69 @@ def test_checkpointer_protects_best_and_resumed(tmp_path):
         ckpt.wait_for_staging()
     ckpt.close()
     assert [p.name for p in ckpt.store.checkpoints()] == ["step_1", "step_2", "step_5"]
+
+
+def _stack_global_payload(module: str, name: str, *args: str) -> bytes:
+    """A protocol-4 pickle calling ``module.name(*args)`` (name may be a dotted attribute path)."""
+    def text(s: str) -> bytes:
+        raw = s.encode()
+        return b"\x8c" + bytes([len(raw)]) + raw  # SHORT_BINUNICODE
+
+    call_args = b"(" + b"".join(text(a) for a in args) + b"t"  # MARK ... TUPLE
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + call_args + b"R."  # STACK_GLOBAL, REDUCE, STOP
+
+
+_ALLOWED_MODULES = sorted({m for m, _ in __import__("trainrun.checkpoint.safe_reader", fromlist=["x"]).ALLOWED_GLOBALS})
+
+
+@pytest.mark.parametrize("payload_name", [
+    *(f"chain:{m}" for m in _ALLOWED_MODULES),  # os.system reached through an attribute chain of each allowed module
+    "builtins.eval", "builtins.exec", "builtins.getattr", "builtins.__import__", "os.system", "subprocess.Popen",
+    "torch.load", "torch.serialization.load", "torch.distributed.checkpoint.metadata.os",
+    "reduce", "not_a_pickle", "empty", "json", "truncated", "persistent_id", "a_list",
+])
+def test_crafted_metadata_is_refused_before_anything_runs(tmp_path, payload_name):
+    from trainrun.checkpoint.safe_reader import UnsafeCheckpointError, load_metadata
+
+    marker = tmp_path / "pwned"
+    command = f"touch {marker}"
+    if payload_name.startswith("chain:"):
+        payload = _stack_global_payload(payload_name.split(":", 1)[1], "os.system", command)
+    elif payload_name == "reduce":
+        payload = pickle.dumps(_Evil(marker))
+    elif payload_name == "not_a_pickle":
+        payload = os.urandom(256)
+    elif payload_name == "empty":
+        payload = b""
+    elif payload_name == "json":
+        payload = b'{"state_dict_metadata": {}}'
+    elif payload_name == "truncated":
+        dcp.save({"w": torch.ones(2)}, checkpoint_id=str(tmp_path / "real"))
+        payload = (tmp_path / "real" / ".metadata").read_bytes()[:40]
+    elif payload_name == "persistent_id":
+        payload = b"\x80\x04\x8c\x01xQ."  # BINPERSID
+    elif payload_name == "a_list":
+        payload = pickle.dumps([1, 2, 3])
+    else:
+        module, _, name = payload_name.rpartition(".")
+        payload = _stack_global_payload(module, name, command)
+    with pytest.raises(UnsafeCheckpointError):
+        load_metadata(io.BytesIO(payload), "crafted/.metadata")
+    assert not marker.exists()
+
+
+def test_real_metadata_of_model_and_optimizer_loads(tmp_path):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from trainrun.checkpoint.safe_reader import load_metadata
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd, "step": torch.tensor(3, dtype=torch.int64),
+              "half": torch.ones(2, dtype=torch.bfloat16)}, checkpoint_id=str(tmp_path / "c"))
+    with open(tmp_path / "c" / ".metadata", "rb") as fh:
+        metadata = load_metadata(fh, "c/.metadata")
+    assert "model.0.weight" in metadata.state_dict_metadata
