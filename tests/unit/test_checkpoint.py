@@ -30,6 +30,7 @@ from trainrun.checkpoint.exit_controller import ExitController
 from trainrun.checkpoint.policy import SaveContext, SaveKind, build_policy
 from trainrun.checkpoint.store import (
     LATEST_FILE,
+    MANIFEST_FILE,
     META_FILE,
     CheckpointError,
     CheckpointStore,
@@ -111,9 +112,11 @@ def test_commit_writes_complete_checkpoint_and_latest(tmp_path):
     assert (tmp_path / LATEST_FILE).read_text().strip() == "step_3"
     assert not list(tmp_path.glob(".tmp_*"))
     meta = CheckpointStore.read_meta(path)
-    assert meta["step"] == 3 and meta["manifest"]
-    assert all("sha256" in entry and entry["size"] > 0 for entry in meta["manifest"].values())
-    assert ".metadata" in meta["manifest"]
+    assert meta["step"] == 3
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    assert all("sha256" in entry and entry["size"] > 0 for entry in manifest.values())
+    on_disk = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_FILE}
+    assert set(manifest) == on_disk and {".metadata", META_FILE} <= on_disk  # every file, trainrun.json too
     assert verify_checkpoint(path, "sha256") is None
     loaded = {"model": {"w": torch.zeros(64, 64), "b": torch.zeros(8)}}
     CheckpointStore.load_tensors(path, loaded)
@@ -402,7 +405,7 @@ def test_metadata_carries_what_the_issue_lists(tmp_path):
     assert meta["config_hash"] == config_hash(ckpt.cfg)
     assert meta["layout"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": 1}
     assert meta["versions"]["torch"] == torch.__version__ and "trainrun" in meta["versions"]
-    assert meta["manifest"] and meta["data"] == {"position": 12} and meta["kind"] == "persistent"
+    assert (path / MANIFEST_FILE).is_file() and meta["data"] == {"position": 12} and meta["kind"] == "persistent"
     json.dumps(meta)  # plain JSON: nothing is pickled
 
 
@@ -561,3 +564,25 @@ def test_real_metadata_of_model_and_optimizer_loads(tmp_path):
     with open(tmp_path / "c" / ".metadata", "rb") as fh:
         metadata = load_metadata(fh, "c/.metadata")
     assert "model.0.weight" in metadata.state_dict_metadata
+
+
+
+@pytest.mark.parametrize("tamper", ["trainrun_json", "no_manifest", "unlisted_file", "broken_manifest"])
+def test_every_file_is_verified_and_a_missing_manifest_is_not_trusted(tmp_path, tamper):
+    """trainrun.json (step, data position, LR state) is covered like the shards; no manifest means unverified."""
+    path = _save(_store(tmp_path), 2)
+    if tamper == "trainrun_json":  # same size, other step: only the hash can tell
+        text = (path / META_FILE).read_text()
+        (path / META_FILE).write_text(text.replace('"step": 2', '"step": 7'))
+    elif tamper == "no_manifest":
+        (path / MANIFEST_FILE).unlink()
+    elif tamper == "unlisted_file":
+        (path / "__9_0.distcp").write_bytes(b"x")
+    else:
+        (path / MANIFEST_FILE).write_text("{not json")
+    problem = verify_checkpoint(path, "sha256")
+    assert problem is not None
+    expected = {"trainrun_json": "sha256", "no_manifest": "is missing", "unlisted_file": "__9_0.distcp",
+                "broken_manifest": "unreadable"}[tamper]
+    assert expected in problem
+    assert verify_checkpoint(path, "none") is None  # the explicit opt-out still loads it

@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 META_FILE = "trainrun.json"
+MANIFEST_FILE = "manifest.json"
+"""Size (and sha256) of every other file of a checkpoint, trainrun.json included; written last."""
 LATEST_FILE = "latest"
 KNOWN_SECTIONS = ("model", "optim", "rng")
 """Top-level entries of trainrun's DCP state; anything else marks a foreign checkpoint."""
@@ -95,9 +97,9 @@ def _file_digest(path: Path, with_hash: bool) -> dict:
 
 
 def build_manifest(directory: Path, verify: str) -> dict[str, dict]:
-    """Size (and sha256 unless verify != sha256) of every file DCP wrote, fsync'ing each."""
+    """Size (and sha256 unless verify != sha256) of every file of ``directory`` but the manifest, fsync'ing each."""
     manifest = {}
-    for file in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != META_FILE):
+    for file in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
         with open(file, "rb+") as fh:
             os.fsync(fh.fileno())
         manifest[str(file.relative_to(directory))] = _file_digest(file, verify == "sha256")
@@ -116,7 +118,19 @@ def verify_checkpoint(path: Path, verify: str) -> str | None:
         return f"{META_FILE} is unreadable ({err})"
     if verify == "none":
         return None
-    for name, expected in meta.get("manifest", {}).items():
+    del meta  # trainrun.json is one of the files the manifest covers, not where it comes from
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        return (f"{MANIFEST_FILE} is missing, so its files cannot be verified (a checkpoint of an older trainrun?); "
+                "checkpoint.verify=none accepts it unverified")
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST_FILE} is unreadable ({err})"
+    present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_FILE}
+    unlisted = sorted(present - set(manifest))
+    if unlisted or META_FILE not in manifest:
+        return f"{', '.join(unlisted) or META_FILE} not in {MANIFEST_FILE}"
+    for name, expected in manifest.items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
@@ -257,10 +271,13 @@ class CheckpointStore:
         error = None
         if self.is_rank0:
             try:
-                if manifest is None:
-                    manifest = build_manifest(tmp, self.verify)
-                meta = {**meta, "manifest": manifest, "committed_unix": time.time()}
+                meta = {**meta, "committed_unix": time.time()}
                 write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
+                if manifest is None:
+                    manifest = build_manifest(tmp, self.verify)  # covers trainrun.json too
+                else:  # built in the background before trainrun.json existed
+                    manifest = {**manifest, META_FILE: _file_digest(tmp / META_FILE, self.verify == "sha256")}
+                write_text_atomic(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
                 _fsync_dir(tmp)
                 old = None
                 if final.exists():  # a re-save of the same step: move the old copy aside, drop it after
