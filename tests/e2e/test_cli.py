@@ -120,3 +120,18 @@ def test_multirun_sweep_runs_each_job(tmp_path, corpus_cache):
     assert len(points) == 2
     lrs = sorted(read_metrics(p.parent)[0]["lr"] for p in points)
     assert lrs == pytest.approx([1e-3 / 2, 3e-3 / 2])  # warmup step 0 of 1: (0+1)/(1+1) of peak
+
+
+def test_resume_refuses_changed_data_unless_allowed(tmp_path, corpus_cache):
+    run_dir = tmp_path / "run"
+    common = [*TINY, "eval.sample_tokens=0", f"data.path={corpus_cache}", f"hydra.run.dir={run_dir}"]
+    assert run_cli([*common, "train.max_steps=4", "checkpoint.interval=2"], cwd=tmp_path).returncode == 0
+    other_data = [*common, "data.max_documents=300", "train.max_steps=6"]  # another corpus, another checksum
+    refused = run_cli(other_data, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "the data changed since" in refused.stderr and "checkpoint.allow_data_change=true" in refused.stderr
+    allowed = run_cli([*other_data, "checkpoint.allow_data_change=true"], cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "continuing its data position on the new data" in (run_dir / "train.log").read_text()
+    weights_only = run_cli([*other_data, "train.max_steps=8", "checkpoint.load_optimizer=false"], cwd=tmp_path)
+    assert weights_only.returncode == 0, weights_only.stderr[-3000:]  # fine-tuning on new data is the point

@@ -227,6 +227,8 @@ class Checkpointer:
                               f"its {path / 'trainrun.json'} is unreadable ({err})") from err
         check_model_compatible(meta["model"], self.cfg.model, path)
         full = self.cfg.checkpoint.load_optimizer
+        if full:  # a weights-only resume (fine-tuning) is meant for other data
+            self._check_data_unchanged(meta, path)
         self._warn_changed(meta)
         tensors, _ = self._state(with_optimizer=full)
         if full and "torch_cuda" in tensors["rng"] and meta["config"]["run"]["device"] == "cpu":
@@ -250,6 +252,19 @@ class Checkpointer:
         logger.info("resumed from %s (step %d%s)", path, meta["step"], "" if full else ", weights only")
         self.resumed_from = path
         return path
+
+    def _check_data_unchanged(self, meta: dict, path: Path) -> None:
+        """The dataset has the checksum the checkpoint recorded, or the user allowed the change."""
+        saved, current = meta.get("data_checksum"), self.extra_meta.get("data_checksum")
+        if saved is None or current is None or saved == current:
+            return
+        if not self.cfg.checkpoint.allow_data_change:
+            raise ConfigError("checkpoint.allow_data_change", False,
+                              f"the data changed since {path} was saved (checksum {saved[:12]} then, {current[:12]} "
+                              "now), so its data position would continue on other data; restore the data, resume "
+                              "with checkpoint.allow_data_change=true, or start over with checkpoint.resume=never")
+        logger.warning("the data changed since %s was saved (checksum %s then, %s now); continuing its data "
+                       "position on the new data (checkpoint.allow_data_change=true)", path, saved[:12], current[:12])
 
     def _warn_changed(self, meta: dict) -> None:
         current = asdict(self.cfg)

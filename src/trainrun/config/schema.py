@@ -391,6 +391,9 @@ class CheckpointConfig:
     """Checkpoint directory; null: <run dir>/checkpoints."""
     load_optimizer: bool = True
     """Restore optimizer/scheduler/data state on resume (false: weights only, for fine-tuning)."""
+    allow_data_change: bool = False
+    """Resume (with its data position) although the dataset's checksum differs from the checkpoint's; logs a
+    warning. False refuses such a resume: the data position means nothing on other data."""
 
     def __post_init__(self) -> None:
         coerce_choices(self, "checkpoint")
