@@ -6,7 +6,6 @@ import torch
 
 from trainrun import registry
 from trainrun.config.schema import TrainRunConfig
-from trainrun.config.validate import data_parallel_size
 from trainrun.model import count_parameters, estimate_training_memory, flops_per_token
 
 
@@ -28,7 +27,7 @@ def dry_run_report(cfg: TrainRunConfig) -> str:
         cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.precision,
         dp_shard=p.dp_shard, tp=p.tp, pp=p.pp, activation_checkpointing=p.activation_checkpointing,
     )
-    accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * data_parallel_size(cfg))
+    accum = cfg.accumulation_steps()
     lines = [
         (f"parameters           {params:,} (analytic {analytic:,}; "
          f"non-embedding {count_parameters(cfg.model, include_embeddings=False):,})"),

@@ -511,6 +511,10 @@ class TrainRunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank."""
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.parallel.data_parallel_size)
+
     def groups(self) -> dict[str, object]:
         """Each group's config by name, in schema order."""
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

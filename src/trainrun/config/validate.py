@@ -15,11 +15,6 @@ from trainrun.config.errors import ConfigError
 from trainrun.config.schema import TrainRunConfig
 
 
-def data_parallel_size(cfg: TrainRunConfig) -> int:
-    """Number of data-parallel ranks (replicate x shard)."""
-    return cfg.parallel.data_parallel_size
-
-
 def resolve_device_type(cfg: TrainRunConfig) -> str:
     """``run.device`` with auto resolved to cuda or cpu."""
     if cfg.run.device is not Device.auto:

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from trainrun.config.schema import TrainRunConfig
-from trainrun.config.validate import data_parallel_size
 from trainrun.data import TokenDataset, build_val_stream, val_batches
 from trainrun.distributed.env import DistEnv
 from trainrun.distributed.parallel_dims import ParallelDims
@@ -40,7 +39,7 @@ class ValLossEvaluator:
         self.env = env
         self.stream = build_val_stream(dataset, cfg.data.seq_len)
         self.micro_batch_size, self.iters = cfg.train.micro_batch_size, cfg.eval.iters
-        self.dp_size = data_parallel_size(cfg)
+        self.dp_size = cfg.parallel.data_parallel_size
         if dp_rank is None:  # the mesh order decides which ranks are data-parallel peers
             dp_rank = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank).dp_rank
         self.dp_rank = dp_rank

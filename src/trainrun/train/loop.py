@@ -19,7 +19,6 @@ from trainrun.checkpoint.exit_controller import ExitController
 from trainrun.checkpoint.policy import CheckpointPolicy, SaveContext, SaveKind
 from trainrun.checkpoint.store import CheckpointError
 from trainrun.config.schema import TrainRunConfig
-from trainrun.config.validate import data_parallel_size
 from trainrun.distributed.env import DistEnv
 from trainrun.eval.evaluator import Evaluator
 from trainrun.exit_codes import ExitCode
@@ -53,7 +52,7 @@ class TrainingLoop:
     def __init__(self, cfg: TrainRunConfig, env: DistEnv, parts: LoopComponents, flops_per_token: float,
                  peak_flops: float):
         self.cfg, self.env, self.parts, self.state = cfg, env, parts, parts.state
-        self.accum_steps = cfg.train.global_batch_size // (cfg.train.micro_batch_size * data_parallel_size(cfg))
+        self.accum_steps = cfg.accumulation_steps()
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.timers = Timers(cuda_sync=env.device.type == "cuda")
