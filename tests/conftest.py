@@ -39,6 +39,19 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in read_metrics(run_dir) if "loss" in row}
 
 
+def execute_notebook(name: str, monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
+    """Execute ``notebooks/<name>`` with nbclient (``env`` set, no display); return everything it printed."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    for key, value in {**env, "MPLBACKEND": "Agg"}.items():
+        monkeypatch.setenv(key, value)
+    notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    NotebookClient(notebook, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    return "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs)
+
+
 @pytest.fixture(scope="session")
 def corpus_cache(tmp_path_factory) -> Path:
     """A small bundled-corpus cache shared by the tests (400 stdlib files)."""

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import TINY, execute_notebook, run_cli
 from trainrun.observe.analysis import load_metrics, summarize
 
 pytestmark = pytest.mark.e2e
@@ -25,12 +23,6 @@ def test_notebook_analyses_a_run(tmp_path, corpus_cache, monkeypatch):
     assert [r["step"] for r in metrics.eval] == [3, 6]
     assert summarize(metrics)["best_val_loss"] == min(r["val_loss"] for r in metrics.eval)
 
-    monkeypatch.setenv("TRAINRUN_RUN_DIR", str(run_dir))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    notebook = nbformat.read(REPO / "notebooks" / "analyze_run.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=120, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
-    printed = "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
-                      for out in cell.outputs)
+    printed = execute_notebook("analyze_run.ipynb", monkeypatch, TRAINRUN_RUN_DIR=str(run_dir))
     assert "3 training rows, 2 evaluations" in printed and "final_loss: 1.25" in printed
     assert (run_dir / "loss.png").stat().st_size > 1000

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import TINY, execute_notebook, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -17,13 +15,7 @@ def test_sweep_notebook_analyses_a_sweep(tmp_path, corpus_cache, monkeypatch):
                     "train.log_interval=1", "eval.interval=2", "optim.lr=1e-3,3e-3,1e-2",
                     f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    monkeypatch.setenv("TRAINRUN_SWEEP_DIR", str(sweep_dir))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    notebook = nbformat.read(REPO / "notebooks" / "analyze_sweep.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=120, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
-    printed = "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
-                      for out in cell.outputs)
+    printed = execute_notebook("analyze_sweep.ipynb", monkeypatch, TRAINRUN_SWEEP_DIR=str(sweep_dir))
     assert "3 points" in printed
     for lr in ("0.001", "0.003", "0.01"):
         assert f"lr {float(lr):.3g}: final val_loss" in printed

@@ -38,9 +38,10 @@ def is_running(run_dir: Path) -> bool:
         os.close(fd)
 
 
-def point_status(run_dir: Path) -> str:
-    """running, finished (after n requeues), requeued n times (stopped early, waiting to resume), failed, ..."""
-    status = read_status(run_dir)
+def point_status(run_dir: Path, status: dict) -> str:
+    """running, finished (after n requeues), requeued n times (stopped early, waiting to resume), failed, ...
+
+    ``status`` is the point's recorded status (:func:`read_status`)."""
     requeues = status.get("requeues", 0)
     if is_running(run_dir):
         return "running"
@@ -54,8 +55,9 @@ def point_row(run_dir: Path) -> dict[str, object]:
     """The report row of one point directory."""
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    status = read_status(run_dir)
     row: dict[str, object] = {"point": run_dir.name, "overrides": " ".join(overrides or []),
-                              "status": point_status(run_dir)}
+                              "status": point_status(run_dir, status)}
     if (run_dir / "metrics.jsonl").is_file():
         metrics = load_metrics(run_dir)
         summary = summarize(metrics)
@@ -64,7 +66,7 @@ def point_row(run_dir: Path) -> dict[str, object]:
                    mfu=summary["median_mfu"])
         peaks = [r.get("mem_peak_gib", r.get("mem_gib")) for r in metrics.train]
         row["peak_mem_gib"] = max((p for p in peaks if p is not None), default=None)
-    attempts = read_status(run_dir).get("attempts", [])
+    attempts = status.get("attempts", [])
     if attempts:
         row["wall_time_s"] = sum(a["time"] - a.get("started", a["time"]) for a in attempts)
     return row
