@@ -6,6 +6,7 @@ own composition errors) exit 2 with a short message and no traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -107,9 +108,30 @@ def hydra_entry(cfg: DictConfig) -> int:
         # one after `scontrol requeue` is what submitit's own preemption handler does.
         requeue_this_job()
         raise SystemExit(code)
+    if not multirun and _world_size() > 1 and not in_submitit_job():
+        _exit_rank_now(code)
     if not multirun and code != ExitCode.FINISHED:
         sys.exit(code)
     return code
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def _exit_rank_now(code: int) -> None:
+    """End a finished rank of a multi-process run without interpreter teardown.
+
+    The process group is destroyed and every sink closed by now. What is left are Gloo's C++
+    threads, which can still hold tensors with Python references; destroying those while the
+    interpreter finalizes intermittently aborts the process ("terminate called without an active
+    exception", SIGABRT: pytorch/pytorch#179291), and torchrun then reports the whole finished run
+    as failed. Not used in a sweep or a submitit job, whose launchers still have work after us.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code))
 
 
 def _causes(err: BaseException) -> Iterator[BaseException]:

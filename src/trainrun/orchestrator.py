@@ -143,6 +143,7 @@ def run(cfg: TrainRunConfig | DictConfig, run_dir: Path | None = None) -> RunRes
     validate_config(cfg)
     run_dir = resolve_run_dir(cfg, run_dir)
     env: DistEnv = registry.INITIALIZERS.get(cfg.parallel.initializer)(cfg)
+    clean = False
     try:
         setup_logging(cfg.logging.level, env.rank, cfg.logging.all_ranks, run_dir / "train.log")
         logger.info(describe(env))
@@ -151,10 +152,13 @@ def run(cfg: TrainRunConfig | DictConfig, run_dir: Path | None = None) -> RunRes
         cfg = resolve_vocab(cfg, dataset)
         if cfg.run.dry_run:
             logger.info("dry run:\n%s", dry_run_report(cfg))
-            return RunResult(ExitCode.FINISHED, run_dir, is_rank0=env.is_rank0)
-        return _train(cfg, env, dataset, run_dir)
+            result = RunResult(ExitCode.FINISHED, run_dir, is_rank0=env.is_rank0)
+        else:
+            result = _train(cfg, env, dataset, run_dir)
+        clean = True
+        return result
     finally:
-        env.close()
+        env.close(clean)
 
 
 def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Path) -> TrainingLoop:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,17 @@ class DistEnv:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
 
-    def close(self) -> None:
-        """Destroy the process group this process created."""
-        if self.distributed:
-            dist.destroy_process_group()
+    def close(self, clean: bool = True) -> None:
+        """Destroy the process group this process created.
+
+        ``clean``: every rank reached the end of its work. Then all ranks first meet at a barrier, so
+        none tears down its connections while a peer still waits on it, and unreachable objects that
+        hold process groups (DTensors, device meshes, DCP's async group) are collected while the
+        interpreter is fully alive. After an error no barrier is entered: a peer may never come.
+        """
+        if not self.distributed:
+            return
+        if clean:
+            dist.barrier()
+            gc.collect()
+        dist.destroy_process_group()
