@@ -11,6 +11,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -80,6 +81,25 @@ def non_persistent_dir(cfg: TrainRunConfig, run_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / "trainrun-nonpersistent" / digest
 
 
+def check_non_persistent_dir(local_dir: Path, persistent_dir: Path, nodes: int) -> None:
+    """Refuse non-persistent checkpoints where they cannot be correct.
+
+    Rank 0 alone creates, renames and verifies checkpoint directories, which is right for a
+    shared filesystem; a node-local directory on several nodes would miss the other nodes' shards.
+    And a non-persistent directory equal to or inside the persistent one would be pruned, listed
+    and resumed as persistent checkpoints.
+    """
+    if nodes > 1:
+        raise ConfigError("checkpoint.non_persistent_interval", "> 0",
+                          f"non-persistent (node-local) checkpoints need a single node, this job has {nodes}; "
+                          "use checkpoint.non_persistent_interval=0 and persistent checkpoints on shared storage")
+    local, persistent = local_dir.resolve(), persistent_dir.resolve()
+    if local == persistent or persistent in local.parents:
+        raise ConfigError("checkpoint.non_persistent_dir", str(local_dir),
+                          f"it is (inside) the persistent checkpoint directory {persistent_dir}; "
+                          "use a separate, preferably node-local, directory")
+
+
 def _split_tensors(flat: dict) -> tuple[dict, dict]:
     tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
     values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items() if k not in tensors}
@@ -92,14 +112,19 @@ class Checkpointer:
     def __init__(self, cfg: TrainRunConfig, store: CheckpointStore, model_parts: list[nn.Module],
                  optimizers: list[torch.optim.Optimizer], scheduler, train_iter, state: TrainState,
                  device: torch.device, extra_meta: dict | None = None,
-                 local_store: CheckpointStore | None = None):
-        """``model_parts[i]`` is trained by ``optimizers[i]`` (several parts: pipeline stages of this rank)."""
+                 local_store: CheckpointStore | None = None, share: Callable[[object], object] = lambda obj: obj):
+        """``model_parts[i]`` is trained by ``optimizers[i]`` (several parts: pipeline stages of this rank);
+        ``share`` gives every rank rank 0's value (a broadcast; identity in one process)."""
         self.cfg, self.store, self.local_store = cfg, store, local_store
         self.model_parts, self.optimizers, self.scheduler = model_parts, optimizers, scheduler
         self.train_iter, self.state, self.device = train_iter, state, device
         self.extra_meta = extra_meta or {}
         self.resumed_from: Path | None = None
         self.last_save_time = time.monotonic()
+        self.share, self.is_rank0, self.all_true = share, store.is_rank0, store.all_true
+        self.origin = self._origin_request()
+        """The first-start request (explicit path, weights only) that began this branch; saved in its checkpoints."""
+        self._pending_best: int | None = None
 
     # ---- state gathering ----------------------------------------------------------------
     def _state(self, with_optimizer: bool) -> tuple[dict, dict]:
@@ -138,6 +163,7 @@ class Checkpointer:
             "config_hash": config_hash(self.cfg),
             "layout": {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp, "pp": p.pp},
             "versions": {"trainrun": trainrun.__version__, "torch": torch.__version__},
+            "origin": self.origin,
             **self.extra_meta,
         }
 
@@ -149,25 +175,35 @@ class Checkpointer:
             protect.add(self.store.step_dir(self.state.best_checkpoint_step))
         return protect
 
-    def save(self, kind: SaveKind = SaveKind.PERSISTENT, blocking: bool | None = None) -> Path | None:
+    def save(self, kind: SaveKind = SaveKind.PERSISTENT, blocking: bool | None = None,
+             best: bool = False) -> Path | None:
         """Save the current state; async (returns None until committed) when configured and not ``blocking``.
 
         A previous async save is committed first; if that one failed it is reported and this
         save still goes ahead. Raises CheckpointError when this save fails (nothing is left behind).
+        ``best``: this (persistent) checkpoint holds the best validation loss so far; it becomes
+        ``best_checkpoint_step`` (and retention's protected one) only once it is committed.
         """
         store = self.local_store if kind == SaveKind.NON_PERSISTENT and self.local_store else self.store
         try:
             self.finalize(blocking=True)
         except CheckpointError as err:
             logger.error("previous async checkpoint lost (older checkpoints intact): %s", err)
+        best = best and store is self.store
         tensors, values = self._state(with_optimizer=True)
         meta = {**self._meta(values), "kind": kind.value}
+        if best:  # whoever loads this checkpoint finds it committed, hence a valid best
+            meta["train_state"] = {**meta["train_state"], "best_checkpoint_step": self.state.step}
         self.last_save_time = time.monotonic()
         use_async = self.cfg.checkpoint.async_save if blocking is None else not blocking
         if use_async and store is self.store:
             store.save_async(self.state.step, tensors, meta, protect=self._protected())
+            self._pending_best = self.state.step if best else None
             return None
-        return store.save(self.state.step, tensors, meta, protect=self._protected())
+        path = store.save(self.state.step, tensors, meta, protect=self._protected())
+        if best:
+            self.state.best_checkpoint_step = self.state.step
+        return path
 
     @property
     def pending(self) -> bool:
@@ -180,27 +216,77 @@ class Checkpointer:
 
     def finalize(self, blocking: bool) -> Path | None:
         """Commit a finished async save (all ranks agree); ``blocking`` waits for it."""
-        return self.store.finalize(blocking, protect=self._protected())
+        step = self.store.pending.step if self.store.pending is not None else None
+        try:
+            path = self.store.finalize(blocking, protect=self._protected())
+        except CheckpointError:
+            self._pending_best = None
+            raise
+        if path is not None:
+            if self._pending_best == step:
+                self.state.best_checkpoint_step = step
+            self._pending_best = None
+        return path
 
     def close(self) -> None:
         """Commit any pending save and release resources."""
-        self.store.close(protect=self._protected())
+        try:
+            self.finalize(blocking=True)
+        finally:
+            self.store.close(protect=self._protected())
 
     # ---- resuming -------------------------------------------------------------------------
-    def resolve_resume_path(self) -> Path | None:
-        """The checkpoint ``checkpoint.resume`` asks for: auto (newest good one), never, or a path."""
-        resume = self.cfg.checkpoint.resume
-        if resume == "never":
+    def _origin_request(self) -> dict | None:
+        """What a first start asked for that a requeue must not repeat: an explicit path or weights only."""
+        c = self.cfg.checkpoint
+        if c.resume == "never" or (c.resume == "auto" and c.load_optimizer):
             return None
-        if resume != "auto":
-            return self._explicit_path(Path(resume))
-        candidates = [s.find_latest() for s in (self.store, self.local_store) if s is not None]
-        candidates = [c for c in candidates if c is not None]
-        # Non-persistent checkpoints win when newer; a tie goes to the persistent one (listed first).
-        best = max(candidates, key=lambda p: CheckpointStore.read_meta(p)["step"], default=None)
-        if best is not None and self.local_store is not None and best.parent == self.local_store.directory:
-            logger.info("the non-persistent checkpoint %s is the newest", best)
-        return best
+        return {"resume": c.resume, "load_optimizer": c.load_optimizer}
+
+    def _own_checkpoints(self) -> Iterator[Path]:
+        """This run's verified checkpoints (persistent and non-persistent), the one committed last first.
+
+        The two stores are merged by commit time; a tie goes to the persistent one.
+        """
+        sources = [s.verified() for s in (self.store, self.local_store) if s is not None]
+        heads = [next(src, None) for src in sources]
+        while any(h is not None for h in heads):
+            index = max((i for i, h in enumerate(heads) if h is not None),
+                        key=lambda i: (CheckpointStore.read_meta(heads[i]).get("committed_unix", 0.0), -i))
+            yield heads[index]
+            heads[index] = next(sources[index], None)
+
+    def _resume_candidates(self) -> Iterator[tuple[Path, bool, bool, dict | None]]:
+        """(checkpoint, restore the full state?, may fall back to the next candidate?, branch origin) in
+        order (rank 0); origin None: keep the checkpoint's own.
+
+        ``checkpoint.resume=<path>`` and weights-only resumes apply to the first start only: once this
+        run committed a checkpoint on the branch they started (its ``origin`` records the request),
+        every later start (a requeue) continues from this run's own newest checkpoint with its full
+        state, instead of going back to the starting point forever.
+        """
+        c = self.cfg.checkpoint
+        if c.resume == "never":
+            return
+        origin = self._origin_request()
+        own = self._own_checkpoints()
+        if origin is not None:
+            newest = next(own, None)
+            if newest is not None and CheckpointStore.read_meta(newest).get("origin") == origin:
+                logger.info("continuing the branch this run started from %s (%s): resuming its newest checkpoint",
+                            c.resume, "weights only" if not c.load_optimizer else "full state")
+                yield newest, True, True, origin
+                yield from ((path, True, True, origin) for path in own)
+                return
+            if c.resume != "auto":
+                yield self._explicit_path(Path(c.resume)), c.load_optimizer, False, origin
+                return
+            own = self._own_checkpoints()
+        yield from ((path, c.load_optimizer, True, origin) for path in own)
+
+    def resolve_resume_path(self) -> Path | None:
+        """The checkpoint a resume would load first (this process's view; verifies it)."""
+        return next((candidate[0] for candidate in self._resume_candidates()), None)
 
     def _explicit_path(self, path: Path) -> Path:
         """``checkpoint.resume=<path>``: a checkpoint, or a checkpoint dir (its newest good checkpoint)."""
@@ -215,28 +301,63 @@ class Checkpointer:
             raise ConfigError("checkpoint.resume", str(path), f"not a complete trainrun checkpoint: {problem}")
         return path
 
+    def _next_choice(self, candidates: Iterator[tuple[Path, bool, bool, dict | None]] | None) -> dict:
+        """Rank 0 picks (and verifies) the next candidate; every rank gets the same answer."""
+        choice: dict = {"path": None}
+        if candidates is not None:
+            try:
+                found = next(candidates, None)
+                if found is not None:
+                    choice = {"path": str(found[0]), "full": found[1], "fallback": found[2], "origin": found[3]}
+            except ConfigError as err:
+                choice = {"error": [err.field, err.value, err.fix]}
+        return self.share(choice)
+
     def resume(self) -> Path | None:
-        """Restore from the configured checkpoint, if any; return its path."""
-        path = self.resolve_resume_path()
-        if path is None:
-            return None
+        """Restore from the configured checkpoint, if any; return its path.
+
+        Rank 0 alone lists and verifies checkpoints (once, not world-size times) and every rank loads
+        the one it names, so all ranks resume the same step. A checkpoint that verifies but fails to
+        load (a bit flip that size-only verification misses, damaged DCP metadata) is reported and the
+        previous good one is tried, as for corrupt ones; refusals of the configuration (a changed
+        model shape, changed data) still end the run with exit 2.
+        """
+        candidates = self._resume_candidates() if self.is_rank0 else None
+        while True:
+            choice = self._next_choice(candidates)
+            if "error" in choice:
+                raise ConfigError(*choice["error"])
+            if choice["path"] is None:
+                return None
+            path = Path(choice["path"])
+            problem = None
+            try:
+                self._load(path, choice["full"], choice["origin"])
+            except CheckpointError as err:
+                problem = str(err)
+            if self.all_true(problem is None):
+                self.resumed_from = path
+                return path
+            problem = problem or "loading failed on another rank"
+            if not choice["fallback"]:
+                raise ConfigError("checkpoint.resume", str(path), f"{problem}; use another checkpoint or resume=never")
+            logger.warning("checkpoint %s verified but failed to load (%s); falling back to the previous one",
+                           path, problem)
+
+    def _load(self, path: Path, full: bool, origin: dict | None) -> None:
+        """Load ``path`` into the model (and, ``full``, optimizer, schedule, data position, RNG, TrainState)."""
         try:
             meta = CheckpointStore.read_meta(path)
         except (OSError, ValueError) as err:
-            raise ConfigError("checkpoint.resume", str(path),
-                              f"its {path / 'trainrun.json'} is unreadable ({err})") from err
+            raise CheckpointError(f"its {path / 'trainrun.json'} is unreadable ({err})") from err
         check_model_compatible(meta["model"], self.cfg.model, path)
-        full = self.cfg.checkpoint.load_optimizer
         if full:  # a weights-only resume (fine-tuning) is meant for other data
             self._check_data_unchanged(meta, path)
         self._warn_changed(meta)
         tensors, _ = self._state(with_optimizer=full)
         if full and "torch_cuda" in tensors["rng"] and meta["config"]["run"]["device"] == "cpu":
             tensors["rng"].pop("torch_cuda")
-        try:
-            CheckpointStore.load_tensors(path, tensors)
-        except CheckpointError as err:
-            raise ConfigError("checkpoint.resume", str(path), f"{err}; use another checkpoint or resume=never") from err
+        CheckpointStore.load_tensors(path, tensors)
         optim_flat = {**tensors.get("optim", {}), **meta.get("optim_values", {})} if full else {}
         for part, optimizer in zip(self.model_parts, self.optimizers, strict=True):
             set_state_dict(part, optimizer if full else [], model_state_dict=tensors["model"],
@@ -249,9 +370,9 @@ class Checkpointer:
             self.scheduler.load_state_dict(meta["scheduler"])
             self.train_iter.load_state_dict(meta["data"])
             self.state.load_state_dict(meta["train_state"])
+        # Checkpoints of this branch carry the request that started it (see _resume_candidates).
+        self.origin = origin if origin is not None else meta.get("origin")
         logger.info("resumed from %s (step %d%s)", path, meta["step"], "" if full else ", weights only")
-        self.resumed_from = path
-        return path
 
     def _check_data_unchanged(self, meta: dict, path: Path) -> None:
         """The dataset has the checksum the checkpoint recorded, or the user allowed the change."""

@@ -65,9 +65,19 @@ class ExitController:
 
     def check(self, step: int) -> str | None:
         """The reason to stop now, agreed by all ranks (a MAX all-reduce), or None."""
-        flags = torch.tensor(self.local_flags(step), dtype=torch.float32)
+        return self.agree(step)[0]
+
+    def agree(self, step: int, save_rank: int = 0) -> tuple[str | None, int]:
+        """One MAX all-reduce of this rank's exit flags and its wish to save; every rank gets the same answer.
+
+        ``save_rank`` orders the checkpoint kinds a rank's policies ask for (0: none; higher wins).
+        Policies may read rank-local state (the time policy reads this rank's clock): deciding on the
+        maximum keeps every rank entering the save's collectives together, or none.
+        """
+        flags = torch.tensor([*self.local_flags(step), float(save_rank)], dtype=torch.float32)
         if self.env.distributed:
             flags = flags.to(self.env.device)
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        hits = [reason for reason, flag in zip(REASONS, flags.tolist(), strict=True) if flag > 0]
-        return hits[0] if hits else None
+        values = flags.tolist()
+        hits = [reason for reason, flag in zip(REASONS, values[:-1], strict=True) if flag > 0]
+        return (hits[0] if hits else None), int(values[-1])

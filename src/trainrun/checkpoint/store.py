@@ -2,15 +2,22 @@
 
 Layout under a checkpoint dir::
 
-    step_<N>/            a complete checkpoint: DCP shards + .metadata + trainrun.json
+    step_<N>/            a complete checkpoint: DCP shards + .metadata + trainrun.json + manifest.json
     .tmp_step_<N>/       being written; never read, removed on the next save
+    .old_step_<N>/       the previous copy of step_<N> while a re-save of that step commits
     latest               text file naming the newest complete checkpoint, replaced last
 
 A checkpoint is written under its temp name, its manifest (size and sha256 of every file) is
-recorded in ``trainrun.json``, everything is fsync'ed, the directory is renamed, and only then
-is ``latest`` replaced (write-temp-fsync-rename). A kill at any moment leaves either the old
-or the new checkpoint complete. Tensors go through DCP; everything else is JSON, so resuming
-unpickles nothing (see ``safe_reader``).
+written, everything is fsync'ed, the directory is renamed, and only then is ``latest`` replaced
+(write-temp-fsync-rename). A kill at any moment leaves either the old or the new checkpoint
+complete: a re-save of an existing step moves the old copy to ``.old_step_<N>`` first, and
+``recover()`` moves it back if the kill came before the new copy took its name. Tensors go
+through DCP; everything else is JSON, so resuming unpickles nothing (see ``safe_reader``).
+
+Order is commit order, not step order: every commit records ``commit_seq``, one more than any
+checkpoint in the directory. After a rollback (resuming an older step, a weights-only resume)
+the new branch's checkpoints are the newest even with lower step numbers, so ``find_latest``
+returns to the branch that was committed last and retention prunes the abandoned one first.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +56,7 @@ LATEST_FILE = "latest"
 KNOWN_SECTIONS = ("model", "optim", "rng")
 """Top-level entries of trainrun's DCP state; anything else marks a foreign checkpoint."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_OLD_STEP_DIR = re.compile(r"^\.old_step_(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -162,7 +170,7 @@ class CheckpointStore:
                  verify: str = "sha256", all_ranks_true: Callable[[bool], bool] | None = None):
         self.directory, self.keep_last, self.is_rank0, self.barrier = directory, keep_last, is_rank0, barrier
         self.verify = verify
-        self._all_true = all_ranks_true or (lambda flag: flag)
+        self.all_true = all_ranks_true or (lambda flag: flag)
         self.pending: PendingSave | None = None
         self._stager: DefaultStager | None = None
         self._async_pg = None
@@ -179,12 +187,13 @@ class CheckpointStore:
         if self.is_rank0:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                for stale in [*self.directory.glob(".tmp_step_*"), *self.directory.glob(".old_step_*")]:
+                self.recover()
+                for stale in self.directory.glob(".tmp_step_*"):
                     shutil.rmtree(stale, ignore_errors=True)  # left by a killed save
                 tmp.mkdir()
             except OSError as err:
                 error = err
-        if not self._all_true(error is None):
+        if not self.all_true(error is None):
             raise CheckpointError(f"cannot create {tmp}: {error or 'failed on rank 0'}")
         return tmp
 
@@ -244,7 +253,7 @@ class CheckpointStore:
         pending = self.pending
         if pending is None:
             return None
-        if not self._all_true(blocking or pending.upload.done()):
+        if not self.all_true(blocking or pending.upload.done()):
             return None
         self.pending = None
         error, manifest = None, None
@@ -252,7 +261,7 @@ class CheckpointStore:
             manifest = pending.upload.result()
         except _SAVE_ERRORS as err:  # reported below, after all ranks agree
             error = err
-        if not self._all_true(error is None):
+        if not self.all_true(error is None):
             self._discard(pending.tmp)
             raise CheckpointError(f"async save of step {pending.step} to {pending.tmp} failed: "
                                   f"{_describe(error) if error else 'failed on another rank'}") from error
@@ -271,7 +280,7 @@ class CheckpointStore:
         error = None
         if self.is_rank0:
             try:
-                meta = {**meta, "committed_unix": time.time()}
+                meta = {**meta, "committed_unix": time.time(), "commit_seq": self._next_commit_seq()}
                 write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
                 if manifest is None:
                     manifest = build_manifest(tmp, self.verify)  # covers trainrun.json too
@@ -294,7 +303,7 @@ class CheckpointStore:
                 error = err
             else:
                 self._prune(protect | {final})
-        if not self._all_true(error is None):
+        if not self.all_true(error is None):
             raise CheckpointError(f"committing step {step} in {self.directory} failed: {error or 'failed on rank 0'}")
         return final
 
@@ -311,42 +320,101 @@ class CheckpointStore:
                 self._finisher = None
 
     # ---- finding and loading ------------------------------------------------------------
+    def recover(self) -> None:
+        """Undo a re-save killed between its two renames (rank 0, before anything reads the directory).
+
+        ``.old_step_<N>`` without ``step_<N>`` is the only complete copy of that step: it gets its
+        name back. With ``step_<N>`` present the new copy committed and the old one is garbage.
+        """
+        if not self.directory.is_dir():
+            return
+        for old in self.directory.iterdir():
+            if (m := _OLD_STEP_DIR.match(old.name)) is None:
+                continue
+            final = self.step_dir(int(m.group(1)))
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, final)
+                _fsync_dir(self.directory)
+                logger.warning("restored %s from %s (a re-save of that step was interrupted)", final, old.name)
+
     def checkpoints(self) -> list[Path]:
-        """Directories named step_<N> (complete or not), oldest first."""
+        """Directories named step_<N> (complete or not), lowest step first."""
         if not self.directory.is_dir():
             return []
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _STEP_DIR.match(p.name))]
         return [p for _, p in sorted(found)]
 
-    def find_latest(self) -> Path | None:
-        """The newest checkpoint that verifies; broken newer ones are reported and skipped."""
+    @staticmethod
+    def commit_order_key(path: Path) -> tuple[int, int]:
+        """Sort key in commit order: (commit_seq, step); an unreadable or older checkpoint has seq -1."""
+        try:
+            meta = CheckpointStore.read_meta(path)
+            seq = int(meta.get("commit_seq", -1))
+        except (OSError, ValueError, TypeError, AttributeError):
+            seq = -1
+        m = _STEP_DIR.match(path.name)
+        return seq, int(m.group(1)) if m else -1
+
+    def in_commit_order(self) -> list[Path]:
+        """Checkpoint directories, the one committed last first."""
+        return sorted(self.checkpoints(), key=self.commit_order_key, reverse=True)
+
+    def _next_commit_seq(self) -> int:
+        seqs = [self.commit_order_key(p)[0] for p in self.checkpoints()]
+        return max(seqs, default=-1) + 1
+
+    def verified(self) -> Iterator[Path]:
+        """Checkpoints that verify, the one committed last first; each broken one is reported and skipped.
+
+        The ``latest`` file only confirms: commit order (``commit_seq``) decides, because a kill
+        between the rename of a new checkpoint and the update of ``latest`` leaves ``latest`` one
+        commit behind.
+        """
         latest_file = self.directory / LATEST_FILE
         named = latest_file.read_text().strip() if latest_file.is_file() else None
-        if named is None and self.checkpoints():
+        ordered = self.in_commit_order()
+        if named is None and ordered:
             logger.warning("%s is missing; scanning %s for complete checkpoints", latest_file, self.directory)
-        names = [p.name for p in self.checkpoints()]
-        for path in reversed(self.checkpoints()):
+        names = {p.name for p in ordered}
+        skipped: set[str] = set()
+        first = True
+        for path in ordered:
+            if path.name in skipped:
+                continue
             problem = verify_checkpoint(path, self.verify)
-            if problem is None:
-                if named is not None and path.name != named:
-                    if named in names and names.index(named) > names.index(path.name):
-                        logger.warning("%s names %s, which is unusable; falling back to %s", latest_file, named, path)
-                    elif named not in names:
-                        logger.warning("%s names %s, which does not exist; falling back to %s",
-                                       latest_file, named, path)
-                    else:  # killed between the rename and the update of latest
-                        logger.warning("%s names %s, but the newer %s is complete; using it", latest_file, named, path)
-                return path
-            logger.warning("skipping checkpoint %s: %s", path, problem)
-        return None
+            if problem is not None:
+                logger.warning("skipping checkpoint %s: %s", path, problem)
+                skipped.add(path.name)
+                continue
+            if first and named is not None and path.name != named:
+                if named not in names:
+                    logger.warning("%s names %s, which does not exist; falling back to %s", latest_file, named, path)
+                elif named in skipped or (problem := verify_checkpoint(self.directory / named, self.verify)):
+                    if named not in skipped:
+                        logger.warning("skipping checkpoint %s: %s", self.directory / named, problem)
+                        skipped.add(named)
+                    logger.warning("%s names %s, which is unusable; falling back to %s", latest_file, named, path)
+                else:  # killed between the rename and the update of latest
+                    logger.warning("%s names %s, but the newer %s is complete; using it", latest_file, named, path)
+            first = False
+            yield path
+
+    def find_latest(self) -> Path | None:
+        """The checkpoint committed last that verifies (broken newer ones are reported and skipped)."""
+        return next(self.verified(), None)
 
     def _prune(self, protect: set[Path]) -> None:
-        """Delete complete checkpoints beyond the newest ``keep_last``, never one in ``protect``."""
+        """Delete complete checkpoints beyond the ``keep_last`` committed last, never one in ``protect``.
+
+        Commit order, not step order: after a rollback the abandoned branch's higher steps go first.
+        """
         if self.keep_last <= 0:
             return
         keep = {p.resolve() for p in protect}
-        complete = [p for p in self.checkpoints() if (p / META_FILE).is_file()]
-        for old in complete[: -self.keep_last]:
+        complete = [p for p in self.in_commit_order() if (p / META_FILE).is_file()]
+        for old in complete[self.keep_last:]:
             if old.resolve() not in keep:
                 shutil.rmtree(old, ignore_errors=True)
 

@@ -384,16 +384,22 @@ class CheckpointConfig:
     """Signals that make trainrun save at the next step boundary and exit with code 3 (USR2: submitit's
     preemption signal)."""
     resume: str = "auto"
-    """auto (newest complete checkpoint in the checkpoint dir), never, or a checkpoint path."""
+    """auto (the good checkpoint committed last in this run's checkpoint dirs), never, or a checkpoint path
+    (or a checkpoint dir: its newest). A path applies to the first start only: once this run committed a
+    checkpoint of its own, a restart (requeue) continues from that one."""
     async_save: bool = False
     """Write checkpoints in the background with DCP async save."""
     dir: str | None = None
     """Checkpoint directory; null: <run dir>/checkpoints."""
     load_optimizer: bool = True
-    """Restore optimizer/scheduler/data state on resume (false: weights only, for fine-tuning)."""
+    """Restore optimizer/scheduler/data state on resume (false: weights only, for fine-tuning; like a resume
+    path, it applies to the first start only, later restarts restore this run's own full state)."""
     allow_data_change: bool = False
     """Resume (with its data position) although the dataset's checksum differs from the checkpoint's; logs a
     warning. False refuses such a resume: the data position means nothing on other data."""
+    max_failed_saves: int = 3
+    """Stop the run (exit 1, with the cause) after this many periodic saves in a row failed, instead of
+    training on for days without a checkpoint; 0 never stops."""
 
     def __post_init__(self) -> None:
         coerce_choices(self, "checkpoint")
@@ -403,6 +409,7 @@ class CheckpointConfig:
         positive("checkpoint.interval", self.interval, allow_zero=True)
         positive("checkpoint.keep_last", self.keep_last, allow_zero=True)
         positive("checkpoint.non_persistent_interval", self.non_persistent_interval, allow_zero=True)
+        positive("checkpoint.max_failed_saves", self.max_failed_saves, allow_zero=True)
         optional_positive("checkpoint.time_interval_min", self.time_interval_min)
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise ConfigError("checkpoint.resume", self.resume,

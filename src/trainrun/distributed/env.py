@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,15 @@ class DistEnv:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
 
+    def broadcast_object(self, obj: object) -> object:
+        """Rank 0's ``obj`` on every rank (identity in a single process). Pickled: use it for small values
+        that rank 0 of this job computed, never for data read from files."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.is_rank0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def close(self, clean: bool = True) -> None:
         """Destroy the process group this process created.
 
@@ -67,3 +77,10 @@ class DistEnv:
             dist.barrier()
             gc.collect()
         dist.destroy_process_group()
+
+
+def nodes_in_job() -> int:
+    """How many nodes this job's processes run on, as the launcher says (torchrun, then Slurm); 1 if unknown."""
+    if "LOCAL_WORLD_SIZE" in os.environ and "WORLD_SIZE" in os.environ:
+        return max(1, int(os.environ["WORLD_SIZE"]) // max(1, int(os.environ["LOCAL_WORLD_SIZE"])))
+    return int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))

@@ -104,6 +104,19 @@ def clip_grad_norm_global(parameters: Sequence[torch.Tensor], max_norm: float,
     return total
 
 
+def finite_on_all_ranks(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """True when the loss and the gradient norm are finite on every rank of the job.
+
+    The loss is rank-local (each data-parallel rank has its own micro-batches): one rank with an
+    inf loss must make every replica skip the step, or the replicas diverge. One MAX all-reduce of
+    a one-element flag over the world group; it is also this step's one host sync.
+    """
+    bad = (~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm.detach()))).float().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
 class EagerExecutor:
     """Gradient accumulation over micro-batches, global-norm clipping, optimizer and LR step."""
 
@@ -140,7 +153,7 @@ class EagerExecutor:
         lr = self.optimizer.param_groups[0]["lr"]
         mean_loss = total / len(micro_batches)
         # One host sync per step: the price of never applying a NaN update.
-        finite = bool(torch.isfinite(mean_loss) & torch.isfinite(grad_norm))
+        finite = finite_on_all_ranks(mean_loss, grad_norm)
         if before_update is not None:
             before_update()
         if finite:
@@ -187,7 +200,7 @@ class PipelineExecutor:
         params = [p for part in self.pipe.parts for p in part.parameters()]
         grad_norm = clip_grad_norm_global(params, self.grad_clip if self.grad_clip > 0 else math.inf, self.pipe.group)
         lr = self.optimizers[0].param_groups[0]["lr"]
-        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # same on every pp rank
+        finite = finite_on_all_ranks(loss, grad_norm)
         if before_update is not None:
             before_update()
         if finite:

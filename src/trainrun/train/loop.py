@@ -29,6 +29,10 @@ from trainrun.train.state import TrainState
 
 logger = logging.getLogger(__name__)
 
+SAVE_RANK = {None: 0, SaveKind.NON_PERSISTENT: 1, SaveKind.PERSISTENT: 2}
+"""Checkpoint kinds ordered for the ranks' MAX agreement: a persistent wish wins."""
+KIND_OF_RANK = {rank: kind for kind, rank in SAVE_RANK.items()}
+
 
 @dataclass
 class LoopComponents:
@@ -58,6 +62,8 @@ class TrainingLoop:
         self.timers = Timers(cuda_sync=env.device.type == "cuda")
         self.exit_controller = ExitController(cfg, env, start_step=self.state.step)
         self.consecutive_skips = 0
+        self.failed_saves = 0
+        """Periodic saves that failed since the last one that committed."""
         self.last_loss = float("nan")
         self._window_start = time.perf_counter()
         self._window_steps = 0
@@ -137,34 +143,54 @@ class TrainingLoop:
         self.parts.metrics.log(result, step=self.state.step)
         return improved
 
-    def save(self, kind: SaveKind, blocking: bool | None = None, improved: bool = False) -> None:
-        """Checkpoint now; log how long training was blocked. A failed periodic save is reported, not fatal."""
-        if improved and kind == SaveKind.PERSISTENT:
-            self.state.best_checkpoint_step = self.state.step
+    def save(self, kind: SaveKind, blocking: bool | None = None, improved: bool = False) -> Path | None:
+        """Checkpoint now; log how long training was blocked. Returns the path once committed (None: async)."""
         start = time.perf_counter()
-        path = self.parts.checkpointer.save(kind, blocking=blocking)
+        path = self.parts.checkpointer.save(kind, blocking=blocking, best=improved and kind == SaveKind.PERSISTENT)
         blocked = time.perf_counter() - start
         self._save_blocked_ms += blocked * 1e3
         self._window_start += blocked  # keep saves out of tokens/s
         what = str(path) if path else f"step {self.state.step} (async, committing in the background)"
         logger.info("saved %s checkpoint %s; training blocked %.3fs", kind.value, what, blocked)
+        return path
+
+    def _save_failed(self, err: CheckpointError, what: str) -> None:
+        """Report a failed periodic save; stop once ``checkpoint.max_failed_saves`` failed in a row."""
+        self.failed_saves += 1
+        limit = self.cfg.checkpoint.max_failed_saves
+        if limit and self.failed_saves >= limit:
+            raise CheckpointError(
+                f"{self.failed_saves} checkpoint saves in a row failed (checkpoint.max_failed_saves={limit}), the "
+                f"last one: {err}. Stopping instead of training on without checkpoints; fix the checkpoint "
+                "directory (space, permissions, quota) and resume") from err
+        logger.error("%s not saved, training continues (previous checkpoints intact; %d failed in a row): %s",
+                     what, self.failed_saves, err)
 
     def checkpoint_and_decide_exit(self, improved: bool) -> str | None:
-        """Save what the policies ask for; return the agreed reason to stop early, after saving."""
+        """Save what the policies ask for; return the agreed reason to stop early, after saving.
+
+        The policies' wish to save and the exit flags are agreed by all ranks in one all-reduce. A
+        signal that arrives during a save is seen right after it: that save becomes the exit save
+        (at most one exit save, never a second one a step later).
+        """
         start, pending = time.perf_counter(), self.parts.checkpointer.pending
         try:
             committed = self.parts.checkpointer.finalize(blocking=False)
         except CheckpointError as err:
             committed = None
-            logger.error("async checkpoint not saved, training continues (previous checkpoints intact): %s", err)
+            self._save_failed(err, "async checkpoint")
         if pending:
             self._save_blocked_ms += (time.perf_counter() - start) * 1e3
         if committed:
+            self.failed_saves = 0
             logger.info("committed checkpoint %s", committed)
         final = self.state.step >= self.cfg.train.max_steps
-        reason = None if final else self.exit_controller.check(self.state.step)
         minutes = (time.monotonic() - self.parts.checkpointer.last_save_time) / 60
-        kind = self.parts.policy.decide(SaveContext(self.state, final, improved, minutes))
+        wish = self.parts.policy.decide(SaveContext(self.state, final, improved, minutes))
+        reason, agreed = self.exit_controller.agree(self.state.step, SAVE_RANK[wish])
+        if final:
+            reason = None
+        kind = KIND_OF_RANK[agreed]
         if kind is not None and self.consecutive_skips:
             # The weights are those of the last good step: wait for a good step before saving.
             logger.warning("not saving at step %d: it is one of %d consecutive skipped steps",
@@ -172,14 +198,37 @@ class TrainingLoop:
             kind = None
         if reason is not None:
             kind = SaveKind.PERSISTENT  # stopping early always saves: the resume code promises it
-        if kind is not None:
-            must_land = final or reason is not None
-            try:
-                self.save(kind, blocking=True if must_land else None, improved=improved)
+        if kind is None:
+            return reason
+        must_land = final or reason is not None
+        try:
+            path = self.save(kind, blocking=True if must_land else None, improved=improved)
+        except CheckpointError as err:
+            if must_land:
+                raise
+            self._save_failed(err, "checkpoint")
+            path = None
+        else:
+            self.failed_saves = 0 if path is not None else self.failed_saves
+        if reason is None and not final:
+            reason = self._exit_requested_during_save(kind, path)
+        return reason
+
+    def _exit_requested_during_save(self, kind: SaveKind, path: Path | None) -> str | None:
+        """After a periodic save: stop now if an exit was requested meanwhile, saving again only if needed."""
+        reason = self.exit_controller.check(self.state.step)
+        if reason is None:
+            return None
+        if kind == SaveKind.PERSISTENT and path is None and self.parts.checkpointer.pending:
+            try:  # the async save of this very step is the exit save once committed
+                path = self.parts.checkpointer.finalize(blocking=True)
             except CheckpointError as err:
-                if must_land:
-                    raise
-                logger.error("checkpoint not saved, training continues (previous checkpoints intact): %s", err)
+                logger.error("async checkpoint of step %d failed: %s", self.state.step, err)
+        if kind != SaveKind.PERSISTENT or path is None:
+            self.save(SaveKind.PERSISTENT, blocking=True)
+        else:
+            logger.info("%s requested during the save of step %d: that checkpoint is the exit save",
+                        reason, self.state.step)
         return reason
 
     # ---- the loop -------------------------------------------------------------------------
