@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from tests.faults.conftest import (
     MAX_STEPS,
     base_args,
     count_loss_rows,
+    fault_env,
     last_step,
     latest_step,
     launch,
@@ -49,9 +52,14 @@ def _signal_mid_run(args: list[str], run_dir: Path, sig: signal.Signals, nproc: 
     assert wait_for_rows(run_dir, rows + 1, proc), output(proc)[-3000:]
     pid = proc.pid if target == "main" else worker_pids(proc)[int(target)]
     os.kill(pid, sig)
-    if twice:  # a second signal, likely while the checkpoint is being written
-        time.sleep(0.02)
+    if twice:  # a second signal while the exit save is being written: it must not interrupt it
+        ckpt = run_dir / "checkpoints"
+        deadline = time.monotonic() + 60
+        while not (tmp := next(ckpt.glob(".tmp_step_*"), None)) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        assert tmp is not None, "the exit save never started"
         os.kill(pid, sig)
+        assert tmp.exists(), "the second signal came after the exit save; it did not land during it"
     code = proc.wait(timeout=120)
     found = _STOP.findall(log_since(run_dir, offset))
     assert found, f"no 'stopping at step' in train.log:\n{output(proc)[-3000:]}"
@@ -97,6 +105,32 @@ def test_sigterm_and_sigusr1_two_processes(tmp_path, corpus_cache):
     assert second > first
     assert code == 1 and re.search(r"exitcode\s*:\s*3", out), out[-3000:]
     assert "received SIGUSR1" not in log_since(run_dir, 0).split("resumed from")[-1]  # rank 0 got no signal
-    # 3) finish, identical to the uninterrupted two-process run.
+    # 3) the same without torchrun in between, to see each rank's own exit code: both 3.
+    codes, third = _signal_rank1_without_torchrun(args, run_dir)
+    assert codes == [3, 3] and third > second
+    # 4) finish, identical to the uninterrupted two-process run.
     assert run_to_end(args, run_dir, nproc=2) == 0
     assert losses(run_dir) == reference
+
+
+def _signal_rank1_without_torchrun(args: list[str], run_dir: Path) -> tuple[list[int], int]:
+    """Start two ranks with torchrun's environment variables, SIGUSR1 rank 1; return (exit codes, stop step)."""
+    rows, offset = count_loss_rows(run_dir), log_size(run_dir)
+    port = str(29500 + (os.getpid() + 7) % 1000)
+    procs = []
+    for rank in range(2):
+        env = {**fault_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-m", "trainrun", *args], cwd=run_dir, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        assert wait_for_rows(run_dir, rows + 1, procs[0])
+        procs[1].send_signal(signal.SIGUSR1)
+        codes = [proc.wait(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    found = _STOP.findall(log_since(run_dir, offset))
+    assert found, procs[1].stderr.read()[-3000:]
+    return codes, int(found[-1][0])

@@ -259,7 +259,8 @@ def test_dcp_checkpoint_exception_is_reported_concisely(tmp_path, monkeypatch, m
 
     if mode == "sync":
         monkeypatch.setattr(dcp, "save", failing_write)
-        with pytest.raises(CheckpointError, match=r"rank 0: OSError: \[Errno 28\] No space left on device$"):
+        with pytest.raises(CheckpointError,
+                           match=r"rank 0: OSError: \[Errno 28\] No space left on device \(.*MiB free on"):
             _save(store, 4)
     else:
         from concurrent.futures import Future
@@ -380,7 +381,7 @@ def _checkpointer(tmp_path: Path, d_model: int = 8, **ckpt) -> Checkpointer:
     model = nn.Sequential(nn.Linear(d_model, d_model), nn.Linear(d_model, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, 100)
-    store = CheckpointStore(tmp_path / "ckpt", cfg.checkpoint.keep_last, True, lambda: None)
+    store = CheckpointStore(tmp_path / "ckpt", cfg.checkpoint.keep_last, True, lambda: None, cfg.checkpoint.verify)
     return Checkpointer(cfg, store, [model], [optimizer], scheduler, _Iter(), TrainState(), torch.device("cpu"))
 
 
@@ -586,3 +587,140 @@ def test_every_file_is_verified_and_a_missing_manifest_is_not_trusted(tmp_path, 
                 "broken_manifest": "unreadable"}[tamper]
     assert expected in problem
     assert verify_checkpoint(path, "none") is None  # the explicit opt-out still loads it
+
+
+# ---- branches, rollbacks, requeues (commit order decides) ------------------------------------------
+
+
+def _resume_fresh(tmp_path: Path, **ckpt) -> Checkpointer:
+    """A new process's checkpointer (same run dir) after ``resume()``."""
+    fresh = _checkpointer(tmp_path, **ckpt)
+    fresh.resume()
+    return fresh
+
+
+def test_rollback_branch_wins_resume_and_retention_and_requeue(tmp_path):
+    first = _checkpointer(tmp_path)
+    for _ in range(3):
+        _train_steps(first, 2)
+        first.save()  # steps 2, 4, 6
+    step_2 = tmp_path / "ckpt" / "step_2"
+    # Roll back to step 2 (a loss spike after it): explicit path, first start.
+    rolled = _resume_fresh(tmp_path, keep_last=2, resume=str(step_2))
+    assert rolled.resumed_from == step_2 and rolled.state.step == 2
+    _train_steps(rolled, 1)
+    rolled.save()  # step 3 on the new branch: newer than step 6 although its step is lower
+    assert [p.name for p in rolled.store.in_commit_order()][:2] == ["step_3", "step_6"]
+    # Retention keeps the current branch (and the resumed-from step 2); the abandoned step 4 goes first.
+    assert sorted(p.name for p in rolled.store.checkpoints()) == ["step_2", "step_3", "step_6"]
+    # A requeue with the same command line continues the branch; it does not go back to step 2 forever.
+    requeued = _resume_fresh(tmp_path, keep_last=2, resume=str(step_2))
+    assert requeued.resumed_from == tmp_path / "ckpt" / "step_3" and requeued.state.step == 3
+    # resume=auto agrees: the branch committed last, not the highest step.
+    assert _resume_fresh(tmp_path, keep_last=2).resumed_from == tmp_path / "ckpt" / "step_3"
+
+
+def test_requeue_before_the_branch_committed_repeats_the_explicit_resume(tmp_path):
+    first = _checkpointer(tmp_path)
+    _train_steps(first, 2)
+    first.save()
+    _train_steps(first, 2)
+    first.save()
+    step_2 = tmp_path / "ckpt" / "step_2"
+    assert _resume_fresh(tmp_path, resume=str(step_2)).resumed_from == step_2
+    assert _resume_fresh(tmp_path, resume=str(step_2)).resumed_from == step_2  # nothing committed in between
+
+
+def test_weights_only_resume_applies_to_the_first_start_only(tmp_path):
+    first = _checkpointer(tmp_path)
+    _train_steps(first, 4)
+    first.save()
+    tuned = _resume_fresh(tmp_path, load_optimizer=False)
+    assert tuned.state.step == 0 and tuned.train_iter.position == 0  # weights only: counters start over
+    _train_steps(tuned, 1)
+    tuned.save()  # step_1 of the fine-tuning branch
+    requeued = _resume_fresh(tmp_path, load_optimizer=False)
+    # The requeue restores the fine-tuning run's own full state instead of restarting it from step_4's weights.
+    assert requeued.resumed_from == tmp_path / "ckpt" / "step_1"
+    assert requeued.state.step == 1 and requeued.train_iter.position == 4
+    assert requeued.optimizers[0].state  # optimizer moments restored
+    assert CheckpointStore.read_meta(tmp_path / "ckpt" / "step_1")["origin"] == {"resume": "auto",
+                                                                                 "load_optimizer": False}
+
+
+def test_checkpoint_that_verifies_but_fails_to_load_falls_back(tmp_path, caplog):
+    writer = _checkpointer(tmp_path, verify="size")
+    _train_steps(writer, 2)
+    writer.save()
+    _train_steps(writer, 2)
+    newest = writer.save()
+    metadata = newest / ".metadata"
+    metadata.write_bytes(b"\x00" * metadata.stat().st_size)  # same size: size-only verification passes
+    assert verify_checkpoint(newest, "size") is None
+    with caplog.at_level(logging.WARNING):
+        fresh = _resume_fresh(tmp_path, verify="size")
+    assert fresh.resumed_from == tmp_path / "ckpt" / "step_2" and fresh.state.step == 2
+    assert "verified but failed to load" in caplog.text
+    # An explicit path has nothing to fall back to: exit 2 with the reason.
+    with pytest.raises(ConfigError, match="unusable DCP metadata"):
+        _resume_fresh(tmp_path, verify="size", resume=str(newest))
+
+
+def test_resave_killed_between_its_renames_is_recovered(tmp_path):
+    store = _store(tmp_path)
+    _save(store, 3)
+    _save(store, 5)
+    # A re-save of step 3 moved the old copy aside and was killed before the new copy took its name.
+    os.replace(tmp_path / "step_3", tmp_path / ".old_step_3")
+    (tmp_path / ".tmp_step_3").mkdir()
+    store.recover()
+    assert (tmp_path / "step_3").is_dir() and not (tmp_path / ".old_step_3").exists()
+    assert verify_checkpoint(tmp_path / "step_3", "sha256") is None
+    # The next save cleans temp dirs but never the only copy of a step.
+    os.replace(tmp_path / "step_3", tmp_path / ".old_step_3")
+    _save(store, 7)
+    assert verify_checkpoint(tmp_path / "step_3", "sha256") is None
+    assert not (tmp_path / ".tmp_step_3").exists()
+
+
+def test_best_checkpoint_is_set_on_commit_and_stays_protected_when_a_better_save_fails(tmp_path, monkeypatch):
+    ckpt = _checkpointer(tmp_path, keep_last=1)
+    _train_steps(ckpt, 1)
+    ckpt.save(best=True)
+    assert ckpt.state.best_checkpoint_step == 1
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(dcp, "save", no_space)
+        _train_steps(ckpt, 1)
+        with pytest.raises(CheckpointError):
+            ckpt.save(best=True)
+    assert ckpt.state.best_checkpoint_step == 1  # never points at an uncommitted step
+    for _ in range(2):
+        _train_steps(ckpt, 1)
+        ckpt.save()
+    assert [p.name for p in ckpt.store.checkpoints()] == ["step_1", "step_4"]  # the best survives keep_last=1
+
+
+def test_async_best_becomes_best_when_committed(tmp_path):
+    ckpt = _checkpointer(tmp_path, async_save=True)
+    _train_steps(ckpt, 1)
+    ckpt.save(best=True)
+    assert ckpt.state.best_checkpoint_step is None  # not committed yet
+    ckpt.close()
+    assert ckpt.state.best_checkpoint_step == 1
+    assert CheckpointStore.read_meta(tmp_path / "ckpt" / "step_1")["train_state"]["best_checkpoint_step"] == 1
+
+
+@pytest.mark.parametrize("local", ["same", "inside"])
+def test_non_persistent_dir_inside_the_persistent_one_is_refused(tmp_path, local):
+    from trainrun.checkpoint.checkpointer import check_non_persistent_dir
+
+    persistent = tmp_path / "ckpt"
+    with pytest.raises(ConfigError, match="checkpoint.non_persistent_dir"):
+        check_non_persistent_dir(persistent if local == "same" else persistent / "fast", persistent, nodes=1)
+    check_non_persistent_dir(tmp_path / "fast", persistent, nodes=1)
+    with pytest.raises(ConfigError, match="need a single node, this job has 2"):
+        check_non_persistent_dir(tmp_path / "fast", persistent, nodes=2)

@@ -74,6 +74,27 @@ def _describe(err: BaseException | None) -> str:
     return f"{type(err).__name__}: {err}" if err is not None else "unknown error"
 
 
+def storage_limits(directory: Path) -> str:
+    """Free space and the file size limit where ``directory`` lives, to add to a failed save's message.
+
+    Writers deep inside DCP report a full disk or an exceeded ``ulimit -f`` (EFBIG) in their own
+    words (e.g. "unexpected pos 704 vs 598"); these two numbers name the usual causes.
+    """
+    import resource
+
+    parts = []
+    probe = directory if directory.exists() else directory.parent
+    try:
+        stats = os.statvfs(probe)
+        parts.append(f"{stats.f_bavail * stats.f_frsize / 2**20:.1f} MiB free on {probe}")
+    except OSError:
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        parts.append(f"file size limit (ulimit -f) {limit / 2**10:.0f} KiB")
+    return "; ".join(parts)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -205,7 +226,8 @@ class CheckpointStore:
             dcp.save(tensors, checkpoint_id=str(tmp))
         except _SAVE_ERRORS as err:
             self._discard(tmp)
-            raise CheckpointError(f"saving step {step} to {tmp} failed: {_describe(err)}") from err
+            raise CheckpointError(f"saving step {step} to {tmp} failed: {_describe(err)} "
+                                  f"({storage_limits(self.directory)})") from err
         return self._commit(step, tmp, meta, protect)
 
     def save_async(self, step: int, tensors: dict, meta: dict, protect: set[Path] = frozenset()) -> None:
@@ -264,7 +286,8 @@ class CheckpointStore:
         if not self.all_true(error is None):
             self._discard(pending.tmp)
             raise CheckpointError(f"async save of step {pending.step} to {pending.tmp} failed: "
-                                  f"{_describe(error) if error else 'failed on another rank'}") from error
+                                  f"{_describe(error) if error else 'failed on another rank'} "
+                                  f"({storage_limits(self.directory)})") from error
         path = self._commit(pending.step, pending.tmp, pending.meta, protect, manifest)
         logger.info("async checkpoint %s committed %.2fs after it started", path, time.perf_counter() - pending.started)
         return path
