@@ -9,6 +9,7 @@ from pathlib import Path
 
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import DataConfig
+from trainrun.data.checks import check_split
 from trainrun.data.corpus import build_stdlib_corpus
 from trainrun.data.indexed import IndexedDataset, data_file_path, index_file_path
 from trainrun.data.layout import (
@@ -37,17 +38,24 @@ class TokenDataset:
     eod_id: int
     checksum: str
     path: Path
+    max_token_id: int = -1
+    """Largest token id in either split (-1: no tokens); opening checked it is below ``vocab_size``."""
 
 
 def open_dataset_dir(path: str | os.PathLike, verify_checksum: bool = False,
                      field: str = "data.path") -> TokenDataset:
-    """Open a dataset directory (see :mod:`trainrun.data.layout`); memory-maps, reads no tokens.
+    """Open and check a dataset directory (see :mod:`trainrun.data.layout`); memory-maps its splits.
 
-    ``verify_checksum`` re-hashes the files (reads them all) and fails on a mismatch.
+    Every check of :mod:`trainrun.data.checks` runs here, so a bad directory raises a
+    :class:`ConfigError` naming the file before training starts; tokens are read only for small
+    splits or when nothing recorded their maximum id. ``verify_checksum`` re-hashes and scans
+    every file (reads them all) and fails on a mismatch.
     """
     directory = Path(path).expanduser()
     meta = read_meta(directory, field)
     train, val = (IndexedDataset(split_prefix(directory, s), field) for s in SPLITS)
+    tops = [check_split(directory, s, ds, meta, full_scan=verify_checksum)
+            for s, ds in zip(SPLITS, (train, val), strict=True)]
     tokenizer = load_tokenizer(directory)
     if tokenizer.vocab_size != meta["vocab_size"] or tokenizer.eod_id != meta["eod_id"]:
         raise ConfigError(field, str(directory), "meta.json and the tokenizer disagree on vocab_size/eod_id; "
@@ -58,7 +66,8 @@ def open_dataset_dir(path: str | os.PathLike, verify_checksum: bool = False,
             raise ConfigError(field, str(directory), f"checksum mismatch (meta.json {meta['checksum'][:12]}, files "
                               f"{actual[:12]}): the data changed after preparation; rerun `trainrun-prepare`")
     return TokenDataset(train=train, val=val, tokenizer=tokenizer, vocab_size=int(meta["vocab_size"]),
-                        eod_id=int(meta["eod_id"]), checksum=str(meta["checksum"]), path=directory)
+                        eod_id=int(meta["eod_id"]), checksum=str(meta["checksum"]), path=directory,
+                        max_token_id=max((t for t in tops if t is not None), default=-1))
 
 
 def check_indexed_config(cfg: DataConfig) -> None:

@@ -6,11 +6,15 @@
     <dir>/val.bin,   val.idx     ... of the validation documents
     <dir>/meta.json              {"tokenizer": "byte"|"bpe", "vocab_size", "eod_id", "dtype",
                                   "num_documents": {"train", "val"}, "num_tokens": {"train", "val"},
+                                  "max_token_id": {"train", "val"},
                                   "checksum", "source", "format_version"}
     <dir>/tokenizer.json         HuggingFace tokenizer (bpe only)
 
 Every stored document ends with the EOD token. ``checksum`` is the sha256 of train.bin, val.bin,
 train.idx and val.idx, in that order, so it identifies the exact token data a run trained on.
+``max_token_id`` (the largest id in each split, null for an empty one) lets opening check the
+tokens against ``vocab_size`` without reading them (see :mod:`trainrun.data.checks`); directories
+written before it existed lack it and still open.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 
 from trainrun.config.errors import ConfigError
 from trainrun.data.indexed import (
+    DataFileError,
     IndexedDatasetWriter,
     data_file_path,
     index_file_path,
@@ -73,10 +78,31 @@ def read_meta(directory: str | os.PathLike, field: str = "data.path") -> dict[st
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(field, str(directory),
                           f"{path.name} is not valid JSON ({err}); rerun `trainrun-prepare`") from None
+    if not isinstance(meta, dict):
+        raise DataFileError(path, f"holds a JSON {type(meta).__name__}, not an object", field=field)
     missing = [k for k in ("tokenizer", "vocab_size", "eod_id", "checksum") if k not in meta]
     if missing:
         raise ConfigError(field, str(directory), f"{path.name} lacks {', '.join(missing)}; rerun `trainrun-prepare`")
+    _check_meta_values(path, meta, field)
     return meta
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_meta_values(path: Path, meta: dict[str, Any], field: str) -> None:
+    """Types and ranges of the fields training relies on (a hand-edited meta.json is the usual cause)."""
+    vocab, eod = meta["vocab_size"], meta["eod_id"]
+    if not _is_int(vocab) or vocab < 1:
+        raise DataFileError(path, f"has vocab_size {vocab!r}, not a positive integer", field=field)
+    if not _is_int(eod) or not 0 <= eod < vocab:
+        raise DataFileError(path, f"has eod_id {eod!r}, not an integer in [0, vocab_size={vocab})", field=field)
+    recorded = meta.get("max_token_id")
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict) or not all(v is None or _is_int(v) for v in recorded.values()):
+        raise DataFileError(path, f"has max_token_id {recorded!r}; expected {{split: integer or null}}", field=field)
 
 
 class DatasetDirWriter:
@@ -119,6 +145,7 @@ class DatasetDirWriter:
             "dtype": str(self.dtype),
             "num_documents": {s: len(w) for s, w in self._writers.items()},
             "num_tokens": {s: w.num_tokens for s, w in self._writers.items()},
+            "max_token_id": {s: w.max_token_id for s, w in self._writers.items()},
             "checksum": compute_checksum(self.directory),
             "source": source,
         }

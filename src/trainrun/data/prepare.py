@@ -4,6 +4,11 @@ Inputs are files or directories (searched recursively, hidden entries skipped). 
 holds one document per line (the ``--text-key`` field); any other file is one document.
 Documents are split into train/val by a seeded hash of their location (path, and line for JSONL),
 so the split does not depend on the order of the inputs on the command line.
+
+Bad input is reported as one line naming the file and line (``docs.jsonl:3: ...``) with exit
+status 2: a line that is not UTF-8, invalid JSON, a line without the text field, or a text that
+is not a string. The output directory may not be, or contain, any input, since ``--force``
+replaces it; files under it are skipped when it lies inside an input directory.
 """
 
 from __future__ import annotations
@@ -40,8 +45,12 @@ class Source:
     jsonl: bool
 
 
-def find_sources(inputs: list[str]) -> list[Source]:
-    """Expand files and directories to a sorted, de-duplicated list of input files."""
+def find_sources(inputs: list[str], exclude: Path | None = None) -> list[Source]:
+    """Expand files and directories to a sorted, de-duplicated list of input files.
+
+    Files under ``exclude`` (the output directory, when it lies inside an input directory) are
+    skipped: they are an earlier run's output, not text.
+    """
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
@@ -52,10 +61,62 @@ def find_sources(inputs: list[str]) -> list[Source]:
                                 and not any(part.startswith(".") for part in f.relative_to(p).parts)))
         else:
             raise PrepareError(f"input {item!r} does not exist")
-    unique = list(dict.fromkeys(f.resolve() for f in files))
+    # Judged by the directory walked into, so a symlink into the output is still an input (and refused).
+    unique = list(dict.fromkeys(f.resolve() for f in files
+                                if exclude is None or not f.parent.resolve().is_relative_to(exclude)))
     if not unique:
         raise PrepareError("no input files found in " + ", ".join(map(repr, inputs)))
     return [Source(f, f.suffix.lower() == ".jsonl") for f in unique]
+
+
+def check_output(output: Path, inputs: list[Path]) -> None:
+    """Refuse an output that is a file, is an input, or contains one: ``--force`` replaces the output."""
+    target = output.resolve()
+    for p in inputs:
+        real = p.resolve()
+        if real == target or target in real.parents:
+            relation = "is" if real == target else "contains"
+            raise PrepareError(f"--output {output} {relation} the input {p}, and writing the dataset replaces "
+                               "the output directory (deleting what is in it); choose an output directory that "
+                               "holds none of the inputs")
+    if output.exists() and not output.is_dir():
+        raise PrepareError(f"--output {output} is a file, not a directory; choose a directory path")
+
+
+def _universal_newlines(raw: bytes) -> bytes:
+    return raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
+def _undecodable(path: Path, raw: bytes, err: UnicodeDecodeError, line: int | None = None) -> PrepareError:
+    """The error for bytes that are not UTF-8, located as ``file:line`` (and the byte's column)."""
+    line_start = max(raw.rfind(b"\n", 0, err.start), raw.rfind(b"\r", 0, err.start)) + 1
+    if line is None:
+        line = _universal_newlines(raw[: err.start]).count(b"\n") + 1
+    return PrepareError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                        f"{err.start - line_start + 1}); re-encode the file as UTF-8 or remove that line")
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of each non-blank line of a JSONL file, decoded as UTF-8.
+
+    Each line is decoded alone, so a bad byte is reported with its line rather than as an error
+    somewhere in the file. Lines end at ``\\n``, ``\\r\\n`` or ``\\r`` (Python's universal newlines,
+    as text-mode reading did before), so line numbers and split keys are unchanged.
+    """
+    n = 0
+    with open(path, "rb") as f:
+        for chunk in f:
+            parts = chunk.split(b"\r")
+            if len(parts) > 1 and parts[-1] in (b"\n", b""):
+                parts.pop()  # the rest of a "\r\n", or a final "\r": not a line of its own
+            for raw in parts:
+                n += 1
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: tolerate a leading BOM
+                except UnicodeDecodeError as err:
+                    raise _undecodable(path, raw, err, n) from None
+                if line.strip():
+                    yield n, line
 
 
 def document_keys(sources: list[Source]) -> list[str]:
@@ -63,38 +124,60 @@ def document_keys(sources: list[Source]) -> list[str]:
     keys: list[str] = []
     for src in sources:
         if src.jsonl:
-            # Same decoding and blank-line rule as iter_documents, so keys and texts stay aligned.
-            with open(src.path, encoding="utf-8") as f:
-                keys.extend(f"{src.path}:{n}" for n, line in enumerate(f, 1) if line.strip())
+            # jsonl_lines is iter_documents' reader too, so keys and texts stay aligned.
+            keys.extend(f"{src.path}:{n}" for n, _ in jsonl_lines(src.path))
         else:
             keys.append(str(src.path))
     return keys
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type (what the user sees in the file)."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def parse_jsonl_line(path: Path, n: int, line: str, text_key: str) -> str:
+    """The ``text_key`` string of one JSONL line; any problem is a PrepareError naming ``path:n``."""
+    try:
+        record = json.loads(line.rstrip("\r\n"))  # the line break is not part of the record
+    except json.JSONDecodeError as err:
+        raise PrepareError(f"{path}:{n}: invalid JSON: {err.msg.removesuffix(' at')} at column {err.colno}; "
+                           "fix or remove the line") from None
+    if not isinstance(record, dict):
+        raise PrepareError(f"{path}:{n}: a JSON {_json_type(record)}, not an object; each line must be an object "
+                           f"with a {text_key!r} field")
+    if text_key not in record:
+        raise PrepareError(f"{path}:{n}: no {text_key!r} field (fields: {', '.join(map(repr, list(record)[:8]))}); "
+                           "pass --text-key with the field that holds the text")
+    text = record[text_key]
+    if not isinstance(text, str):
+        raise PrepareError(f"{path}:{n}: field {text_key!r} is a JSON {_json_type(text)}, not a string; "
+                           "make it a string or pass --text-key with the field that holds the text")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone "\udXXX" escape: valid JSON, but not text
+            raise PrepareError(f"{path}:{n}: field {text_key!r} holds an unpaired surrogate "
+                               f"{text[err.start]!a} at character {err.start}, which is not text; fix the "
+                               "line's \\u escapes") from None
+    return text
 
 
 def iter_documents(sources: list[Source], text_key: str) -> Iterator[str]:
     """Document texts, in the same order as :func:`document_keys` (empty ones included)."""
     for src in sources:
         if not src.jsonl:
+            raw = src.path.read_bytes()
             try:
-                yield src.path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                raise PrepareError(f"{src.path} is not UTF-8 text; remove it from the inputs") from None
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _undecodable(src.path, raw, err) from None
+            # Universal newlines, exactly as the text-mode read_text() this replaces: same tokens.
+            yield text.replace("\r\n", "\n").replace("\r", "\n")
             continue
-        with open(src.path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise PrepareError(f"{src.path}:{n}: invalid JSON ({err.msg})") from None
-                if not isinstance(record, dict) or text_key not in record:
-                    raise PrepareError(f"{src.path}:{n}: no {text_key!r} field; pass --text-key with the "
-                                       "field that holds the text")
-                text = record[text_key]
-                if not isinstance(text, str):
-                    raise PrepareError(f"{src.path}:{n}: field {text_key!r} is {type(text).__name__}, not a string")
-                yield text
+        for n, line in jsonl_lines(src.path):
+            yield parse_jsonl_line(src.path, n, line, text_key)
 
 
 def _progress(iterable, total: int, desc: str):
@@ -123,9 +206,12 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size:
     if not 0.0 < val_fraction < 1.0:
         raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     out = Path(output)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+    # Both checks come before the --force hint below could tempt anyone.
+    check_output(out, [Path(i) for i in inputs])
+    sources = find_sources(inputs, exclude=out.resolve())
+    check_output(out, [s.path for s in sources])  # symlinks resolved
+    if out.exists() and any(out.iterdir()) and not force:
         raise PrepareError(f"{out} already exists; pass --force to replace it")
-    sources = find_sources(inputs)
     keys = document_keys(sources)
     if len(keys) < 2:
         raise PrepareError(f"found {len(keys)} document(s); need at least 2 (one for train, one for val)")
@@ -170,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.02, help="fraction of documents held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--text-key", default="text", help="JSONL field holding the document text")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output directory (never one that is or holds an input)")
     return p
 
 
