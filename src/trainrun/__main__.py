@@ -1,7 +1,8 @@
 """``python -m trainrun``: Hydra composes the config; the orchestrator runs it.
 
 Exit codes are those of :mod:`trainrun.exit_codes`; configuration errors (including Hydra's
-own composition errors) exit 2 with a short message and no traceback.
+own composition errors) and errors of the environment a user can fix (an unwritable directory,
+missing wandb credentials; see :mod:`trainrun.preflight`) exit 2 with one line and no traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from trainrun.config import ConfigError, register_configs
 from trainrun.config.convert import config_dir
 from trainrun.config.store import normalize_overrides
 from trainrun.exit_codes import ExitCode
+from trainrun.preflight import RunEnvironmentError, unwritable_dir_error
 from trainrun.registry import UnknownComponentError
 
 # torch and the components are imported inside _run_task: --help, --info and shell completion
@@ -51,6 +53,9 @@ def _run_task(cfg: DictConfig, run_dir: Path) -> int:
         result = orchestrator.run(cfg, run_dir=run_dir)
     except (ConfigError, UnknownComponentError) as err:
         print(f"trainrun: configuration error: {err}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    except RunEnvironmentError as err:
+        print(f"trainrun: environment error: {err}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
     except CheckpointError as err:
         print(f"trainrun: checkpoint error: {err}", file=sys.stderr)
@@ -172,6 +177,13 @@ def main() -> None:
         if _task_started:
             raise  # a crash inside the run: the traceback matters, exit code 1
         print(f"trainrun: configuration error: {composition_error_line(err)}", file=sys.stderr)
+        sys.exit(ExitCode.CONFIG_ERROR)
+    except OSError as err:
+        if _task_started or err.filename is None:
+            raise
+        # Before our task runs, Hydra only creates the run (or sweep) directory and writes .hydra/ into it.
+        option = "hydra.sweep.dir" if {"-m", "--multirun"} & set(sys.argv[1:]) else "hydra.run.dir"
+        print(f"trainrun: environment error: {unwritable_dir_error(option, err.filename, err)}", file=sys.stderr)
         sys.exit(ExitCode.CONFIG_ERROR)
 
 

@@ -16,11 +16,11 @@ from omegaconf import DictConfig
 
 from trainrun import registry
 from trainrun.checkpoint import Checkpointer, CheckpointStore
-from trainrun.checkpoint.checkpointer import non_persistent_dir
+from trainrun.checkpoint.checkpointer import check_non_persistent_dir, non_persistent_dir
 from trainrun.checkpoint.policy import build_policy
 from trainrun.config import ConfigError, TrainRunConfig, to_dataclass, validate_config
 from trainrun.data import TokenDataset, build_train_iterator
-from trainrun.distributed.env import DistEnv
+from trainrun.distributed.env import DistEnv, nodes_in_job
 from trainrun.distributed.initializers import describe
 from trainrun.distributed.parallel_dims import ParallelDims
 from trainrun.distributed.parallelize import parallelize
@@ -32,6 +32,7 @@ from trainrun.model import flops_per_token, materialize
 from trainrun.observe import build_metric_logger, peak_flops_per_device, setup_logging
 from trainrun.observe.profiler import StepProfiler
 from trainrun.optim import build_lr_scheduler, param_group_summary
+from trainrun.preflight import RunEnvironmentError, check_environment
 from trainrun.train.debug_hooks import RepeatedBatches, install_nan_injection
 from trainrun.train.executors import PipelineExecutor, SchedulerGroup
 from trainrun.train.loop import LoopComponents, TrainingLoop
@@ -132,15 +133,19 @@ def build_checkpointer(cfg: TrainRunConfig, env: DistEnv, run_dir: Path, model_p
     store = CheckpointStore(directory, c.keep_last, env.is_rank0, env.barrier, c.verify, env.all_true)
     local = None
     if c.non_persistent_interval > 0:
-        local = CheckpointStore(non_persistent_dir(cfg, run_dir), 1, env.is_rank0, env.barrier, c.verify, env.all_true)
+        local_dir = non_persistent_dir(cfg, run_dir)
+        check_non_persistent_dir(local_dir, directory, nodes_in_job())
+        local = CheckpointStore(local_dir, 1, env.is_rank0, env.barrier, c.verify, env.all_true)
     return Checkpointer(cfg, store, model_parts, optimizers, scheduler, train_iter, state, env.device,
-                        extra_meta=extra_meta, local_store=local)
+                        extra_meta=extra_meta, local_store=local, share=env.broadcast_object)
 
 
 def run(cfg: TrainRunConfig | DictConfig, run_dir: Path | None = None) -> RunResult:
     """Validate ``cfg`` and run training (or the dry run) in this process; return what happened."""
     cfg = to_dataclass(cfg)
     validate_config(cfg)
+    # On every rank and before the process group: a refusal here can leave no peer waiting.
+    check_environment(cfg, run_dir)
     run_dir = resolve_run_dir(cfg, run_dir)
     env: DistEnv = registry.INITIALIZERS.get(cfg.parallel.initializer)(cfg)
     clean = False
@@ -165,6 +170,7 @@ def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset
     """Build model, optimizer, data iterator, evaluator, checkpointing and sinks; restore a checkpoint."""
     dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
     dims.build_mesh(env.device.type)
+    metrics = build_metrics_on_every_rank(cfg, env, run_dir)
     built = build_model_and_optimizer(cfg, env, dims)
     # Data is sharded by data-parallel rank only: TP and PP peers of one dp rank read the same batches.
     train_iter = build_train_iterator(dataset, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.run.seed,
@@ -177,7 +183,6 @@ def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset
                                       train_iter, state,
                                       extra_meta={"data_checksum": dataset.checksum, "world_size": env.world_size})
     checkpointer.resume()
-    metrics = build_metric_logger(cfg.logging, run_dir, env.is_rank0)
     metrics.log_config({**dataclasses.asdict(cfg), "data_checksum": dataset.checksum})
     peak, peak_note = peak_flops_per_device(env.device, cfg.logging.peak_tflops, cfg.train.precision)
     logger.info("MFU is relative to %.3g FLOP/s per device (%s)", peak, peak_note)
@@ -195,6 +200,25 @@ def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset
                               env.device.type),
     )
     return TrainingLoop(cfg, env, parts, flops_per_token(cfg.model, cfg.data.seq_len), peak)
+
+
+def build_metrics_on_every_rank(cfg: TrainRunConfig, env: DistEnv, run_dir: Path):
+    """The metric sinks (rank 0 opens them), before the model is built; every rank learns if opening failed.
+
+    Opening can fail on rank 0 alone (wandb online and its server unreachable): the other ranks must
+    stop too instead of waiting for rank 0 in the first step's collectives.
+    """
+    metrics, error = None, None
+    try:
+        metrics = build_metric_logger(cfg.logging, run_dir, env.is_rank0)
+    except RunEnvironmentError as err:
+        error = err
+    if not env.all_true(error is None):
+        if metrics is not None:
+            metrics.close()
+        raise error or RunEnvironmentError("opening the metric sinks failed on rank 0", str(run_dir),
+                                           "see rank 0's message")
+    return metrics
 
 
 def _train(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Path) -> RunResult:

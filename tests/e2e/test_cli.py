@@ -48,9 +48,12 @@ def test_dry_run_gpt_1b_reports_without_allocating(tmp_path):
 
 def test_train_eval_checkpoint_sample(tmp_path, corpus_cache):
     args = [*TINY, f"data.path={corpus_cache}", "train.max_steps=40", "train.log_interval=5", "eval.interval=20",
-            "checkpoint.interval=20", "optim.warmup_steps=5", f"hydra.run.dir={tmp_path}"]
+            "checkpoint.interval=20", "optim.warmup_steps=5", "checkpoint.exit_grace_s=1e-6",
+            f"hydra.run.dir={tmp_path}"]
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    # Every save is slower than a 1 µs grace period: warned about once, not at every save.
+    assert (tmp_path / "train.log").read_text().count("more than checkpoint.exit_grace_s=1e-06s") == 1
     rows = read_metrics(tmp_path)
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_loss" in r]

@@ -123,5 +123,8 @@ def test_random_sigkill_then_resume_is_exact(tmp_path, corpus_cache, reference_l
     failures = [f for s in results for f in s.failures]
     assert not failures, "\n".join(failures)
     assert sum(s.kills for s in results) >= 20
+    # Random moments; ~half landed inside a save in the recorded runs. The deterministic strikes are in
+    # test_kill_during_save.py; this asks that the random ones reached saves too.
+    assert sum(s.kills_during_save for s in results) >= 1
     assert all(s.episodes >= 1 for s in results)
     assert MAX_STEPS in reference_losses

@@ -133,7 +133,8 @@ def test_stale_tmp_dir_is_never_read_and_is_cleaned(tmp_path):
     assert not (tmp_path / ".tmp_step_4").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "bitflip", "no_dcp_metadata", "no_trainrun_json"])
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "no_dcp_metadata", "no_trainrun_json",
+                                    "edited_trainrun_json"])
 def test_damaged_newest_falls_back_with_warning(tmp_path, caplog, damage):
     store = _store(tmp_path)
     _save(store, 2)
@@ -147,6 +148,9 @@ def test_damaged_newest_falls_back_with_warning(tmp_path, caplog, damage):
         data.write_bytes(bytes(raw))
     elif damage == "no_dcp_metadata":
         (newest / ".metadata").unlink()
+    elif damage == "edited_trainrun_json":  # e.g. a hand-edited step or data position: the manifest catches it
+        meta = json.loads((newest / META_FILE).read_text())
+        (newest / META_FILE).write_text(json.dumps({**meta, "step": 40}))
     else:
         (newest / META_FILE).unlink()
     with caplog.at_level(logging.WARNING, logger="trainrun.checkpoint.store"):
@@ -724,3 +728,14 @@ def test_non_persistent_dir_inside_the_persistent_one_is_refused(tmp_path, local
     check_non_persistent_dir(tmp_path / "fast", persistent, nodes=1)
     with pytest.raises(ConfigError, match="need a single node, this job has 2"):
         check_non_persistent_dir(tmp_path / "fast", persistent, nodes=2)
+
+
+def test_exit_save_follows_exit_verify_and_still_resumes_under_sha256(tmp_path):
+    ckpt = _checkpointer(tmp_path, exit_verify="size")
+    _train_steps(ckpt, 1)
+    periodic = ckpt.save()
+    _train_steps(ckpt, 1)
+    exit_path = ckpt.save(exit_save=True)
+    assert all("sha256" in e for e in json.loads((periodic / MANIFEST_FILE).read_text()).values())
+    assert not any("sha256" in e for e in json.loads((exit_path / MANIFEST_FILE).read_text()).values())
+    assert _resume_fresh(tmp_path).resumed_from == exit_path  # sizes checked, nothing hashed

@@ -176,13 +176,14 @@ class Checkpointer:
         return protect
 
     def save(self, kind: SaveKind = SaveKind.PERSISTENT, blocking: bool | None = None,
-             best: bool = False) -> Path | None:
+             best: bool = False, exit_save: bool = False) -> Path | None:
         """Save the current state; async (returns None until committed) when configured and not ``blocking``.
 
         A previous async save is committed first; if that one failed it is reported and this
         save still goes ahead. Raises CheckpointError when this save fails (nothing is left behind).
         ``best``: this (persistent) checkpoint holds the best validation loss so far; it becomes
         ``best_checkpoint_step`` (and retention's protected one) only once it is committed.
+        ``exit_save``: the save before stopping early; its manifest follows ``checkpoint.exit_verify``.
         """
         store = self.local_store if kind == SaveKind.NON_PERSISTENT and self.local_store else self.store
         try:
@@ -200,7 +201,9 @@ class Checkpointer:
             store.save_async(self.state.step, tensors, meta, protect=self._protected())
             self._pending_best = self.state.step if best else None
             return None
-        path = store.save(self.state.step, tensors, meta, protect=self._protected())
+        verify = self.cfg.checkpoint.exit_verify if exit_save else None
+        path = store.save(self.state.step, tensors, meta, protect=self._protected(),
+                          verify=None if verify is None else str(verify))
         if best:
             self.state.best_checkpoint_step = self.state.step
         return path

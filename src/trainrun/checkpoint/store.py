@@ -218,8 +218,11 @@ class CheckpointStore:
             raise CheckpointError(f"cannot create {tmp}: {error or 'failed on rank 0'}")
         return tmp
 
-    def save(self, step: int, tensors: dict, meta: dict, protect: set[Path] = frozenset()) -> Path:
-        """Write and commit a checkpoint synchronously; raise CheckpointError (tmp removed) on failure."""
+    def save(self, step: int, tensors: dict, meta: dict, protect: set[Path] = frozenset(),
+             verify: str | None = None) -> Path:
+        """Write and commit a checkpoint synchronously; raise CheckpointError (tmp removed) on failure.
+
+        ``verify`` overrides the store's manifest kind for this checkpoint (size: no hashing)."""
         self.finalize(blocking=True, protect=protect)
         tmp = self._prepare_tmp(step)
         try:
@@ -228,7 +231,7 @@ class CheckpointStore:
             self._discard(tmp)
             raise CheckpointError(f"saving step {step} to {tmp} failed: {_describe(err)} "
                                   f"({storage_limits(self.directory)})") from err
-        return self._commit(step, tmp, meta, protect)
+        return self._commit(step, tmp, meta, protect, verify=verify)
 
     def save_async(self, step: int, tensors: dict, meta: dict, protect: set[Path] = frozenset()) -> None:
         """Start an async save: staging copies the state in the background, then files are written.
@@ -297,7 +300,8 @@ class CheckpointStore:
         if self.is_rank0:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _commit(self, step: int, tmp: Path, meta: dict, protect: set[Path], manifest: dict | None = None) -> Path:
+    def _commit(self, step: int, tmp: Path, meta: dict, protect: set[Path], manifest: dict | None = None,
+                verify: str | None = None) -> Path:
         final = self.step_dir(step)
         self.barrier()  # every rank's files are written
         error = None
@@ -306,7 +310,7 @@ class CheckpointStore:
                 meta = {**meta, "committed_unix": time.time(), "commit_seq": self._next_commit_seq()}
                 write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
                 if manifest is None:
-                    manifest = build_manifest(tmp, self.verify)  # covers trainrun.json too
+                    manifest = build_manifest(tmp, verify or self.verify)  # covers trainrun.json too
                 else:  # built in the background before trainrun.json existed
                     manifest = {**manifest, META_FILE: _file_digest(tmp / META_FILE, self.verify == "sha256")}
                 write_text_atomic(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))

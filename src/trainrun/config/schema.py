@@ -397,6 +397,12 @@ class CheckpointConfig:
     allow_data_change: bool = False
     """Resume (with its data position) although the dataset's checksum differs from the checkpoint's; logs a
     warning. False refuses such a resume: the data position means nothing on other data."""
+    exit_verify: Verify | None = None
+    """Manifest of the exit save (after a signal or the time limit): null: as ``verify``; size skips hashing, the
+    slowest part of a save after writing, so the save fits a short grace period (see docs/checkpointing.md)."""
+    exit_grace_s: float = 30.0
+    """Seconds your launcher leaves between its stop signal and SIGKILL (torchrun: TORCH_ELASTIC_SHUTDOWN_TIMEOUT,
+    30; Slurm: KillWait, 30 by default); a save slower than this is warned about, once. 0 turns the warning off."""
     max_failed_saves: int = 3
     """Stop the run (exit 1, with the cause) after this many periodic saves in a row failed, instead of
     training on for days without a checkpoint; 0 never stops."""
@@ -410,6 +416,7 @@ class CheckpointConfig:
         positive("checkpoint.keep_last", self.keep_last, allow_zero=True)
         positive("checkpoint.non_persistent_interval", self.non_persistent_interval, allow_zero=True)
         positive("checkpoint.max_failed_saves", self.max_failed_saves, allow_zero=True)
+        positive("checkpoint.exit_grace_s", self.exit_grace_s, allow_zero=True)
         optional_positive("checkpoint.time_interval_min", self.time_interval_min)
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise ConfigError("checkpoint.resume", self.resume,

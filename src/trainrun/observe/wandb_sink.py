@@ -8,6 +8,7 @@ from typing import Any
 
 from trainrun.config.schema import LoggingConfig, WandbConfig
 from trainrun.observe.sinks import Metrics
+from trainrun.preflight import WANDB_OFFLINE_FIX, RunEnvironmentError, first_line
 from trainrun.registry import METRIC_SINKS
 
 WANDB_ID_FILE = "wandb_id.txt"
@@ -43,19 +44,25 @@ class WandbSink:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = stable_run_id(run_dir)
-        self._run = wandb.init(
-            project=cfg.project,
-            entity=cfg.entity,
-            name=cfg.name or run_dir.name,
-            group=cfg.group or sweep_group(run_dir),
-            dir=str(run_dir),
-            mode=cfg.mode.value,
-            id=self.run_id,
-            resume="allow",
-            # silent: no banner or sync hints in the training log; console="off": wandb must not
-            # wrap stdout/stderr, which would fight with the tqdm bar and our own train.log.
-            settings=wandb.Settings(silent=True, console="off"),
-        )
+        try:
+            self._run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                name=cfg.name or run_dir.name,
+                group=cfg.group or sweep_group(run_dir),
+                dir=str(run_dir),
+                mode=cfg.mode.value,
+                id=self.run_id,
+                resume="allow",
+                # silent: no banner or sync hints in the training log; console="off": wandb must not
+                # wrap stdout/stderr, which would fight with the tqdm bar and our own train.log.
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+        except wandb.errors.Error as err:
+            # No server, a rejected key, no credentials: the user's environment, not a crash of ours.
+            raise RunEnvironmentError(
+                f"wandb.init failed (logging.wandb.mode={cfg.mode.value})", first_line(err),
+                f"check the network and WANDB_API_KEY / `wandb login`, {WANDB_OFFLINE_FIX}") from None
 
     @property
     def run(self) -> Any:

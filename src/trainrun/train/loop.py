@@ -64,6 +64,7 @@ class TrainingLoop:
         self.consecutive_skips = 0
         self.failed_saves = 0
         """Periodic saves that failed since the last one that committed."""
+        self._warned_grace = False
         self.last_loss = float("nan")
         self._window_start = time.perf_counter()
         self._window_steps = 0
@@ -143,16 +144,32 @@ class TrainingLoop:
         self.parts.metrics.log(result, step=self.state.step)
         return improved
 
-    def save(self, kind: SaveKind, blocking: bool | None = None, improved: bool = False) -> Path | None:
+    def save(self, kind: SaveKind, blocking: bool | None = None, improved: bool = False,
+             exit_save: bool = False) -> Path | None:
         """Checkpoint now; log how long training was blocked. Returns the path once committed (None: async)."""
         start = time.perf_counter()
-        path = self.parts.checkpointer.save(kind, blocking=blocking, best=improved and kind == SaveKind.PERSISTENT)
+        path = self.parts.checkpointer.save(kind, blocking=blocking, best=improved and kind == SaveKind.PERSISTENT,
+                                            exit_save=exit_save)
         blocked = time.perf_counter() - start
         self._save_blocked_ms += blocked * 1e3
         self._window_start += blocked  # keep saves out of tokens/s
         what = str(path) if path else f"step {self.state.step} (async, committing in the background)"
         logger.info("saved %s checkpoint %s; training blocked %.3fs", kind.value, what, blocked)
+        if path is not None and kind == SaveKind.PERSISTENT:
+            self._warn_if_slower_than_grace(blocked)
         return path
+
+    def _warn_if_slower_than_grace(self, took_s: float) -> None:
+        """Once: a blocking save slower than the launcher's grace period would be killed as an exit save."""
+        grace = self.cfg.checkpoint.exit_grace_s
+        if self._warned_grace or not grace or took_s <= grace:
+            return
+        self._warned_grace = True
+        logger.warning("saving step %d took %.1fs, more than checkpoint.exit_grace_s=%gs: an exit save after a stop "
+                       "signal would be killed half way (committed checkpoints survive, the steps since are lost). "
+                       "Set checkpoint.exit_verify=size, give the job a longer grace period (torchrun: "
+                       "TORCH_ELASTIC_SHUTDOWN_TIMEOUT, Slurm: --signal=...@<seconds> or KillWait), or stop on "
+                       "train.exit_duration_min before the time limit", self.state.step, took_s, grace)
 
     def _save_failed(self, err: CheckpointError, what: str) -> None:
         """Report a failed periodic save; stop once ``checkpoint.max_failed_saves`` failed in a row."""
@@ -202,7 +219,8 @@ class TrainingLoop:
             return reason
         must_land = final or reason is not None
         try:
-            path = self.save(kind, blocking=True if must_land else None, improved=improved)
+            path = self.save(kind, blocking=True if must_land else None, improved=improved,
+                             exit_save=reason is not None)
         except CheckpointError as err:
             if must_land:
                 raise
@@ -225,7 +243,7 @@ class TrainingLoop:
             except CheckpointError as err:
                 logger.error("async checkpoint of step %d failed: %s", self.state.step, err)
         if kind != SaveKind.PERSISTENT or path is None:
-            self.save(SaveKind.PERSISTENT, blocking=True)
+            self.save(SaveKind.PERSISTENT, blocking=True, exit_save=True)
         else:
             logger.info("%s requested during the save of step %d: that checkpoint is the exit save",
                         reason, self.state.step)

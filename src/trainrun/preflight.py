@@ -1,0 +1,167 @@
+"""Start-up checks of the environment a run depends on, made before anything expensive is built.
+
+:func:`trainrun.config.validate_config` checks the config's values; this module checks what they
+point at: the directories the run will write (run directory, checkpoint directories, the bundled
+corpus cache) and, for ``logging.wandb.mode=online``, that wandb has credentials. A problem raises
+:class:`RunEnvironmentError`, which the CLI prints as one line (``trainrun: environment error:
+<what>: <path>; <fix>``) with exit code 2, instead of a traceback minutes into the run.
+
+Online wandb without credentials is refused rather than quietly switched to offline: on a cluster a
+run that logs nowhere is found out only after it has finished.
+
+Every rank runs :func:`check_environment` itself, before the process group exists, so no rank can
+fail a check while its peers wait in a collective. The ranks reach the same verdict: the paths come
+from the config, identical on every rank, and lie on the file system the ranks share; the one
+node-local default (the non-persistent checkpoint dir under the system temp dir) is allowed on a
+single node only; the wandb credentials come from the environment the launcher hands every rank
+(and a HOME that clusters share). Were one node still to refuse alone, its ranks would exit before
+the rendezvous, which the launcher reports as a failed start, not a hang in the middle of training.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from contextlib import suppress
+from pathlib import Path
+
+from trainrun.config.choices import WandbMode
+from trainrun.config.schema import TrainRunConfig, WandbConfig
+
+WANDB_OFFLINE_FIX = "or use logging.wandb.mode=offline (upload later with `wandb sync`)"
+
+
+class RunEnvironmentError(RuntimeError):
+    """Something outside the config that a user can fix (a directory, credentials, the network), in one line."""
+
+    def __init__(self, what: str, where: str, fix: str):
+        self.what, self.where, self.fix = what, where, fix
+        super().__init__(f"{what}: {where}; {fix}")
+
+
+def unwritable_dir_error(option: str, path: str | os.PathLike, err: OSError, note: str = "") -> RunEnvironmentError:
+    """The error for directory ``path``, set by ``option`` (``note``: where its default came from), that
+    could not be created or written."""
+    path = Path(path)
+    reason = "exists and is not a directory" if path.exists() and not path.is_dir() else (err.strerror or str(err))
+    label = f"{option} ({note})" if note else option
+    return RunEnvironmentError(f"{label} is not writable ({reason})", str(path),
+                               f"set {option} to a directory you can write to")
+
+
+def check_writable_dir(path: Path, option: str, note: str = "") -> None:
+    """Create ``path`` (with parents) and write and delete a probe file in it; raise naming ``option`` if that fails.
+
+    Permission bits are not consulted: ``os.access`` answers wrongly on some network file systems
+    and for root, so only an actual write tells.
+    """
+    # Unique per process: all ranks probe the same shared directory at the same moment.
+    probe = path / f".trainrun-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"ok")  # a full or over-quota file system accepts the create but not the data
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise unwritable_dir_error(option, path, err, note) from None
+    finally:
+        with suppress(OSError):
+            probe.unlink()
+
+
+def run_directory(cfg: TrainRunConfig, run_dir: Path | None) -> tuple[Path, str, str]:
+    """The run directory ``orchestrator.resolve_run_dir`` will use, the option setting it, a note on its default."""
+    if cfg.run.output_dir:
+        return Path(cfg.run.output_dir), "run.output_dir", ""
+    if run_dir is not None:
+        return run_dir, "hydra.run.dir", ""
+    return Path.cwd(), "run.output_dir", "null: the current directory"
+
+
+def checkpoint_directories(cfg: TrainRunConfig, run_dir: Path) -> list[tuple[Path, str, str]]:
+    """Every directory this run may save checkpoints to: (path, the option that sets it, a note on its default)."""
+    from trainrun.checkpoint.checkpointer import non_persistent_dir
+
+    c = cfg.checkpoint
+    dirs = [(Path(c.dir), "checkpoint.dir", "") if c.dir else
+            (run_dir / "checkpoints", "checkpoint.dir", "null: <run dir>/checkpoints")]
+    if c.non_persistent_interval > 0:
+        dirs.append((non_persistent_dir(cfg, run_dir), "checkpoint.non_persistent_dir",
+                     "" if c.non_persistent_dir else "null: under the system temp dir"))
+    return dirs
+
+
+def check_data_cache(cfg: TrainRunConfig) -> None:
+    """For ``data.name=stdlib``: the corpus cache is writable, unless the corpus is already built there.
+
+    An indexed dataset is only read; ``validate_config`` has already checked that its directory is complete.
+    """
+    if cfg.data.name != "stdlib":
+        return
+    from trainrun.data import corpus
+
+    cache = Path(cfg.data.path).expanduser() if cfg.data.path else corpus.default_cache_root()
+    try:
+        check_writable_dir(cache, "data.path", "the stdlib corpus cache")
+    except RunEnvironmentError:
+        if not _stdlib_corpus_built(cache, cfg):
+            raise
+
+
+def _stdlib_corpus_built(cache: Path, cfg: TrainRunConfig) -> bool:
+    # The same directory name build_stdlib_corpus reads from: a read-only shared cache is fine once built.
+    from trainrun.data import corpus
+    from trainrun.data.layout import META_FILE
+
+    files = corpus.list_source_files(corpus.stdlib_root())
+    key = corpus.corpus_key(files, cfg.data.val_fraction, cfg.data.max_documents)
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return (cache / f"stdlib-{pyver}-{key}" / META_FILE).is_file()
+
+
+def check_wandb_credentials(cfg: WandbConfig) -> None:
+    """For online wandb: an API key is configured (WANDB_API_KEY, ``wandb login``'s netrc entry, wandb settings).
+
+    Looked up with wandb's own helper and never verified against the server, so no network is used;
+    an unreachable server or a rejected key is reported when the run opens its wandb run.
+    """
+    if not cfg.enabled or cfg.mode is not WandbMode.online:
+        return
+    try:
+        from wandb.errors import AuthenticationError
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib.wbauth.authenticate import authenticate_session
+    except ImportError:  # a wandb without this helper: the sink turns wandb.init's own error into one line
+        return
+    host = str(wandb_setup.singleton().settings.base_url)
+    try:
+        auth = authenticate_session(host=host, source="trainrun", prompt=False, update_session=False)
+    except AuthenticationError as err:
+        raise RunEnvironmentError(f"wandb credentials are invalid ({first_line(err)})", host,
+                                  f"fix WANDB_API_KEY or run `wandb login --relogin`, {WANDB_OFFLINE_FIX}") from None
+    if auth is None:
+        raise RunEnvironmentError("logging.wandb.mode=online but no wandb API key is configured for the server", host,
+                                  f"set WANDB_API_KEY or run `wandb login`, {WANDB_OFFLINE_FIX}")
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of ``err``'s message (library errors often span several)."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
+def check_environment(cfg: TrainRunConfig, run_dir: Path | None) -> None:
+    """Every start-up check of the environment, cheapest first; raise :class:`RunEnvironmentError` on the first problem.
+
+    ``run_dir`` is the caller's (Hydra's) run directory, as passed to ``orchestrator.run``. A dry run
+    writes only its log, so it checks the run directory and the data cache alone.
+    """
+    path, option, note = run_directory(cfg, run_dir)
+    check_writable_dir(path, option, note)
+    if not cfg.run.dry_run:
+        check_wandb_credentials(cfg.logging.wandb)
+        for directory, dir_option, dir_note in checkpoint_directories(cfg, path):
+            check_writable_dir(directory, dir_option, dir_note)
+    check_data_cache(cfg)

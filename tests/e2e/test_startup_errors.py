@@ -1,0 +1,123 @@
+"""The CLI as a new user meets a broken environment: one line on stderr, exit code 2, no traceback,
+before the model is built.
+
+Tests run as root in CI, where permission bits stop nothing; an unwritable directory is made by
+putting it below a regular file. wandb is never given a reachable server.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, cli_env, run_cli
+
+pytestmark = pytest.mark.e2e
+
+NO_WANDB_CREDENTIALS = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC", "WANDB_CONFIG_DIR", "WANDB_BASE_URL")
+
+
+@pytest.fixture
+def blocker(tmp_path: Path) -> Path:
+    """A regular file: no directory can be created below it."""
+    path = tmp_path / "file.txt"
+    path.write_text("not a directory\n")
+    return path
+
+
+def _env_without_wandb_credentials(home: Path, **extra: str) -> dict[str, str]:
+    home.mkdir(exist_ok=True)
+    env = cli_env(HOME=str(home), **extra)
+    for name in NO_WANDB_CREDENTIALS:
+        if name not in extra:
+            env.pop(name, None)
+    return env
+
+
+def _assert_one_line_exit_2(proc, *parts: str) -> str:
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for part in parts:
+        assert part in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["checkpoint.dir={bad}"], "checkpoint.dir is not writable"),
+    (["checkpoint.non_persistent_interval=1", "checkpoint.non_persistent_dir={bad}"],
+     "checkpoint.non_persistent_dir is not writable"),
+    (["run.output_dir={bad}"], "run.output_dir is not writable"),
+    (["data.path={bad}"], "data.path (the stdlib corpus cache) is not writable"),
+])
+def test_unwritable_directory_is_one_line_before_the_model(overrides, expected, tmp_path, blocker):
+    bad = blocker / "sub"
+    run_dir = tmp_path / "run"
+    args = [*TINY, "train.max_steps=1", f"hydra.run.dir={run_dir}", *(o.format(bad=bad) for o in overrides)]
+    proc = run_cli(args, cwd=tmp_path, timeout=120)
+    line = _assert_one_line_exit_2(proc, "trainrun: environment error: ", expected, str(bad))
+    assert "Not a directory" in line
+    assert not (run_dir / "train.log").exists(), "the run must stop before logging, data and model"
+
+
+def test_unwritable_hydra_run_dir_is_one_line(tmp_path, blocker):
+    proc = run_cli([*TINY, "train.max_steps=1", f"hydra.run.dir={blocker / 'run'}"], cwd=tmp_path, timeout=120)
+    _assert_one_line_exit_2(proc, "trainrun: environment error: hydra.run.dir is not writable", str(blocker / "run"))
+
+
+def test_missing_indexed_data_dir_is_one_line_before_the_model(tmp_path):
+    run_dir, nowhere = tmp_path / "run", tmp_path / "nowhere"
+    proc = run_cli([*TINY, "data=indexed", f"data.path={nowhere}", "train.max_steps=1", f"hydra.run.dir={run_dir}"],
+                   cwd=tmp_path, timeout=120)
+    _assert_one_line_exit_2(proc, "trainrun: configuration error: data.path=", str(nowhere), "trainrun-prepare")
+    assert not (run_dir / "train.log").exists()
+
+
+def test_online_wandb_without_credentials_is_refused_up_front(tmp_path, corpus_cache):
+    run_dir = tmp_path / "run"
+    proc = run_cli([*TINY, f"data.path={corpus_cache}", "train.max_steps=1", f"hydra.run.dir={run_dir}",
+                    "logging.wandb.enabled=true", "logging.wandb.mode=online"],
+                   cwd=tmp_path, timeout=120, env=_env_without_wandb_credentials(tmp_path / "home"))
+    _assert_one_line_exit_2(proc, "trainrun: environment error: ", "no wandb API key", "WANDB_API_KEY",
+                            "`wandb login`", "logging.wandb.mode=offline")
+    assert not (run_dir / "train.log").exists()
+    assert not (run_dir / "wandb").exists()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_online_wandb_without_a_reachable_server_is_one_line(tmp_path, corpus_cache):
+    env = _env_without_wandb_credentials(
+        tmp_path / "home", WANDB_API_KEY="0123456789abcdef" * 3, WANDB_BASE_URL=f"http://127.0.0.1:{_closed_port()}",
+        WANDB_INIT_TIMEOUT="2")
+    proc = run_cli([*TINY, f"data.path={corpus_cache}", "train.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}",
+                    "logging.wandb.enabled=true", "logging.wandb.mode=online"], cwd=tmp_path, timeout=120, env=env)
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    # The server is only tried when the run opens its wandb run, after the start-up log lines.
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("trainrun:")]
+    assert len(ours) == 1 and ours[0] == proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert "environment error: wandb.init failed (logging.wandb.mode=online)" in ours[0]
+    assert "logging.wandb.mode=offline" in ours[0]
+
+
+def test_every_rank_refuses_alike_without_waiting_for_a_peer(tmp_path, blocker, corpus_cache):
+    from tests.distributed.test_parallel import spawn_ranks
+
+    bad = blocker / "ckpt"
+    start = time.perf_counter()
+    ranks = spawn_ranks(2, tmp_path / "run", [*TINY, f"data.path={corpus_cache}", "train.max_steps=1",
+                                              "parallel.dp_replicate=2", f"checkpoint.dir={bad}"], timeout=90)
+    for code, err in ranks:  # each rank checks for itself before the rendezvous, so none is left waiting
+        assert code == 2 and "Traceback" not in err, err[-3000:]
+        assert len(err.strip().splitlines()) == 1, err
+        assert "environment error: checkpoint.dir is not writable" in err and str(bad) in err
+    assert time.perf_counter() - start < 60
