@@ -31,8 +31,8 @@ from trainrun.checkpoint import Checkpointer, CheckpointStore
 from trainrun.config import compose_config
 from trainrun.model import materialize
 from trainrun.optim import build_lr_scheduler
+from trainrun.state import TrainState
 from trainrun.train.executors import lm_loss
-from trainrun.train.state import TrainState
 
 DEFAULT_OVERRIDES = ["model=gpt_125m", "data.seq_len=128"]
 

@@ -33,10 +33,10 @@ from trainrun.observe import build_metric_logger, peak_flops_per_device, setup_l
 from trainrun.observe.profiler import StepProfiler
 from trainrun.optim import build_lr_scheduler, param_group_summary
 from trainrun.preflight import RunEnvironmentError, check_environment
+from trainrun.state import TrainState
 from trainrun.train.debug_hooks import RepeatedBatches, install_nan_injection
 from trainrun.train.executors import PipelineExecutor, SchedulerGroup
 from trainrun.train.loop import LoopComponents, TrainingLoop
-from trainrun.train.state import TrainState
 
 logger = logging.getLogger(__name__)
 

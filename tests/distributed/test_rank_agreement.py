@@ -21,9 +21,9 @@ from trainrun.checkpoint.policy import SaveContext, SaveKind, build_policy
 from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config.schema import CheckpointConfig, TrainRunConfig
 from trainrun.distributed.env import DistEnv
+from trainrun.state import TrainState
 from trainrun.train.executors import finite_on_all_ranks
 from trainrun.train.loop import KIND_OF_RANK, SAVE_RANK
-from trainrun.train.state import TrainState
 
 pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore::UserWarning")]
 

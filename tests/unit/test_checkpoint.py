@@ -45,7 +45,7 @@ from trainrun.config.schema import (
 )
 from trainrun.distributed.env import DistEnv
 from trainrun.optim import build_lr_scheduler
-from trainrun.train.state import TrainState
+from trainrun.state import TrainState
 
 # DCP says it saves/loads in a single process without a process group: that is what these tests do.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")

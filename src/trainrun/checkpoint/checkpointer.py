@@ -34,7 +34,7 @@ from trainrun.checkpoint.store import (
 )
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig, TrainRunConfig
-from trainrun.train.state import TrainState
+from trainrun.state import TrainState
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from trainrun.config.schema import CheckpointConfig
 from trainrun.registry import CHECKPOINT_POLICIES
-from trainrun.train.state import TrainState
+from trainrun.state import TrainState
 
 
 class SaveKind(str, Enum):

@@ -1,5 +1,1 @@
-"""Training loop, TrainState and step executors."""
-
-from trainrun.train.state import TrainState
-
-__all__ = ["TrainState"]
+"""Training loop and step executors."""

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from trainrun.state import TrainState
 from trainrun.train.executors import Batch
-from trainrun.train.state import TrainState
 
 
 def install_nan_injection(model_parts: list[nn.Module], state: TrainState, steps: list[int]) -> list[RemovableHandle]:

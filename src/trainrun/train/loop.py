@@ -24,8 +24,8 @@ from trainrun.eval.evaluator import Evaluator
 from trainrun.exit_codes import ExitCode
 from trainrun.observe import Timers, measure_throughput, memory_stats, progress_bar
 from trainrun.observe.profiler import StepProfiler
+from trainrun.state import TrainState
 from trainrun.train.executors import Batch, StepExecutor, StepResult
-from trainrun.train.state import TrainState
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,8 @@
-"""TrainState: the loop's progress counters, saved with every checkpoint."""
+"""TrainState: the loop's progress counters, saved with every checkpoint.
+
+Top-level so that the training loop and the checkpoint package both import it without
+``checkpoint/`` depending on ``train/``.
+"""
 
 from __future__ import annotations
 
