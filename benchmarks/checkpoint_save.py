@@ -30,9 +30,9 @@ from trainrun import registry
 from trainrun.checkpoint import Checkpointer, CheckpointStore
 from trainrun.config import compose_config
 from trainrun.model import materialize
+from trainrun.model.loss import lm_loss
 from trainrun.optim import build_lr_scheduler
 from trainrun.state import TrainState
-from trainrun.train.executors import lm_loss
 
 DEFAULT_OVERRIDES = ["model=gpt_125m", "data.seq_len=128"]
 

@@ -27,9 +27,9 @@ from trainrun import registry
 from trainrun.checkpoint import Checkpointer, CheckpointStore
 from trainrun.config import compose_config
 from trainrun.model import materialize
+from trainrun.model.loss import lm_loss
 from trainrun.optim import build_lr_scheduler
 from trainrun.state import TrainState
-from trainrun.train.executors import lm_loss
 
 GRACE_S = {"torchrun (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)": 30, "Slurm KillWait (default)": 30,
            "submitit_slurm signal_delay_s": 120, "torchrun.sbatch --signal=TERM@120": 120}

@@ -32,10 +32,11 @@ from trainrun.model import flops_per_token, materialize
 from trainrun.observe import build_metric_logger, peak_flops_per_device, setup_logging
 from trainrun.observe.profiler import StepProfiler
 from trainrun.optim import build_lr_scheduler, param_group_summary
+from trainrun.optim.schedules import SchedulerGroup
 from trainrun.preflight import RunEnvironmentError, check_environment
 from trainrun.state import TrainState
 from trainrun.train.debug_hooks import RepeatedBatches, install_nan_injection
-from trainrun.train.executors import PipelineExecutor, SchedulerGroup
+from trainrun.train.executors import PipelineExecutor
 from trainrun.train.loop import LoopComponents, TrainingLoop
 
 logger = logging.getLogger(__name__)

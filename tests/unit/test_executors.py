@@ -64,9 +64,80 @@ def test_nan_step_is_skipped_and_parameters_unchanged(tmp_path, corpus_cache):
     loop.parts.metrics.close()
 
 
-@pytest.mark.parametrize("override", ["train.step_executor=cuda_graph", "train.precision=fp16", "run.device=cuda"])
-def test_cuda_only_settings_are_refused_on_cpu(override):
+@pytest.mark.parametrize(("override", "says"), [
+    ("train.step_executor=cuda_graph", "CUDA-graph capture needs a CUDA device"),
+    ("train.precision=fp16", "fp16 needs CUDA"),
+    ("train.precision=fp8", "float8 training needs a CUDA GPU"),
+    ("run.device=cuda", "no CUDA device is visible"),
+])
+def test_cuda_only_settings_are_refused_on_cpu(override, says):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=says):
         validate_config(compose_config([override]), world_size=1)
+
+
+@pytest.mark.parametrize(("overrides", "says"), [
+    (["parallel.dp_replicate=2"], "one process only"),
+    (["optim.implementation=foreach"], "cannot skip a non-finite step inside the graph"),
+    (["debug.inject_nan_at_steps=[1]"], "decides on the host per step"),
+    (["parallel.activation_checkpointing=full"], "not captured"),
+    (["parallel.pp=2", "model.tie_embeddings=false"], "pipeline parallelism runs its own schedule"),
+])
+def test_what_a_cuda_graph_cannot_capture_is_refused_up_front(monkeypatch, overrides, says):
+    """Checked with the device check passed, as on a GPU machine: the refusal is about the capture."""
+    from trainrun.config import validate as rules
+
+    monkeypatch.setattr(rules, "CROSS_GROUP_RULES",
+                        tuple(rule for rule in rules.CROSS_GROUP_RULES if rule is not rules.check_device))
+    cfg = compose_config(["train.step_executor=cuda_graph", "run.device=cpu", *overrides])
+    world = 2 if any(o.startswith(("parallel.dp_replicate=2", "parallel.pp=2")) for o in overrides) else 1
+    with pytest.raises(ConfigError, match=says):
+        validate_config(cfg, world_size=world)
+
+
+def test_fused_adamw_skips_on_the_device_and_the_loop_learns_at_log_intervals(tmp_path, corpus_cache):
+    """optim.implementation=fused: no host sync per step. A NaN step is still never applied (the fused
+    kernel masks it with found_inf), the loop counts it when it logs, rewinds the LR schedule, and
+    train.max_skipped_steps still stops the run within one log interval."""
+    loop = _loop(tmp_path, corpus_cache, "optim.implementation=fused", "debug.inject_nan_at_steps=[2,5,6,7]",
+                 "train.log_interval=4", "train.max_skipped_steps=3")
+    assert loop.parts.executor.update.on_device
+    model = loop.parts.model_parts[0]
+    first = loop.train_step()
+    assert first.skipped is None and bool(first.finite)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lr_before = loop.parts.executor.scheduler.last_epoch
+    poisoned = loop.train_step()
+    assert poisoned.skipped is None and not bool(poisoned.finite)  # the host was not asked
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # but nothing was applied
+    assert loop.state.skipped_steps == 0  # not read yet
+    loop.sync_skips()
+    assert loop.state.skipped_steps == 1 and loop.consecutive_skips == 1
+    assert loop.parts.executor.scheduler.last_epoch == lr_before  # the skipped step does not count
+    code = loop.run()  # steps 3..: 5, 6, 7 are poisoned; seen at the log of step 8
+    assert code.name == "BAD_STEPS" and loop.state.step == 8 and loop.state.skipped_steps == 4
+    loop.parts.metrics.close()
+
+
+def test_fused_and_foreach_adamw_train_alike(tmp_path, corpus_cache):
+    foreach = _losses(tmp_path, corpus_cache, "optim.implementation=foreach")
+    fused = _losses(tmp_path, corpus_cache, "optim.implementation=fused")
+    assert fused == pytest.approx(foreach, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [["train.compile_scope=model"], ["train.compile_optimizer=true"]])
+def test_other_compile_settings_match_eager(tmp_path, corpus_cache, overrides):
+    eager = _losses(tmp_path, corpus_cache)
+    compiled = _losses(tmp_path, corpus_cache, "train.step_executor=compile", *overrides)
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_compile_per_block_keeps_parameter_names(tmp_path, corpus_cache):
+    """Blocks are compiled in place, so checkpoints of a compiled run load into an eager one and back."""
+    eager = _loop(tmp_path, corpus_cache)
+    compiled = _loop(tmp_path, corpus_cache, "train.step_executor=compile")
+    assert list(compiled.parts.model_parts[0].state_dict()) == list(eager.parts.model_parts[0].state_dict())
+    for loop in (eager, compiled):
+        loop.parts.metrics.close()

@@ -150,7 +150,7 @@ def test_memory_estimate_monotone():
     assert "total" in base.format()
     assert set(base.as_dict()) == {"params", "grads", "optimizer_state", "activations", "total"}
     with pytest.raises(ValueError, match="not a valid Precision"):
-        estimate_training_memory(cfg, 8, 512, precision="fp8")
+        estimate_training_memory(cfg, 8, 512, precision="int4")
 
 
 def test_gpt_1b_accounting():

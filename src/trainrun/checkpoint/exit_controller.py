@@ -13,8 +13,6 @@ import signal
 import time
 from types import FrameType
 
-import torch
-
 from trainrun.config.schema import TrainRunConfig
 from trainrun.distributed.env import DistEnv
 
@@ -74,10 +72,6 @@ class ExitController:
         Policies may read rank-local state (the time policy reads this rank's clock): deciding on the
         maximum keeps every rank entering the save's collectives together, or none.
         """
-        flags = torch.tensor([*self.local_flags(step), float(save_rank)], dtype=torch.float32)
-        if self.env.distributed:
-            flags = flags.to(self.env.device)
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        values = flags.tolist()
+        values = self.env.host_all_reduce_max([*self.local_flags(step), float(save_rank)])
         hits = [reason for reason, flag in zip(REASONS, values[:-1], strict=True) if flag > 0]
         return (hits[0] if hits else None), int(values[-1])

@@ -53,6 +53,15 @@ class Mlp(Choice):
     gelu = "gelu"
 
 
+class CompileScope(Choice):
+    """What ``train.step_executor=compile`` compiles (``train.compile_scope``)."""
+
+    blocks = "blocks"
+    """Each transformer block on its own (torchtitan's style): short compile times, FSDP-friendly."""
+    model = "model"
+    """Forward and loss as one graph."""
+
+
 class OptimizerImpl(Choice):
     """Kernel flavour of the optimizer step (``optim.implementation``)."""
 
@@ -68,13 +77,15 @@ class Precision(Choice):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+    fp8 = "fp8"
+    """torchao float8 training of the linear layers (CUDA, compute capability >= 8.9), bf16 autocast elsewhere."""
 
     @property
     def autocast_dtype(self):  # -> torch.dtype | None; torch is imported lazily to keep config light
         """The dtype autocast computes in; None for fp32 (no autocast)."""
         import torch
 
-        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}[self.value]
 
     @property
     def activation_bytes(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import enum
 import inspect
 
 from trainrun.config import schema
@@ -29,6 +30,8 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def _default(field: dataclasses.Field) -> str:
     if field.default is not dataclasses.MISSING:
+        if isinstance(field.default, enum.Enum):  # shown as users type it
+            return str(field.default.value)
         return repr(field.default)
     if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         value = field.default_factory()  # type: ignore[misc]

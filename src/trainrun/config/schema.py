@@ -16,6 +16,7 @@ from pathlib import Path
 from trainrun.config.checks import coerce_choices, in_range, optional_positive, positive
 from trainrun.config.choices import (
     ActivationCheckpointing,
+    CompileScope,
     Device,
     ExitSignal,
     LogLevel,
@@ -227,9 +228,20 @@ class TrainConfig:
     log_interval: int = 10
     """Steps between console lines / metrics.jsonl rows."""
     step_executor: str = "eager"
-    """Registered step executor: eager, compile (torch.compile) or cuda_graph."""
+    """Registered step executor: eager, compile (torch.compile) or cuda_graph (the whole step captured as one
+    CUDA graph: forward, backward, clipping, optimizer; one GPU)."""
+    compile_scope: CompileScope = CompileScope.blocks
+    """What the compile executor compiles: blocks (each transformer block, torchtitan's style) or model
+    (forward and loss as one graph)."""
+    compile_optimizer: bool = False
+    """Also compile the optimizer step (compile executor)."""
+    cuda_graph_warmup_steps: int = 3
+    """Eager training steps on a side stream before the cuda_graph executor captures the step (they train)."""
+    cuda_graph_compile_blocks: bool = False
+    """cuda_graph: compile each transformer block before capture (compile and CUDA graphs combined)."""
     precision: Precision = Precision.fp32
-    """fp32, bf16 (autocast) or fp16 (autocast + grad scaler, CUDA only)."""
+    """fp32, bf16 (autocast), fp16 (autocast + dynamic loss scaling, CUDA only) or fp8 (torchao float8 linears,
+    CUDA with compute capability >= 8.9, e.g. H100)."""
     progress_bar: bool = True
     """Show a tqdm progress bar on a terminal."""
     exit_interval: int | None = None
@@ -247,6 +259,7 @@ class TrainConfig:
         """Positive step counts and batch sizes, positive exit limits."""
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval", "max_skipped_steps"):
             positive(f"train.{name}", getattr(self, name))
+        positive("train.cuda_graph_warmup_steps", self.cuda_graph_warmup_steps)
         optional_positive("train.exit_interval", self.exit_interval)
         optional_positive("train.exit_duration_min", self.exit_duration_min)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from trainrun.config.choices import Device, Position, Precision
+from trainrun.config.choices import ActivationCheckpointing, Device, OptimizerImpl, Position, Precision
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import TrainRunConfig
 
@@ -118,6 +118,47 @@ def check_device(cfg: TrainRunConfig) -> None:
     if cfg.train.step_executor == "cuda_graph" and not on_cuda:
         raise ConfigError("train.step_executor", "cuda_graph",
                           "CUDA-graph capture needs a CUDA device; use eager or compile")
+    if cfg.train.precision is Precision.fp8:
+        check_fp8_available(on_cuda)
+
+
+def check_fp8_available(on_cuda: bool) -> None:
+    """fp8 training: torchao's float8 linears on a GPU with fp8 tensor cores (compute capability >= 8.9)."""
+    if not on_cuda:
+        raise ConfigError("train.precision", "fp8", "float8 training needs a CUDA GPU with compute capability >= 8.9 "
+                          "(H100, L40S, RTX 4090); use bf16")
+    import importlib.util
+
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise ConfigError("train.precision", "fp8", f"this GPU has compute capability {major}.{minor}, float8 needs "
+                          ">= 8.9 (H100, L40S); use bf16")
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError("train.precision", "fp8", "float8 training uses torchao: pip install torchao; or use bf16")
+
+
+def check_step_executor(cfg: TrainRunConfig) -> None:
+    """What the whole-step CUDA graph cannot capture is refused here, never silently run another way."""
+    if cfg.train.step_executor != "cuda_graph":
+        return
+    why = None
+    if cfg.parallel.world_size != 1:  # check_world_size ran before: the degrees match the launcher's world
+        why = ("one process only: collectives of DDP, FSDP and tensor parallelism are not captured by trainrun; "
+               "use compile for multi-GPU runs")
+    elif cfg.train.precision is Precision.fp16:
+        why = "fp16's dynamic loss scaler adjusts its scale on the host every step; use bf16"
+    elif cfg.optim.implementation not in (OptimizerImpl.auto, OptimizerImpl.fused):
+        why = (f"optim.implementation={cfg.optim.implementation} cannot skip a non-finite step inside the graph; "
+               "use auto or fused (the fused AdamW applies found_inf on the device)")
+    elif cfg.debug.inject_nan_at_steps:
+        why = "debug.inject_nan_at_steps decides on the host per step, which a captured graph cannot; use eager"
+    elif cfg.parallel.activation_checkpointing is not ActivationCheckpointing.none:
+        why = ("activation checkpointing's recomputation is not captured by trainrun; "
+               "use parallel.activation_checkpointing=none")
+    if why:
+        raise ConfigError("train.step_executor", "cuda_graph", why)
 
 
 def check_debug(cfg: TrainRunConfig) -> None:
@@ -128,7 +169,8 @@ def check_debug(cfg: TrainRunConfig) -> None:
                           f"beyond train.max_steps={cfg.train.max_steps}; pick earlier steps")
 
 
-CROSS_GROUP_RULES = (check_sequence, check_batch, check_tensor_parallel, check_pipeline, check_device, check_debug)
+CROSS_GROUP_RULES = (check_sequence, check_batch, check_tensor_parallel, check_pipeline, check_device, check_debug,
+                     check_step_executor)
 """Every rule that reads more than one group, in the order they are checked."""
 
 

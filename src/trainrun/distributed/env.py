@@ -22,6 +22,8 @@ class DistEnv:
     initializer: str
     layout: str = "pp=1 dp_replicate=1 dp_shard=1 tp=1"
     """The mesh this run builds (parallel degrees), for the start-up log line."""
+    host_group: object = None
+    """A gloo group for small CPU-tensor agreements when the default group is NCCL; None: the default group."""
 
     @property
     def is_rank0(self) -> bool:
@@ -50,9 +52,17 @@ class DistEnv:
         """True only if ``flag`` is true on every rank (a MIN all-reduce)."""
         if not self.distributed:
             return flag
-        value = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return bool(value.item())
+        return self.host_all_reduce_max([float(not flag)])[0] == 0
+
+    def host_all_reduce_max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum of small host values over all ranks, without touching the GPU stream."""
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float32)
+        if self.host_group is None and self.backend != "gloo":
+            tensor = tensor.to(self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.host_group)
+        return tensor.tolist()
 
     def broadcast_object(self, obj: object) -> object:
         """Rank 0's ``obj`` on every rank (identity in a single process). Pickled: use it for small values

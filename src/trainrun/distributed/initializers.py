@@ -68,7 +68,10 @@ def _init_process_group(cfg: TrainRunConfig, rank: int, local_rank: int, world_s
             device_id=device if device.type == "cuda" else None,
         )
     seed_everything(cfg.run.seed, rank)
-    return DistEnv(rank, local_rank, world_size, device, backend, name, _layout(cfg))
+    # Host-side agreements (exit flags, save wishes) go over gloo with CPU tensors: on NCCL they would
+    # wait for the GPU queue every step.
+    host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+    return DistEnv(rank, local_rank, world_size, device, backend, name, _layout(cfg), host_group=host_group)
 
 
 def _require_env(names: tuple[str, ...], initializer: str) -> dict[str, str]:

@@ -13,8 +13,8 @@ from trainrun.config.schema import TrainRunConfig
 from trainrun.data import TokenDataset, build_val_stream, val_batches
 from trainrun.distributed.env import DistEnv
 from trainrun.distributed.parallel_dims import ParallelDims
+from trainrun.model.loss import autocast_context, lm_loss
 from trainrun.registry import EVALUATORS
-from trainrun.train.executors import autocast_context, lm_loss
 
 
 class Evaluator(Protocol):

@@ -94,3 +94,58 @@ def build_lr_scheduler(
                        cfg.warmup_steps, max_steps)
     factory = LR_SCHEDULES.get(cfg.schedule)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factory(cfg, max_steps))
+
+
+class SchedulerGroup:
+    """Several LR schedulers (one per model part's optimizer: pipeline stages) stepped and checkpointed as one."""
+
+    def __init__(self, schedulers: list):
+        self.schedulers = schedulers
+
+    def step(self) -> None:
+        for s in self.schedulers:
+            s.step()
+
+    def state_dict(self) -> dict:
+        """The schedulers advance in lockstep, so the first one's state stands for all."""
+        return self.schedulers[0].state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        for s in self.schedulers:
+            s.load_state_dict(state)
+
+    def get_last_lr(self) -> list[float]:
+        return self.schedulers[0].get_last_lr()
+
+
+def _lambda_schedulers(scheduler) -> list[torch.optim.lr_scheduler.LambdaLR]:
+    return list(scheduler.schedulers) if isinstance(scheduler, SchedulerGroup) else [scheduler]
+
+
+def scheduled_lr(scheduler) -> float:
+    """The learning rate of the first param group at the scheduler's position, as a host float.
+
+    Computed from the schedule, not read from the optimizer: under CUDA-graph capture the LR lives
+    in a device tensor, and reading it would wait for the GPU.
+    """
+    first = _lambda_schedulers(scheduler)[0]
+    return float(first.base_lrs[0] * first.lr_lambdas[0](first.last_epoch))
+
+
+def rewind_schedule(scheduler, steps: int) -> None:
+    """Move the schedule back by ``steps`` (skipped steps learned about after the fact) and re-apply its LR.
+
+    Executors that never wait for the GPU step the schedule on every step and learn at log
+    intervals which steps were skipped; rewinding keeps the schedule counting applied updates only.
+    """
+    if steps <= 0:
+        return
+    for sched in _lambda_schedulers(scheduler):
+        sched.last_epoch -= steps
+        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            lr = base * fn(sched.last_epoch)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]

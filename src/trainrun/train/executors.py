@@ -1,28 +1,43 @@
 """Step executors: run one optimizer step over the micro-batches of a global batch.
 
-``eager`` runs the model as written; ``compile`` wraps forward+loss in ``torch.compile``;
-``cuda_graph`` uses ``torch.compile(mode="reduce-overhead")``, which captures the compiled
-forward/backward into CUDA graphs (CUDA only).
+Every executor ends its step with the same :class:`UpdateTail` (global-norm clipping, the
+world-wide finite check, optimizer and LR step, zero grad) and differs only in how it runs
+forward and backward:
+
+* ``eager``: the model as written, one micro-batch after the other (gradient accumulation);
+* ``compile``: ``torch.compile`` of each transformer block in place (``train.compile_scope=blocks``,
+  torchtitan's style) or of forward+loss as one graph (``model``), optionally of the optimizer step;
+* ``cuda_graph``: the whole step, forward and backward of every micro-batch, clipping, the finite
+  check and the fused optimizer step, captured once as a CUDA graph and replayed (one GPU);
+* the pipeline executor: a ``torch.distributed.pipelining`` schedule.
+
+**No host sync per step** where the optimizer allows it: a fused AdamW takes the finite check as
+a device tensor (``found_inf``) and skips the update on the device (its step counters too), so the
+executor never waits for the GPU; the loop reads the skip flags at log intervals. Other
+optimizers (foreach, for_loop) and fp16's loss scaler need the verdict on the host, one sync per step.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from trainrun.config.choices import Precision
+from trainrun.config.choices import CompileScope, Precision
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import TrainRunConfig
+from trainrun.model.loss import autocast_context, lm_loss
+from trainrun.optim.schedules import scheduled_lr
 from trainrun.registry import STEP_EXECUTORS
+
+logger = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -37,8 +52,11 @@ class StepResult:
     """Global gradient norm before clipping."""
     lr: float
     """Learning rate used by this step."""
-    skipped: bool = False
-    """The loss or gradient norm was not finite: the optimizer did not step."""
+    finite: torch.Tensor
+    """Device bool: loss and gradient norm were finite on every rank (the update was applied)."""
+    skipped: bool | None = None
+    """Known on the host: the update was skipped (True) or applied (False); None when the executor did
+    not wait for the device (read ``finite`` later)."""
 
 
 class StepExecutor(Protocol):
@@ -47,20 +65,6 @@ class StepExecutor(Protocol):
     def step(self, micro_batches: Sequence[Batch], before_update: Callable[[], None] | None = None) -> StepResult:
         """Run one step; call ``before_update`` (if given) right before parameters change."""
         ...
-
-
-def autocast_context(precision: Precision, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of autocast contexts for the configured precision (fp32: no autocast)."""
-    dtype = Precision(precision).autocast_dtype
-    if dtype is None:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy, computed in fp32."""
-    logits = model(inputs)  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 @torch.no_grad()
@@ -104,69 +108,245 @@ def clip_grad_norm_global(parameters: Sequence[torch.Tensor], max_norm: float,
     return total
 
 
-def finite_on_all_ranks(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-    """True when the loss and the gradient norm are finite on every rank of the job.
+def finite_flag_on_all_ranks(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """Device bool: the loss and the gradient norm are finite on every rank of the job. No host sync.
 
     The loss is rank-local (each data-parallel rank has its own micro-batches): one rank with an
     inf loss must make every replica skip the step, or the replicas diverge. One MAX all-reduce of
-    a one-element flag over the world group; it is also this step's one host sync.
+    a one-element flag over the world group.
     """
     bad = (~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm.detach()))).float().reshape(1)
     if dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad.item())
+    return bad[0] == 0
+
+
+def finite_on_all_ranks(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """:func:`finite_flag_on_all_ranks` read on the host (waits for the device)."""
+    return bool(finite_flag_on_all_ranks(loss, grad_norm))
+
+
+def skips_on_device(optimizers: Iterable[torch.optim.Optimizer]) -> bool:
+    """Every optimizer applies a ``found_inf`` tensor itself (fused Adam/AdamW): no host verdict needed."""
+    return all(getattr(opt, "_step_supports_amp_scaling", False) for opt in optimizers)
+
+
+class UpdateTail:
+    """The end of every step: clip, agree on finiteness, step optimizers and the LR schedule, zero grads.
+
+    With optimizers that skip on the device (fused AdamW) nothing here waits for the GPU: the update
+    and the optimizer's step counters are masked by ``found_inf``, the schedule steps every time and
+    the loop rewinds it by the skipped steps it learns about at log intervals
+    (:func:`trainrun.optim.rewind_schedule`). Otherwise the verdict is read on the host (one sync)
+    and a skipped step steps neither the optimizer nor the schedule.
+    """
+
+    def __init__(self, parameters: Iterable[torch.Tensor], optimizers: list[torch.optim.Optimizer], scheduler,
+                 grad_clip: float, pp_group: dist.ProcessGroup | None = None,
+                 scaler: torch.amp.GradScaler | None = None, compile_optimizer: bool = False):
+        self.parameters = list(parameters)
+        self.optimizers, self.scheduler, self.pp_group, self.scaler = optimizers, scheduler, pp_group, scaler
+        self.max_norm = grad_clip if grad_clip > 0 else math.inf
+        self.on_device = scaler is None and skips_on_device(optimizers)
+        self._step_optimizers = self._masked_step if self.on_device else self._plain_step
+        if compile_optimizer:
+            self._step_optimizers = torch.compile(self._step_optimizers)
+
+    def _masked_step(self, found_inf: torch.Tensor) -> None:
+        for opt in self.optimizers:
+            opt.found_inf = found_inf  # read by fused Adam(W).step, as GradScaler passes it
+            try:
+                opt.step()
+            finally:
+                del opt.found_inf
+
+    def _plain_step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def clip_and_check(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscale (fp16), clip to the global norm, and agree on finiteness: (grad norm, finite flag)."""
+        if self.scaler is not None:
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
+        grad_norm = clip_grad_norm_global(self.parameters, self.max_norm, self.pp_group)
+        return grad_norm, finite_flag_on_all_ranks(loss, grad_norm)
+
+    def __call__(self, loss: torch.Tensor, before_update: Callable[[], None] | None = None) -> StepResult:
+        """Finish the step whose gradients are accumulated; ``loss`` is this rank's mean loss."""
+        grad_norm, finite = self.clip_and_check(loss)
+        lr = scheduled_lr(self.scheduler)
+        if before_update is not None:
+            before_update()
+        skipped: bool | None = None
+        if self.on_device:
+            self._step_optimizers((~finite).float())
+            self.scheduler.step()
+        else:
+            skipped = not bool(finite)  # the one host sync of this path
+            if not skipped:
+                if self.scaler is not None:
+                    for opt in self.optimizers:
+                        self.scaler.step(opt)
+                else:
+                    self._step_optimizers()
+                self.scheduler.step()
+            if self.scaler is not None:
+                self.scaler.update()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return StepResult(loss, grad_norm, lr, finite, skipped)
 
 
 class EagerExecutor:
-    """Gradient accumulation over micro-batches, global-norm clipping, optimizer and LR step."""
+    """Gradient accumulation over micro-batches in eager mode, then the shared update tail."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: TrainRunConfig,
                  device: torch.device):
         self.model, self.optimizer, self.scheduler, self.device = model, optimizer, scheduler, device
-        self.grad_clip = cfg.optim.grad_clip
         self.autocast = autocast_context(cfg.train.precision, device)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.train.precision is Precision.fp16 else None
+        scaler = torch.amp.GradScaler("cuda") if cfg.train.precision is Precision.fp16 else None
         self.loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss
+        self.update = UpdateTail(model.parameters(), [optimizer], scheduler, cfg.optim.grad_clip, scaler=scaler,
+                                 compile_optimizer=cfg.train.compile_optimizer)
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-
-    def step(self, micro_batches: Sequence[Batch], before_update: Callable[[], None] | None = None) -> StepResult:
-        """One optimizer step; each micro-batch's loss is scaled by 1/len so gradients are the batch mean.
-
-        A non-finite loss or gradient norm skips the update (and the LR step), like Megatron's
-        skipped iterations; the caller counts them.
-        """
-        self.model.train()
+    def forward_backward(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
+        """Accumulate the gradients of the batch mean; return the mean loss (detached, on device)."""
         total = torch.zeros((), device=self.device)
+        scale = self.update.scaler
         for inputs, targets in micro_batches:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with self.autocast():
                 loss = self.loss_fn(self.model, inputs, targets)
-            self._backward(loss / len(micro_batches))
+            scaled = loss / len(micro_batches)
+            (scale.scale(scaled) if scale is not None else scaled).backward()
             total += loss.detach()
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm_global(list(self.model.parameters()), max_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        mean_loss = total / len(micro_batches)
-        # One host sync per step: the price of never applying a NaN update.
-        finite = finite_on_all_ranks(mean_loss, grad_norm)
+        return total / len(micro_batches)
+
+    def step(self, micro_batches: Sequence[Batch], before_update: Callable[[], None] | None = None) -> StepResult:
+        """One optimizer step; a non-finite loss or gradient norm (on any rank) skips the update."""
+        self.model.train()
+        return self.update(self.forward_backward(micro_batches), before_update)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks (``model.layers``, also under a DDP wrapper's ``module``)."""
+    inner = getattr(model, "module", model)
+    blocks = getattr(inner, "layers", None)
+    if blocks is None:
+        raise ConfigError("train.compile_scope", "blocks", f"{type(inner).__name__} has no .layers to compile one by "
+                          "one; use train.compile_scope=model")
+    return list(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """Compile each block in place (``nn.Module.compile``): parameter names, and so checkpoints, stay as they are."""
+    for block in transformer_blocks(model):
+        block.compile()
+
+
+class CompiledExecutor(EagerExecutor):
+    """The eager step with ``torch.compile``: per block (default) or forward+loss as one graph."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: TrainRunConfig,
+                 device: torch.device):
+        super().__init__(model, optimizer, scheduler, cfg, device)
+        if cfg.train.compile_scope is CompileScope.blocks:
+            compile_blocks(self.model)
+        else:
+            self.loss_fn = torch.compile(lm_loss)
+
+
+class CUDAGraphExecutor(EagerExecutor):
+    """The whole step as one CUDA graph: no kernel launch and no host sync per step.
+
+    ``train.cuda_graph_warmup_steps`` eager steps run on a side stream (they train; cuBLAS, autograd
+    and the optimizer state are set up), then one step is captured with static input buffers:
+    forward and backward of every micro-batch, global-norm clipping, the finite check, and the fused,
+    capturable AdamW step masked by ``found_inf`` with its learning rate in a device tensor that the
+    schedule updates between replays. Every later step copies its batch into the static buffers and
+    replays. Parameters and optimizer state are the same tensors throughout, so evaluation,
+    checkpoint saves and the schedule work unchanged; a resume happens before the executor exists.
+    What cannot be captured is refused at start-up (``config.validate.check_step_executor``).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: TrainRunConfig,
+                 device: torch.device):
+        if device.type != "cuda":
+            raise ConfigError("train.step_executor", "cuda_graph",
+                              "CUDA-graph capture needs a CUDA device; use eager or compile")
+        if not skips_on_device([optimizer]):
+            raise ConfigError("optim.implementation", str(cfg.optim.implementation),
+                              "cuda_graph needs the fused AdamW (auto or fused)")
+        make_capturable(optimizer, device)
+        super().__init__(model, optimizer, scheduler, cfg, device)
+        if cfg.train.cuda_graph_compile_blocks:
+            compile_blocks(model)
+        self.warmup_left = cfg.train.cuda_graph_warmup_steps
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._static: dict[str, torch.Tensor] = {}
+
+    def step(self, micro_batches: Sequence[Batch], before_update: Callable[[], None] | None = None) -> StepResult:
+        """A warm-up step on a side stream, the capture, or a replay."""
+        self.model.train()
+        if self.graph is None and self.warmup_left > 0:
+            self.warmup_left -= 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                result = self.update(self.forward_backward(micro_batches), before_update)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return result
+        inputs = torch.stack([b[0] for b in micro_batches]).to(self.device, non_blocking=True)
+        targets = torch.stack([b[1] for b in micro_batches]).to(self.device, non_blocking=True)
+        if self.graph is None:
+            self._capture(inputs, targets)
+        self._static["inputs"].copy_(inputs, non_blocking=True)
+        self._static["targets"].copy_(targets, non_blocking=True)
+        lr = scheduled_lr(self.scheduler)
         if before_update is not None:
-            before_update()
-        if finite:
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.scheduler.step()
-        elif self.scaler:
-            self.scaler.update()
+            before_update()  # an async save must finish copying parameters before the replay changes them
+        self.graph.replay()
+        self.scheduler.step()  # fills the device LR tensor the next replay reads
+        s = self._static
+        return StepResult(s["loss"].clone(), s["grad_norm"].clone(), lr, s["finite"].clone(), None)
+
+    def _capture(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        static = {"inputs": inputs.clone(), "targets": targets.clone()}
+        # Gradients must be allocated inside the graph's pool: the first backward of every replay
+        # then writes them afresh and the later micro-batches accumulate, with no zeroing needed.
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(mean_loss, grad_norm, lr, skipped=not finite)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            micro = list(zip(static["inputs"].unbind(0), static["targets"].unbind(0), strict=True))
+            loss = self.forward_backward(micro)
+            grad_norm, finite = self.update.clip_and_check(loss)
+            self.update._masked_step((~finite).float())
+        static.update(loss=loss, grad_norm=grad_norm, finite=finite)
+        self.graph, self._static = graph, static
+        logger.info("captured the training step as a CUDA graph (%d micro-batches)", len(micro))
+
+    def close(self) -> None:
+        """Release the graph and its private memory pool."""
+        self.graph, self._static = None, {}
+        torch.cuda.empty_cache()
+
+
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Learning rates as device tensors and step counters on the device, so a captured step reads
+    the values the schedule writes between replays instead of constants frozen at capture."""
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        if not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state and state["step"].device != device:
+                state["step"] = state["step"].to(device, dtype=torch.float32)
 
 
 class PipelineExecutor:
@@ -181,11 +361,12 @@ class PipelineExecutor:
     def __init__(self, pipeline, optimizers: list[torch.optim.Optimizer], scheduler, cfg: TrainRunConfig,
                  device: torch.device):
         self.pipe, self.optimizers, self.scheduler, self.device = pipeline, optimizers, scheduler, device
-        self.grad_clip = cfg.optim.grad_clip
         self.autocast = autocast_context(cfg.train.precision, device)
+        params = [p for part in pipeline.parts for p in part.parameters()]
+        self.update = UpdateTail(params, optimizers, scheduler, cfg.optim.grad_clip, pp_group=pipeline.group)
 
     def step(self, micro_batches: Sequence[Batch], before_update: Callable[[], None] | None = None) -> StepResult:
-        """Forward/backward of all micro-batches by the schedule, global-norm clip, optimizer and LR step."""
+        """Forward/backward of all micro-batches by the schedule, then the shared update tail."""
         for part in self.pipe.parts:
             part.train()
         inputs = torch.cat([b[0] for b in micro_batches]).to(self.device)  # (B_local, T)
@@ -197,49 +378,10 @@ class PipelineExecutor:
             self.pipe.schedule.step(*args, target=targets if last else None, losses=losses if last else None)
         loss = torch.stack([x.detach().float() for x in losses]).mean() if last else torch.zeros((), device=self.device)
         dist.all_reduce(loss, group=self.pipe.group)  # the last stage's loss, on every stage
-        params = [p for part in self.pipe.parts for p in part.parameters()]
-        grad_norm = clip_grad_norm_global(params, self.grad_clip if self.grad_clip > 0 else math.inf, self.pipe.group)
-        lr = self.optimizers[0].param_groups[0]["lr"]
-        finite = finite_on_all_ranks(loss, grad_norm)
-        if before_update is not None:
-            before_update()
-        if finite:
-            for optimizer in self.optimizers:
-                optimizer.step()
-            self.scheduler.step()
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, grad_norm, lr, skipped=not finite)
+        return self.update(loss, before_update)
 
-
-class SchedulerGroup:
-    """Several LR schedulers (one per model part's optimizer) stepped and checkpointed as one."""
-
-    def __init__(self, schedulers: list):
-        self.schedulers = schedulers
-
-    def step(self) -> None:
-        for s in self.schedulers:
-            s.step()
-
-    def state_dict(self) -> dict:
-        """The schedulers advance in lockstep, so the first one's state stands for all."""
-        return self.schedulers[0].state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        for s in self.schedulers:
-            s.load_state_dict(state)
-
-    def get_last_lr(self) -> list[float]:
-        return self.schedulers[0].get_last_lr()
-
-
-class CompiledExecutor(EagerExecutor):
-    """Eager executor whose forward+loss is compiled once by ``torch.compile``."""
-
-    def __init__(self, *args, mode: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.loss_fn = torch.compile(lm_loss, mode=mode)
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 @STEP_EXECUTORS.register("eager")
@@ -250,14 +392,11 @@ def build_eager(model, optimizer, scheduler, cfg: TrainRunConfig, device: torch.
 
 @STEP_EXECUTORS.register("compile")
 def build_compiled(model, optimizer, scheduler, cfg: TrainRunConfig, device: torch.device) -> StepExecutor:
-    """torch.compile of forward and loss (backward through AOTAutograd)."""
+    """torch.compile per transformer block (train.compile_scope=blocks) or of forward+loss (model)."""
     return CompiledExecutor(model, optimizer, scheduler, cfg, device)
 
 
 @STEP_EXECUTORS.register("cuda_graph")
 def build_cuda_graph(model, optimizer, scheduler, cfg: TrainRunConfig, device: torch.device) -> StepExecutor:
-    """torch.compile with CUDA-graph capture (mode reduce-overhead); needs a CUDA device."""
-    if device.type != "cuda":
-        raise ConfigError("train.step_executor", "cuda_graph",
-                          "CUDA-graph capture needs run.device=cuda; use eager or compile")
-    return CompiledExecutor(model, optimizer, scheduler, cfg, device, mode="reduce-overhead")
+    """The whole training step captured as one CUDA graph (one CUDA device)."""
+    return CUDAGraphExecutor(model, optimizer, scheduler, cfg, device)

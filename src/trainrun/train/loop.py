@@ -24,6 +24,7 @@ from trainrun.eval.evaluator import Evaluator
 from trainrun.exit_codes import ExitCode
 from trainrun.observe import Timers, measure_throughput, memory_stats, progress_bar
 from trainrun.observe.profiler import StepProfiler
+from trainrun.optim.schedules import rewind_schedule
 from trainrun.state import TrainState
 from trainrun.train.executors import Batch, StepExecutor, StepResult
 
@@ -62,6 +63,10 @@ class TrainingLoop:
         self.timers = Timers(cuda_sync=env.device.type == "cuda")
         self.exit_controller = ExitController(cfg, env, start_step=self.state.step)
         self.consecutive_skips = 0
+        self.longest_skip_run = 0
+        """Longest run of consecutive skipped steps since it was last checked against train.max_skipped_steps."""
+        self._device_skips: dict[str, torch.Tensor] | None = None
+        self._unread_steps = 0
         self.failed_saves = 0
         """Periodic saves that failed since the last one that committed."""
         self._warned_grace = False
@@ -86,14 +91,52 @@ class TrainingLoop:
         self.state.consumed_samples += self.cfg.train.global_batch_size
         self.state.consumed_tokens += self.tokens_per_step
         self._window_steps += 1
-        if result.skipped:
+        if result.skipped is None:
+            self._count_on_device(result.finite)
+        elif result.skipped:
             self.state.skipped_steps += 1
             self.consecutive_skips += 1
+            self.longest_skip_run = max(self.longest_skip_run, self.consecutive_skips)
             logger.warning("step %d skipped: loss %s, grad norm %s (%d in a row)", self.state.step,
                            result.loss.item(), result.grad_norm.item(), self.consecutive_skips)
         else:
             self.consecutive_skips = 0
         return result
+
+    def _count_on_device(self, finite: torch.Tensor) -> None:
+        """Track skipped steps with device ops only: the executor did not wait for the device."""
+        bad = (~finite).to(torch.int64)
+        if self._device_skips is None:
+            self._device_skips = {k: torch.zeros((), dtype=torch.int64, device=bad.device)
+                                  for k in ("count", "run", "longest")}
+            self._device_skips["run"] += self.consecutive_skips
+        d = self._device_skips
+        d["count"] += bad
+        d["run"] = (d["run"] + 1) * bad
+        d["longest"] = torch.maximum(d["longest"], d["run"])
+        self._unread_steps += 1
+
+    def sync_skips(self) -> None:
+        """Read the device's skip counters (one sync): at log intervals, before saves and at the end.
+
+        The loop thus learns about skipped steps within one log interval; the schedule, stepped on
+        every step by such executors, is rewound by the steps that were skipped.
+        """
+        if not self._unread_steps or self._device_skips is None:
+            return
+        d = self._device_skips
+        count, run, longest = (int(v) for v in torch.stack([d["count"], d["run"], d["longest"]]).tolist())
+        first = self.state.step - self._unread_steps + 1
+        d["count"].zero_()
+        d["longest"].zero_()
+        self._unread_steps = 0
+        self.consecutive_skips = run
+        self.longest_skip_run = max(self.longest_skip_run, longest)
+        if count:
+            self.state.skipped_steps += count
+            rewind_schedule(self.parts.executor.scheduler, count)
+            logger.warning("%d of steps %d-%d skipped: non-finite loss or gradient norm (%d in a row now)",
+                           count, first, self.state.step, run)
 
     def _wait_for_staging(self) -> None:
         """Executor hook right before the optimizer step; the wait counts as time blocked by saving."""
@@ -208,6 +251,8 @@ class TrainingLoop:
         if final:
             reason = None
         kind = KIND_OF_RANK[agreed]
+        if kind is not None:
+            self.sync_skips()  # saving waits for the device anyway
         if kind is not None and self.consecutive_skips:
             # The weights are those of the last good step: wait for a good step before saving.
             logger.warning("not saving at step %d: it is one of %d consecutive skipped steps",
@@ -274,13 +319,17 @@ class TrainingLoop:
             result = self.train_step()
             self.parts.profiler.step()
             bar.update(1)
-            if self.consecutive_skips >= self.cfg.train.max_skipped_steps:
+            last = self.state.step == max_steps
+            log_now = self.state.step % self.cfg.train.log_interval == 0 or last
+            if log_now:
+                self.sync_skips()
+            if self.longest_skip_run >= self.cfg.train.max_skipped_steps:
                 logger.error("%d consecutive steps had a non-finite loss or gradient norm (train.max_skipped_steps="
-                             "%d); stopping without saving", self.consecutive_skips, self.cfg.train.max_skipped_steps)
+                             "%d); stopping without saving", self.longest_skip_run, self.cfg.train.max_skipped_steps)
                 self.log_step(result)
                 return ExitCode.BAD_STEPS
-            last = self.state.step == max_steps
-            if self.state.step % self.cfg.train.log_interval == 0 or last:
+            self.longest_skip_run = self.consecutive_skips
+            if log_now:
                 self.log_step(result)
                 bar.set_postfix(loss=f"{self.last_loss:.3f}")
             improved = False
