@@ -19,6 +19,7 @@ from trainrun.checkpoint import Checkpointer, CheckpointStore
 from trainrun.checkpoint.checkpointer import check_non_persistent_dir, non_persistent_dir
 from trainrun.checkpoint.policy import build_policy
 from trainrun.config import ConfigError, TrainRunConfig, to_dataclass, validate_config
+from trainrun.config.choices import Precision
 from trainrun.data import TokenDataset, build_train_iterator
 from trainrun.distributed.env import DistEnv, nodes_in_job
 from trainrun.distributed.initializers import describe
@@ -29,6 +30,7 @@ from trainrun.dry_run import dry_run_report
 from trainrun.eval.sample import sample_text
 from trainrun.exit_codes import ExitCode
 from trainrun.model import flops_per_token, materialize
+from trainrun.model.float8 import convert_to_float8
 from trainrun.observe import build_metric_logger, peak_flops_per_device, setup_logging
 from trainrun.observe.profiler import StepProfiler
 from trainrun.optim import build_lr_scheduler, param_group_summary
@@ -89,11 +91,14 @@ def build_model_and_optimizer(cfg: TrainRunConfig, env: DistEnv, dims: ParallelD
 
     With several processes only the shards are allocated; rank 0 initialises the full model from
     the run seed in host memory and broadcasts it (see ``trainrun.distributed.parallelize``), so
-    every layout starts from the weights a one-process CPU run starts from.
+    every layout starts from the weights a one-process CPU run starts from. ``model.init_from`` then
+    overwrites them with a Hugging Face model's weights.
     """
     def build_on(device: torch.device | str) -> torch.nn.Module:
         with torch.device("meta"):
             meta_model = registry.MODELS.get(cfg.model.name)(cfg.model)
+        if cfg.train.precision is Precision.fp8 and device != "cpu":  # the CPU copy only seeds the weights
+            meta_model = convert_to_float8(meta_model)  # same parameter names: checkpoints are unchanged
         return meta_model if device == "meta" else materialize(meta_model, device)
 
     if dims is not None and dims.world_size > 1:
@@ -105,6 +110,10 @@ def build_model_and_optimizer(cfg: TrainRunConfig, env: DistEnv, dims: ParallelD
         model = build_on(env.device)
         n_params = sum(p.numel() for p in model.parameters())
         parts, pipeline = [model], None
+    if cfg.model.init_from:  # after parallelising: each rank reads only its own shards
+        from trainrun.export.import_hf import load_hf_weights
+
+        load_hf_weights(parts, cfg.model)
     optimizers = [registry.OPTIMIZERS.get(cfg.optim.name)(part, cfg.optim, env.device.type) for part in parts]
     schedulers = [build_lr_scheduler(opt, cfg.optim, cfg.train.max_steps) for opt in optimizers]
     scheduler = schedulers[0] if len(schedulers) == 1 else SchedulerGroup(schedulers)
@@ -198,7 +207,7 @@ def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset
         metrics=metrics,
         state=state,
         profiler=StepProfiler(run_dir, cfg.debug.profile_steps, cfg.debug.profile_wait_steps, env.rank,
-                              env.device.type),
+                              env.device.type, memory_snapshot=cfg.debug.memory_snapshot),
     )
     return TrainingLoop(cfg, env, parts, flops_per_token(cfg.model, cfg.data.seq_len), peak)
 

@@ -359,3 +359,26 @@ def test_mfu_formula_matches_console_percentage() -> None:
     speed = measure_throughput(123_000, 1.0, flops_per_token=1e6, num_devices=1, peak_flops=1e12)
     assert math.isclose(speed.mfu, 0.123)
     assert "MFU 12.3%" in format_train_line({"mfu": speed.mfu}, step=1)
+
+
+def test_train_line_shows_each_figure_once_and_formatted():
+    row = {"loss": 2.5, "lr": 3e-4, "grad_norm": 1.25, "tokens_per_s": 12345.0, "mfu": 0.4321,
+           "tflops_per_device": 98.7654, "consumed_tokens": 1_234_567, "skipped_steps": 2, "time_data": 1.5,
+           "time_step": 40.0, "mem_gib": 12.5, "mem_reserved_gib": 14.0}
+    line = format_train_line(row, step=120, total_steps=300)
+    assert line == ("step   120/300 | loss 2.5000 | lr 3.0e-04 | grad 1.250 | 12.3k tok/s | MFU 43.2% | "
+                    "data 1.5ms step 40.0ms | 98.8 TFLOP/s/dev | mem 12.50GiB | 1.2M tokens | skipped 2")
+    quiet = format_train_line({**row, "skipped_steps": 0}, step=1)
+    assert "skipped" not in quiet and "_" not in quiet.replace("step ", "")  # no raw keys trail the line
+
+
+def test_mfu_peak_follows_the_precision():
+    from trainrun.config.choices import Precision
+    from trainrun.observe.throughput import lookup_gpu_peak, scale_peak_to_precision
+
+    bf16, note = lookup_gpu_peak("NVIDIA H100 80GB HBM3")
+    assert bf16 == pytest.approx(989e12)
+    assert scale_peak_to_precision(bf16, note, "NVIDIA H100 80GB HBM3", Precision.fp8)[0] == pytest.approx(2 * 989e12)
+    assert scale_peak_to_precision(bf16, note, "NVIDIA H100 80GB HBM3", Precision.fp32)[0] == pytest.approx(989e12 / 2)
+    a100, note = lookup_gpu_peak("NVIDIA A100-SXM4-80GB")
+    assert scale_peak_to_precision(a100, note, "NVIDIA A100-SXM4-80GB", Precision.fp8)[0] == a100  # no fp8 cores

@@ -99,9 +99,36 @@ class ModelConfig:
     """Dropout on attention and residual branches (0 for pre-training at scale)."""
     init_std: float = 0.02
     """Std of the normal init; output projections use init_std/sqrt(2*n_layers) (GPT-2/Megatron)."""
+    init_from: str | None = None
+    """Local Hugging Face model directory (Llama- or GPT-2-style config.json + safetensors, e.g. from
+    save_pretrained or trainrun-export) whose weights initialise the model; its config.json sets n_layers,
+    n_heads, d_model, ffn_hidden, vocab_size, max_seq_len, norm, norm_eps, position, rope_theta, mlp,
+    tie_embeddings and bias, replacing the values given here. null: random init from run.seed."""
 
     def __post_init__(self) -> None:
+        if self.init_from:
+            self._take_architecture_from_hf()
         coerce_choices(self, "model")
+
+    def _take_architecture_from_hf(self) -> None:
+        """Replace the architecture fields with those of ``init_from``'s config.json (raises ConfigError).
+
+        Here rather than at build time so that every later check (TP divisibility, seq_len, the dry
+        run's estimates, a resume's shape check) sees the shape of the model that will be built.
+        """
+        # The mapping lives beside its inverse (the exporter); it imports nothing but trainrun.config.
+        from trainrun.export.hf_mapping import model_fields_from_hf
+
+        if not isinstance(self.init_from, str):
+            raise ConfigError("model.init_from", self.init_from, "must be a directory path or null")
+        fields = model_fields_from_hf(self.init_from)
+        changed = [f"{k}={fields[k]!r}" for k in fields if str(getattr(self, k)) != str(fields[k])]
+        if changed:
+            import logging
+
+            logging.getLogger(__name__).info("model.init_from=%s sets %s", self.init_from, ", ".join(changed))
+        for key, value in fields.items():
+            setattr(self, key, value)
 
     @property
     def head_dim(self) -> int:
@@ -121,7 +148,7 @@ class ModelConfig:
         return 4 * self.d_model
 
     def validate(self) -> None:
-        """Positive sizes, heads that divide the width, an even RoPE head size."""
+        """Positive sizes, heads that divide the width, an even RoPE head size; init_from: safetensors for gpt."""
         for name in ("n_layers", "n_heads", "d_model", "max_seq_len"):
             positive(f"model.{name}", getattr(self, name))
         if self.d_model % self.n_heads:
@@ -135,6 +162,13 @@ class ModelConfig:
         positive("model.norm_eps", self.norm_eps)
         positive("model.rope_theta", self.rope_theta)
         positive("model.init_std", self.init_std)
+        if self.init_from is not None:
+            if self.name != "gpt":
+                raise ConfigError("model.init_from", self.init_from, "loads into trainrun's own model "
+                                  f"(model.name=gpt), not {self.name!r}; unset one of them")
+            from trainrun.export.hf_mapping import weight_files
+
+            weight_files(self.init_from)  # before any process starts: the weights are there, as safetensors
 
 
 @dataclass
@@ -512,6 +546,9 @@ class DebugConfig:
     """Steps to run before the profiler starts (one more warms it up), so start-up is not traced."""
     inject_nan_at_steps: list[int] = field(default_factory=list)
     """Make the loss of these steps (1-based) NaN, to exercise skipped-step handling."""
+    memory_snapshot: bool = False
+    """Record every CUDA allocation and write <run dir>/profile/memory_snapshot_rank<R>.pickle at the end
+    (view it at pytorch.org/memory_viz); CUDA only."""
 
     def validate(self) -> None:
         """Non-negative counts and 1-based NaN steps."""

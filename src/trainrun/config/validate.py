@@ -120,6 +120,9 @@ def check_device(cfg: TrainRunConfig) -> None:
                           "CUDA-graph capture needs a CUDA device; use eager or compile")
     if cfg.train.precision is Precision.fp8:
         check_fp8_available(on_cuda)
+    if cfg.debug.memory_snapshot and not on_cuda:
+        raise ConfigError("debug.memory_snapshot", True, "CUDA memory snapshots need a CUDA device; on CPU use "
+                          "debug.profile_steps for a trace, or the mem_gib column")
 
 
 def check_fp8_available(on_cuda: bool) -> None:

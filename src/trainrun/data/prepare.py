@@ -2,6 +2,9 @@
 
 Inputs are files or directories (searched recursively, hidden entries skipped). A ``.jsonl`` file
 holds one document per line (the ``--text-key`` field); any other file is one document.
+``--tokenizer`` is ``byte``, ``bpe`` (trained here on the training split) or a local Hugging Face
+fast tokenizer (a ``tokenizer.json``, or a model directory holding one), copied into the dataset
+directory and recorded in ``meta.json`` as ``hf`` so that ``trainrun-export`` carries it along.
 Documents are split into train/val by a seeded hash of their location (path, and line for JSONL),
 so the split does not depend on the order of the inputs on the command line.
 
@@ -23,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from trainrun.config.errors import ConfigError
 from trainrun.data.fsutil import publish_dir, staging_dir
-from trainrun.data.layout import DatasetDirWriter
+from trainrun.data.layout import META_FILE, DatasetDirWriter
 from trainrun.data.split import document_scores, validation_mask
-from trainrun.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, train_bpe
+from trainrun.data.tokenizer import BPETokenizer, ByteTokenizer, HFFastTokenizer, Tokenizer, train_bpe
 
 logger = logging.getLogger(__name__)
 
@@ -200,9 +204,22 @@ def _chunks(items: Iterator[tuple[str, bool]], size: int) -> Iterator[list[tuple
         yield chunk
 
 
+def load_hf_tokenizer(source: str, eod_token: str | None) -> HFFastTokenizer:
+    """``--tokenizer <tokenizer.json or HF dir>`` as a tokenizer; a PrepareError naming the problem otherwise."""
+    try:
+        return HFFastTokenizer.from_source(source, eod_token)
+    except ConfigError as err:
+        raise PrepareError(str(err)) from None
+
+
 def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size: int = 8192,
-            val_fraction: float = 0.02, seed: int = 0, text_key: str = "text", force: bool = False) -> dict:
-    """Tokenize ``inputs`` into the dataset directory ``output``; returns its metadata."""
+            val_fraction: float = 0.02, seed: int = 0, text_key: str = "text", force: bool = False,
+            eod_token: str | None = None) -> dict:
+    """Tokenize ``inputs`` into the dataset directory ``output``; returns its metadata.
+
+    ``tokenizer``: byte, bpe, or the path of a Hugging Face tokenizer (whose EOD is ``eod_token``,
+    else its eos token).
+    """
     if not 0.0 < val_fraction < 1.0:
         raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     out = Path(output)
@@ -218,7 +235,12 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size:
     is_val = validation_mask(document_scores(keys, seed), val_fraction)
 
     tok: Tokenizer
-    if tokenizer == "bpe":
+    kind = tokenizer if tokenizer in ("byte", "bpe") else "hf"
+    if eod_token is not None and kind != "hf":
+        raise PrepareError(f"--eod-token applies to a Hugging Face tokenizer (--tokenizer PATH), not {tokenizer}")
+    if kind == "hf":
+        tok = load_hf_tokenizer(tokenizer, eod_token)
+    elif tokenizer == "bpe":
         if vocab_size < 257:
             raise PrepareError(f"--vocab-size must be at least 257 for a byte-level BPE, got {vocab_size}")
         train_texts = (t for t, v in zip(iter_documents(sources, text_key), is_val, strict=True) if not v)
@@ -228,7 +250,7 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size:
 
     docs = zip(iter_documents(sources, text_key), is_val, strict=True)
     with staging_dir(out) as tmp:
-        with DatasetDirWriter(tmp, tok, tokenizer) as writer:
+        with DatasetDirWriter(tmp, tok, kind) as writer:
             for chunk in _chunks(_progress(docs, len(keys), "tokenizing"), ENCODE_CHUNK):
                 texts = [t for t, _ in chunk]
                 ids = tok.encode_batch(texts) if isinstance(tok, BPETokenizer) else [tok.encode(t) for t in texts]
@@ -241,6 +263,9 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size:
             meta = writer.finish(source=f"trainrun-prepare of {len(sources)} file(s): "
                                         + ", ".join(str(s.path) for s in sources[:5])
                                         + (" ..." if len(sources) > 5 else ""))
+            if kind == "hf":  # where the tokenizer came from; its tokenizer.json is copied beside meta.json
+                meta["tokenizer_source"] = str(Path(tokenizer).expanduser().resolve())
+                (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         publish_dir(tmp, out, replace=True)
     return meta
 
@@ -250,8 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainrun-prepare", description=__doc__.splitlines()[0].split(": ", 1)[-1])
     p.add_argument("inputs", nargs="+", help="text files, directories or .jsonl files")
     p.add_argument("--output", "-o", required=True, help="dataset directory to write (use as data.path)")
-    p.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte",
-                   help="byte (vocab 257) or a locally trained BPE")
+    p.add_argument("--tokenizer", default="byte", metavar="{byte,bpe,PATH}",
+                   help="byte (vocab 257), bpe (trained here), or a local Hugging Face fast tokenizer: a "
+                        "tokenizer.json or a model directory holding one")
+    p.add_argument("--eod-token", default=None, help="token that ends each document, for --tokenizer PATH "
+                   "(default: its tokenizer_config.json eos_token, else <|endoftext|>, </s>, ...)")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size including EOD (bpe only)")
     p.add_argument("--val-fraction", type=float, default=0.02, help="fraction of documents held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
@@ -271,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         meta = prepare(args.inputs, args.output, args.tokenizer, args.vocab_size, args.val_fraction,
-                       args.seed, args.text_key, args.force)
+                       args.seed, args.text_key, args.force, args.eod_token)
     except (PrepareError, OSError, UnicodeDecodeError) as err:
         print(f"trainrun-prepare: error: {err}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from torch import nn
 from trainrun.config.choices import Position
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig
-from trainrun.model.layers import Block, build_norm, rope_cache
+from trainrun.model.layers import Block, build_norm, dropout_layer, rope_cache
 from trainrun.registry import MODELS
 
 # Output projections of the residual branches: their init std is scaled by 1/sqrt(2*n_layers) so the
@@ -36,7 +36,7 @@ class GPT(nn.Module):
         self.max_seq_len = cfg.max_seq_len
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position is Position.learned else None
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout_layer(cfg.dropout)
         # A ModuleDict keyed "0".."L-1" keeps parameter names stable if pipeline stages delete blocks.
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm = build_norm(cfg)

@@ -39,6 +39,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def dropout_layer(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or an identity when ``p`` is 0: a p=0 dropout still launches a kernel per call."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention with separate q/k/v projections (clean TP sharding)."""
 
@@ -51,7 +56,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.wv = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = dropout_layer(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C); ``rope`` is (cos, sin) of at least T rows, or None for learned positions.
@@ -84,7 +89,7 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)  # gate (swiglu) / up (gelu)
         self.w2 = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)  # down
         self.w3 = nn.Linear(cfg.d_model, hidden, bias=cfg.bias) if self.swiglu else None  # up (swiglu)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout_layer(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C)."""

@@ -35,7 +35,8 @@ def format_train_line(metrics: Metrics, step: int, total_steps: int | None = Non
     """Render a training row, e.g. ``step   120/300 | loss 2.3412 | lr 9.8e-04 | ...``.
 
     Known keys: ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``mfu`` (a fraction, shown
-    as %), ``time_<phase>`` (ms per step), ``mem_gib``; only keys present are shown.
+    as %), ``time_<phase>`` (ms per step), ``tflops_per_device``, ``mem_gib``, ``consumed_tokens`` and
+    ``skipped_steps`` (shown when non-zero); each is shown once, only when present.
     """
     head = f"step {step:>5}" + (f"/{total_steps}" if total_steps else "")
     parts = [head]
@@ -52,9 +53,16 @@ def format_train_line(metrics: Metrics, step: int, total_steps: int | None = Non
     times = [f"{k[len('time_'):]} {float(v):.1f}ms" for k, v in metrics.items() if k.startswith("time_")]
     if times:
         parts.append(" ".join(times))
+    if "tflops_per_device" in metrics:
+        parts.append(f"{float(metrics['tflops_per_device']):.3g} TFLOP/s/dev")
     if "mem_gib" in metrics:
         parts.append(f"mem {float(metrics['mem_gib']):.2f}GiB")
-    shown = {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gib"} | _HIDDEN
+    if "consumed_tokens" in metrics:
+        parts.append(f"{_human(float(metrics['consumed_tokens']))} tokens")
+    if metrics.get("skipped_steps"):
+        parts.append(f"skipped {int(metrics['skipped_steps'])}")
+    shown = {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gib", "tflops_per_device", "consumed_tokens",
+             "skipped_steps"} | _HIDDEN
     parts += [f"{k} {_generic(v)}" for k, v in metrics.items() if k not in shown and not k.startswith("time_")]
     return " | ".join(parts)
 

@@ -22,9 +22,12 @@ class StepProfiler:
     """
 
     def __init__(self, run_dir: Path, active_steps: int, wait_steps: int = 2, rank: int = 0,
-                 device_type: str = "cpu"):
+                 device_type: str = "cpu", memory_snapshot: bool = False):
         self.trace_dir = run_dir / PROFILE_DIR
         self.rank = rank
+        self.memory_snapshot = memory_snapshot and device_type == "cuda"
+        """Record CUDA allocations from the start and dump them at the end (``debug.memory_snapshot``)."""
+        self.snapshot_path: Path | None = None
         self._profiler: torch.profiler.profile | None = None
         if active_steps > 0:
             activities = [torch.profiler.ProfilerActivity.CPU]
@@ -51,6 +54,8 @@ class StepProfiler:
             self._profiler.step()
 
     def __enter__(self) -> StepProfiler:
+        if self.memory_snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
         if self._profiler is not None:
             self._profiler.__enter__()
         return self
@@ -59,3 +64,10 @@ class StepProfiler:
                  tb: TracebackType | None) -> None:
         if self._profiler is not None:
             self._profiler.__exit__(exc_type, exc, tb)
+        if self.memory_snapshot:
+            self.trace_dir.mkdir(parents=True, exist_ok=True)
+            self.snapshot_path = self.trace_dir / f"memory_snapshot_rank{self.rank}.pickle"
+            torch.cuda.memory._dump_snapshot(str(self.snapshot_path))
+            torch.cuda.memory._record_memory_history(enabled=None)
+            logger.info("CUDA memory snapshot written to %s (open it at https://pytorch.org/memory_viz)",
+                        self.snapshot_path)

@@ -61,9 +61,25 @@ def peak_flops_per_device(
         )
     name = torch.cuda.get_device_name(device)
     peak, note = lookup_gpu_peak(name)
+    return scale_peak_to_precision(peak, note, name, Precision(precision))
+
+
+_FP8_GPUS = ("GB200", "B200", "B100", "GH200", "H200", "H100", "H800", "H20", "L40S", "L40", "L4", "RTX 4090",
+             "MI355X", "MI325X", "MI300X")
+"""GPUs with fp8 tensor cores: twice their dense bf16 rate in fp8."""
+
+
+def scale_peak_to_precision(bf16_peak: float, note: str, device_name: str, precision: Precision) -> tuple[float, str]:
+    """The table's dense bf16 peak turned into the peak of the precision the matmuls run in.
+
+    fp8: twice the bf16 rate on GPUs with fp8 tensor cores. fp32: the TF32 tensor-core rate, half
+    the bf16 one (matmuls in fp32 run on TF32 cores when allowed; otherwise MFU reads high).
+    """
+    if precision is Precision.fp8 and any(key in device_name.upper() for key in _FP8_GPUS):
+        return 2 * bf16_peak, note + f"; fp8: x2 = {2 * bf16_peak / 1e12:g} TFLOP/s"
     if precision is Precision.fp32:
-        note += "; training in fp32, so MFU is against the bf16 peak and will look low"
-    return peak, note
+        return bf16_peak / 2, note + f"; fp32 (TF32 tensor cores): /2 = {bf16_peak / 2e12:g} TFLOP/s"
+    return bf16_peak, note
 
 
 def lookup_gpu_peak(device_name: str) -> tuple[float, str]:

@@ -16,7 +16,11 @@ def _cuda_sync() -> None:
 
 
 class Timer:
-    """One named stopwatch accumulating time over any number of start/stop intervals."""
+    """One named stopwatch accumulating time over any number of start/stop intervals.
+
+    ``cuda_sync`` makes wall-clock intervals wait for the GPU at both ends (exact, but two syncs per
+    interval); :class:`CudaEventTimer` measures device time without any.
+    """
 
     def __init__(self, name: str, cuda_sync: bool = False):
         self.name = name
@@ -71,18 +75,65 @@ class Timer:
         self._count = 0
 
 
-class Timers:
-    """A group of named timers: ``timers("data").start()`` / ``with timers.time("optimizer"):``."""
+class CudaEventTimer(Timer):
+    """Device time between CUDA events recorded on the current stream: no host sync when starting or
+    stopping; the events are read (waiting for the last one) only when the total is asked for, which
+    the loop does at log intervals."""
 
-    def __init__(self, cuda_sync: bool = False):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._start_event: torch.cuda.Event | None = None
+
+    def start(self) -> Timer:
+        """Record a start event."""
+        if self._start_event is not None:
+            raise RuntimeError(f"timer {self.name!r} is already running")
+        self._start_event = torch.cuda.Event(enable_timing=True)
+        self._start_event.record()
+        return self
+
+    def stop(self) -> float:
+        """Record an end event; the interval's length is known later (returns 0.0 now)."""
+        if self._start_event is None:
+            raise RuntimeError(f"timer {self.name!r} was stopped without being started")
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._pending.append((self._start_event, end))
+        self._start_event = None
+        self._count += 1
+        return 0.0
+
+    def elapsed_s(self, reset: bool = True) -> float:
+        """Total device seconds of the completed intervals since the last reset (waits for the last event)."""
+        if self._pending:
+            self._pending[-1][1].synchronize()
+            self._total_s += sum(start.elapsed_time(end) for start, end in self._pending) / 1e3
+            self._pending.clear()
+        total = self._total_s
+        if reset:
+            self.reset()
+        return total
+
+
+class Timers:
+    """A group of named timers: ``timers("data").start()`` / ``with timers.time("optimizer"):``.
+
+    Names in ``device_timed`` use :class:`CudaEventTimer` (phases that run on the GPU); the others
+    measure host wall time (``cuda_sync``: waiting for the GPU at both ends).
+    """
+
+    def __init__(self, cuda_sync: bool = False, device_timed: frozenset[str] | set[str] = frozenset()):
         self.cuda_sync = cuda_sync
+        self.device_timed = frozenset(device_timed)
         self._timers: dict[str, Timer] = {}
 
     def __call__(self, name: str) -> Timer:
         """Return the timer called ``name``, creating it on first use."""
         timer = self._timers.get(name)
         if timer is None:
-            timer = self._timers[name] = Timer(name, self.cuda_sync)
+            timer = CudaEventTimer(name) if name in self.device_timed else Timer(name, self.cuda_sync)
+            self._timers[name] = timer
         return timer
 
     def __contains__(self, name: object) -> bool:

@@ -60,7 +60,8 @@ class TrainingLoop:
         self.accum_steps = cfg.accumulation_steps()
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.timers = Timers(cuda_sync=env.device.type == "cuda")
+        # On a GPU the step is timed with CUDA events (device time, no sync) and data with the host clock.
+        self.timers = Timers(device_timed={"step"} if env.device.type == "cuda" else set())
         self.exit_controller = ExitController(cfg, env, start_step=self.state.step)
         self.consecutive_skips = 0
         self.longest_skip_run = 0
@@ -79,7 +80,13 @@ class TrainingLoop:
     def next_global_batch(self) -> list[Batch]:
         """This rank's micro-batches of the next global batch."""
         with self.timers.time("data"):
-            return [next(self.parts.train_iter) for _ in range(self.accum_steps)]
+            batches = [next(self.parts.train_iter) for _ in range(self.accum_steps)]
+            if self.env.device.type == "cuda":
+                # Pinned pages copy asynchronously: the host moves on to the next batch while the GPU
+                # runs this step (no executor waits for the GPU).
+                batches = [(x.pin_memory().to(self.env.device, non_blocking=True),
+                            y.pin_memory().to(self.env.device, non_blocking=True)) for x, y in batches]
+            return batches
 
     def train_step(self) -> StepResult:
         """Fetch data and run one optimizer step; advance the counters."""
@@ -311,6 +318,9 @@ class TrainingLoop:
                 self.parts.checkpointer.close()
             finally:
                 self.exit_controller.restore()
+                close = getattr(self.parts.executor, "close", None)
+                if close is not None:
+                    close()  # e.g. a CUDA graph's private memory pool
 
     def _run_steps(self, bar) -> ExitCode:
         """Step until the end or an exit condition; the exit code says which."""

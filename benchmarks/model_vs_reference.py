@@ -1,0 +1,137 @@
+"""trainrun's GPT vs a minimal reference GPT at the same shape: forward + backward + AdamW step.
+
+The reference is written here (a compact nanoGPT-style model: one fused q/k/v projection,
+LayerNorm, learned positions, GELU, tied embeddings, SDPA), not imported. trainrun's model is
+built with the same options (``norm=layernorm position=learned mlp=gelu tie_embeddings=true``).
+Both train on the same random batches with the same AdamW (foreach); steps alternate in rounds so
+noise hits both. Reported: the ratio of median step times, eager vs eager and each side with
+``torch.compile`` of the whole model.
+
+    python benchmarks/model_vs_reference.py [--steps 20] [--rounds 5] [--no-compile]
+
+Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainrun import registry
+from trainrun.config import compose_config
+from trainrun.model import materialize
+
+SHAPE = {"n_layers": 4, "d_model": 128, "n_heads": 4, "seq_len": 64, "batch": 12, "vocab": 257}
+
+
+class ReferenceBlock(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + self.c_proj(y)
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class ReferenceGPT(nn.Module):
+    def __init__(self, vocab: int, seq: int, d: int, heads: int, layers: int):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(ReferenceBlock(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def trainrun_gpt() -> nn.Module:
+    s = SHAPE
+    cfg = compose_config([f"model.n_layers={s['n_layers']}", f"model.d_model={s['d_model']}",
+                          f"model.n_heads={s['n_heads']}", f"model.vocab_size={s['vocab']}",
+                          f"model.max_seq_len={s['seq_len']}", "model.norm=layernorm", "model.position=learned",
+                          "model.mlp=gelu", "model.tie_embeddings=true", "model.bias=true", "model.dropout=0.0"])
+    with torch.device("meta"):
+        model = registry.MODELS.get(cfg.model.name)(cfg.model)
+    return materialize(model, torch.device("cpu"))
+
+
+def make_step(model: nn.Module, compiled: bool):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+
+    loss_fn = torch.compile(loss_fn) if compiled else loss_fn
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        loss_fn(x, y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(steps_by_name: dict, batches: list, steps: int, rounds: int) -> dict[str, float]:
+    for step in steps_by_name.values():  # warm-up (and compilation)
+        for x, y in batches[:3]:
+            step(x, y)
+    samples: dict[str, list[float]] = {name: [] for name in steps_by_name}
+    for _ in range(rounds):
+        for name, step in steps_by_name.items():
+            start = time.perf_counter()
+            for i in range(steps):
+                step(*batches[i % len(batches)])
+            samples[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    s = SHAPE
+    torch.manual_seed(0)
+    batches = [(torch.randint(0, s["vocab"], (s["batch"], s["seq_len"])),
+                torch.randint(0, s["vocab"], (s["batch"], s["seq_len"]))) for _ in range(8)]
+    ref = ReferenceGPT(s["vocab"], s["seq_len"], s["d_model"], s["n_heads"], s["n_layers"])
+    ours = trainrun_gpt()
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("reference", ref), ("trainrun", ours))}
+    modes = {"eager": False} if args.no_compile else {"eager": False, "compile": True}
+    results = {}
+    for mode, compiled in modes.items():
+        times = measure({"reference": make_step(ref, compiled), "trainrun": make_step(ours, compiled)},
+                        batches, args.steps, args.rounds)
+        results[mode] = {**{f"{k}_ms": v * 1e3 for k, v in times.items()},
+                         "ratio_trainrun_over_reference": times["trainrun"] / times["reference"]}
+    print(f"shape {s}, parameters {params}, torch threads {torch.get_num_threads()}, {args.rounds} rounds x "
+          f"{args.steps} steps (median)")
+    print(f"{'mode':<8} {'reference ms':>13} {'trainrun ms':>12} {'ratio':>6}")
+    for mode, r in results.items():
+        print(f"{mode:<8} {r['reference_ms']:>13.2f} {r['trainrun_ms']:>12.2f} "
+              f"{r['ratio_trainrun_over_reference']:>6.3f}")
+    print(json.dumps({"benchmark": "model_vs_reference", "shape": s, "parameters": params, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""``trainrun-export``: write a trainrun checkpoint as a Hugging Face transformers model directory.
+
+``trainrun-export <run dir | checkpoint dir | step dir> --output DIR [--step N]`` writes
+``config.json``, ``model.safetensors`` (or shards and ``model.safetensors.index.json`` above
+``--max-shard-size``), ``generation_config.json`` and the data's tokenizer, which
+``AutoModelForCausalLM.from_pretrained(DIR)`` and ``AutoTokenizer.from_pretrained(DIR)`` load offline.
+
+Any layout's checkpoint (FSDP, TP, PP, HSDP) is read in this one CPU process through DCP, which
+reshards; only ``model.*`` tensors are read (never optimizer state), one output shard at a time, so
+memory peaks at one shard, never above one copy of the weights. The DCP metadata is read with
+trainrun's restricted unpickler and the checkpoint is verified against its manifest first.
+Errors a user can cause are one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from trainrun.checkpoint.safe_reader import SafeFileSystemReader
+from trainrun.checkpoint.store import LATEST_FILE, META_FILE, CheckpointError, CheckpointStore, verify_checkpoint
+from trainrun.config.choices import Verify
+from trainrun.config.errors import ConfigError
+from trainrun.config.schema import ModelConfig
+from trainrun.data.fsutil import publish_dir, staging_dir
+from trainrun.export.hf_mapping import (
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX,
+    ExportError,
+    Target,
+    export_targets,
+    hf_config,
+)
+from trainrun.export.hf_tokenizer import find_tokenizer, write_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_SHARD = "5GB"  # transformers' own default for save_pretrained
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes of ``text``: a number with an optional unit (``500MB``, ``2GiB``, ``1e6`` is not accepted)."""
+    m = _SIZE.match(text)
+    if m is None:
+        raise ExportError(f"--max-shard-size {text!r} is not a size; use e.g. 5GB, 500MB or 2GiB")
+    number, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
+    scale = (1024 if binary else 1000) ** " KMGT".index(unit or " ")
+    if number * scale < 1:
+        raise ExportError(f"--max-shard-size {text!r} must be positive")
+    return int(number * scale)
+
+
+# ---- finding and reading the checkpoint --------------------------------------------------------------
+
+def resolve_checkpoint(path: Path, step: int | None, verify: str) -> Path:
+    """The step directory to export: ``path`` itself, its ``step_<step>``, or its newest committed checkpoint.
+
+    ``path`` may be a run directory (holding ``checkpoints/``), a checkpoint directory (holding
+    ``step_<N>/`` and ``latest``) or a step directory. The chosen checkpoint must verify against its
+    manifest; a broken one is refused, not silently replaced by an older one.
+    """
+    if not path.exists():
+        raise ExportError(f"{path} does not exist; give a run directory, a checkpoint directory or a step_<N> "
+                          "directory")
+    if (path / META_FILE).is_file():
+        if step is not None and path.name != f"step_{step}":
+            raise ExportError(f"{path} is a single checkpoint; --step {step} needs its parent checkpoint directory")
+        chosen = path
+    else:
+        directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        store = CheckpointStore(directory, 0, True, lambda: None, verify)
+        steps = store.checkpoints()
+        if not steps:
+            raise ExportError(f"{path} holds no checkpoints (no step_<N> directories in {directory})")
+        if step is not None:
+            chosen = store.step_dir(step)
+            if not chosen.is_dir():
+                available = ", ".join(p.name.removeprefix("step_") for p in steps)
+                raise ExportError(f"{directory} has no checkpoint of step {step} (steps: {available})")
+        else:
+            committed = [p for p in store.in_commit_order() if (p / META_FILE).is_file()]
+            if not committed:
+                raise ExportError(f"{directory} holds no committed checkpoint (none has {META_FILE})")
+            chosen = committed[0]
+            named = (directory / LATEST_FILE).read_text().strip() if (directory / LATEST_FILE).is_file() else None
+            if named and named != chosen.name:
+                logger.warning("%s names %s, but %s was committed after it; exporting %s",
+                               directory / LATEST_FILE, named, chosen.name, chosen.name)
+    problem = verify_checkpoint(chosen, verify)
+    if problem is not None:
+        raise ExportError(f"checkpoint {chosen} is broken: {problem}; pass --step N to export another one")
+    return chosen
+
+
+def read_checkpoint_meta(step_dir: Path) -> tuple[ModelConfig, dict]:
+    """The checkpoint's model config (architecture only: ``init_from`` is not followed) and its metadata."""
+    meta = CheckpointStore.read_meta(step_dir)
+    saved = meta.get("model")
+    if not isinstance(saved, dict):
+        raise ExportError(f"{step_dir / META_FILE} has no model section; is this a trainrun checkpoint?")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    # The weights are in the checkpoint: re-reading the Hugging Face directory it started from is not needed.
+    fields = {k: v for k, v in saved.items() if k in known and k != "init_from"}
+    try:
+        return ModelConfig(**fields), meta
+    except (ConfigError, TypeError) as err:
+        raise ExportError(f"{step_dir / META_FILE} has an unusable model section ({err})") from None
+
+
+def checkpoint_shapes(step_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """trainrun name -> (shape, dtype) of every model tensor in the checkpoint, from its DCP metadata."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        stored = SafeFileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    except Exception as err:  # noqa: BLE001 - UnsafeCheckpointError, truncated or garbage pickle: one message
+        raise ExportError(f"checkpoint {step_dir} has unusable DCP metadata: {err}") from None
+    return {key.removeprefix("model."): (tuple(meta.size), meta.properties.dtype)
+            for key, meta in stored.items()
+            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+
+
+def load_model_tensors(step_dir: Path, names: list[str],
+                       shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Full tensors ``names`` of the checkpoint's model, read and resharded by DCP in this one process."""
+    tensors = {name: torch.empty(shapes[name][0], dtype=shapes[name][1]) for name in names}
+    try:
+        CheckpointStore.load_tensors(step_dir, {"model": tensors})
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    return tensors
+
+
+def load_trainrun_model(step_dir: Path) -> tuple[torch.nn.Module, ModelConfig]:
+    """trainrun's own GPT with the checkpoint's weights, in one CPU process (eval mode); for comparisons."""
+    from trainrun.model import GPT
+
+    cfg, _ = read_checkpoint_meta(step_dir)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    if cfg.tie_embeddings:  # to_empty gave the two tied modules separate tensors
+        model.output.weight = model.tok_embeddings.weight
+    names = [n for n, _ in model.named_parameters()]  # a tied output weight is named once, as the embedding
+    model.load_state_dict(load_model_tensors(step_dir, names, checkpoint_shapes(step_dir)), strict=False)
+    return model.eval(), cfg
+
+
+# ---- mapping and writing ----------------------------------------------------------------------------
+
+def _check_coverage(cfg: ModelConfig, targets: list[Target], shapes: dict) -> None:
+    """Every model tensor of the checkpoint is exported, and every one the mapping needs is there."""
+    used = {name for t in targets for name in t.sources}
+    if cfg.tie_embeddings:
+        used.add("output.weight")  # the same tensor as the embedding, saved under both names
+    missing = sorted(used - set(shapes))
+    if missing:
+        raise ExportError(f"the checkpoint lacks model tensors {missing[:3]} that its config implies")
+    extra = sorted(set(shapes) - used)
+    if extra:
+        raise ExportError(f"the checkpoint holds model tensors the mapping does not cover ({extra[:3]})")
+
+
+def _target_bytes(target: Target, shapes: dict, dtype: torch.dtype) -> int:
+    if not target.sources:
+        return math.prod(target.shape) * dtype.itemsize
+    return sum(math.prod(shapes[name][0]) for name in target.sources) * dtype.itemsize
+
+
+def plan_shards(targets: list[Target], shapes: dict, dtype: torch.dtype, max_bytes: int) -> list[list[Target]]:
+    """Targets grouped into files of at most ``max_bytes`` each (a larger tensor gets a file of its own)."""
+    shards: list[list[Target]] = [[]]
+    size = 0
+    for target in targets:
+        nbytes = _target_bytes(target, shapes, dtype)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(target)
+        size += nbytes
+    return shards
+
+
+def build_target(target: Target, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The transformers tensor of ``target`` from trainrun's (full) tensors."""
+    if not target.sources:
+        return torch.zeros(target.shape, dtype=dtype)
+    parts = [tensors[name] for name in target.sources]
+    value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if target.transpose:
+        value = value.t()
+    return value.to(dtype).contiguous()
+
+
+def write_weights(step_dir: Path, cfg: ModelConfig, output: Path, dtype: torch.dtype, max_bytes: int) -> int:
+    """Write the safetensors file(s) of ``cfg``'s transformers model; returns the number of files."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ExportError("writing safetensors needs the safetensors package: pip install 'trainrun[export]'") from None
+
+    targets = export_targets(cfg)
+    shapes = checkpoint_shapes(step_dir)
+    _check_coverage(cfg, targets, shapes)
+    shards = plan_shards(targets, shapes, dtype, max_bytes)
+    names = [SAFETENSORS_FILE] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for shard, file in zip(shards, names, strict=True):
+        tensors = load_model_tensors(step_dir, sorted({n for t in shard for n in t.sources}), shapes)
+        out = {}
+        for target in shard:
+            out[target.hf_name] = build_target(target, tensors, dtype)
+            total += out[target.hf_name].numel() * dtype.itemsize
+            weight_map[target.hf_name] = file
+        del tensors
+        save_file(out, str(output / file), metadata={"format": "pt"})
+        del out
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (output / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return len(shards)
+
+
+def _permissions_from_umask(directory: Path) -> None:
+    """Give the export the modes a plain mkdir/open would: the staging dir (mkdtemp) and safetensors are private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for file in directory.iterdir():
+        file.chmod(0o666 & ~umask)
+
+
+def export(path: Path, output: Path, step: int | None = None, dtype: str = "float32",
+           max_shard_size: str = DEFAULT_MAX_SHARD, data_dir: str | None = None, tokenizer: bool = True,
+           verify: str = "sha256", force: bool = False) -> Path:
+    """Export the checkpoint ``path`` (see :func:`resolve_checkpoint`) to ``output``; returns the step directory.
+
+    Raises ExportError for anything the user can fix. ``output`` is written under a temporary
+    name and renamed at the end, so it never holds half an export.
+    """
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    max_bytes = parse_size(max_shard_size)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
+        raise ExportError(f"{output} already exists; pass --force to replace it")
+    step_dir = resolve_checkpoint(path, step, verify)
+    cfg, meta = read_checkpoint_meta(step_dir)
+    export_targets(cfg)  # refuses an architecture without a transformers equivalent before any reading
+    source = None
+    if tokenizer:
+        source = find_tokenizer(meta.get("config", {}).get("data", {}), data_dir, meta.get("data_checksum"))
+        if source.vocab_size > cfg.vocab_size:
+            raise ExportError(f"the tokenizer has {source.vocab_size} ids but the model only {cfg.vocab_size} "
+                              "embedding rows; pass the --data the checkpoint trained on")
+    eod = source.eod_id if source else None
+    with staging_dir(output) as tmp:
+        files = write_weights(step_dir, cfg, tmp, DTYPES[dtype], max_bytes)
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, eod, eod, dtype), indent=2) + "\n")
+        generation = {"bos_token_id": eod, "eos_token_id": eod, "pad_token_id": eod}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if source is not None:
+            write_tokenizer(source, tmp, cfg.max_seq_len)
+        _permissions_from_umask(tmp)
+        publish_dir(tmp, output, replace=True)
+    logger.info("exported %s to %s (%s, %d safetensors file(s))", step_dir, output, hf_config(cfg, eod, eod, dtype)
+                ["architectures"][0], files)
+    return step_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``trainrun-export``."""
+    p = argparse.ArgumentParser(prog="trainrun-export",
+                                description="Write a trainrun checkpoint as a Hugging Face transformers model.")
+    p.add_argument("checkpoint", help="run directory, checkpoint directory (holding step_<N>/) or a step_<N> directory")
+    p.add_argument("--output", "-o", required=True, help="directory to write (config.json, model.safetensors, ...)")
+    p.add_argument("--step", type=int, default=None, help="step to export (default: the newest committed checkpoint)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the written weights")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
+                   help="largest safetensors file before the weights are split into shards (e.g. 5GB, 500MiB)")
+    p.add_argument("--data", default=None, help="dataset directory whose tokenizer to export (default: the "
+                   "checkpoint's data.path; the bundled corpus is bytes)")
+    p.add_argument("--no-tokenizer", action="store_true", help="write the model only")
+    p.add_argument("--verify", default=Verify.sha256.value, choices=[v.value for v in Verify],
+                   help="how the checkpoint's files are checked against its manifest first")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``trainrun-export``; returns the exit status (2 for errors a user can fix)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse printed its one-line error (or --help)
+        return int(exit_.code or 0)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        step_dir = export(Path(args.checkpoint), Path(args.output), args.step, args.dtype, args.max_shard_size,
+                          args.data, not args.no_tokenizer, args.verify, args.force)
+    except (ExportError, OSError) as err:
+        print(f"trainrun-export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {step_dir} to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

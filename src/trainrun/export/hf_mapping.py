@@ -1,0 +1,306 @@
+"""How trainrun's GPT maps onto Hugging Face transformers' Llama and GPT-2, in both directions.
+
+Pure data and ``config.json`` logic, no torch: ``trainrun.config`` imports this module (lazily,
+only when ``model.init_from`` is set) to take a model's architecture from its ``config.json``,
+and this module imports nothing but ``trainrun.config``.
+
+================================================  ======================  ====================
+trainrun ``model.*``                              transformers class      ``model_type``
+================================================  ======================  ====================
+position=rope, mlp=swiglu, norm=rmsnorm           ``LlamaForCausalLM``    ``llama``
+position=learned, mlp=gelu, norm=layernorm        ``GPT2LMHeadModel``     ``gpt2``
+================================================  ======================  ====================
+
+``bias`` and ``tie_embeddings`` may take either value in both rows (Llama's ``attention_bias`` and
+``mlp_bias``; GPT-2 always has biases, which are exported as zeros when trainrun has none).
+trainrun's RoPE already rotates the two halves of each head (``rotate_half``, as transformers'
+Llama does), so q/k rows need no permutation. GPT-2's ``Conv1D`` stores weights as (in, out),
+the transpose of ``nn.Linear``, and its ``c_attn`` is q, k and v concatenated.
+
+Every tensor of the exported model is described once, by a :class:`Target`; importing reads the
+same table backwards, so export -> import -> export gives back identical tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainrun.config.choices import Mlp, Norm, Position
+from trainrun.config.errors import ConfigError
+from trainrun.config.schema import ModelConfig
+
+EXPORTABLE = {
+    (Position.rope, Mlp.swiglu, Norm.rmsnorm): ("llama", "LlamaForCausalLM"),
+    (Position.learned, Mlp.gelu, Norm.layernorm): ("gpt2", "GPT2LMHeadModel"),
+}
+"""(model.position, model.mlp, model.norm) -> (transformers model_type, architecture class)."""
+
+SUPPORTED_TEXT = ("position=rope+mlp=swiglu+norm=rmsnorm (LlamaForCausalLM) or "
+                  "position=learned+mlp=gelu+norm=layernorm (GPT2LMHeadModel), bias and tie_embeddings either way")
+"""The exportable combinations, as error messages name them."""
+
+
+class ExportError(Exception):
+    """A checkpoint, option or directory that cannot be exported; one line for the user."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One tensor of the transformers model and the trainrun tensors it is made of.
+
+    ``sources`` are trainrun names concatenated along dim 0 (GPT-2's ``c_attn`` is q, k, v; each
+    source has ``rows`` rows); none means zeros of ``shape`` (a bias trainrun does not have).
+    ``transpose``: stored as (in, out) (GPT-2's ``Conv1D``) instead of ``nn.Linear``'s (out, in).
+    """
+
+    hf_name: str
+    sources: tuple[str, ...]
+    transpose: bool = False
+    rows: int = 0
+    shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one trainrun tensor lives in a transformers checkpoint: ``hf[offset:offset+n]`` (rows of the
+    (out, in) view; ``transpose``: the stored tensor is (in, out))."""
+
+    hf_name: str
+    transpose: bool = False
+    offset: int = 0
+
+
+def architecture(cfg: ModelConfig) -> tuple[str, str]:
+    """(model_type, architecture class) for ``cfg``; ExportError naming the exportable combinations otherwise."""
+    key = (cfg.position, cfg.mlp, cfg.norm)
+    if key not in EXPORTABLE:
+        raise ExportError(f"model position={key[0]}, mlp={key[1]}, norm={key[2]} has no transformers equivalent; "
+                          f"exportable: {SUPPORTED_TEXT}")
+    return EXPORTABLE[key]
+
+
+def _linear(hf: str, tr: str, bias: bool, transpose: bool, out_rows: int, gpt2_bias: bool) -> Iterator[Target]:
+    """Weight (and bias) of one linear layer; GPT-2 gets a zero bias where trainrun has none."""
+    yield Target(f"{hf}.weight", (f"{tr}.weight",), transpose)
+    if bias:
+        yield Target(f"{hf}.bias", (f"{tr}.bias",))
+    elif gpt2_bias:
+        yield Target(f"{hf}.bias", (), shape=(out_rows,))
+
+
+def _norm(hf: str, tr: str, cfg: ModelConfig, gpt2: bool) -> Iterator[Target]:
+    yield Target(f"{hf}.weight", (f"{tr}.weight",))
+    if gpt2:  # nn.LayerNorm(bias=False) has no bias; GPT-2's LayerNorm always does
+        yield Target(f"{hf}.bias", (f"{tr}.bias",)) if cfg.bias else Target(f"{hf}.bias", (), shape=(cfg.d_model,))
+
+
+def _llama_targets(cfg: ModelConfig) -> Iterator[Target]:
+    yield Target("model.embed_tokens.weight", ("tok_embeddings.weight",))
+    ffn = cfg.ffn_hidden_size()
+    for i in range(cfg.n_layers):
+        hf, tr = f"model.layers.{i}", f"layers.{i}"
+        yield from _norm(f"{hf}.input_layernorm", f"{tr}.attention_norm", cfg, gpt2=False)
+        for hf_proj, tr_proj in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
+            yield from _linear(f"{hf}.self_attn.{hf_proj}", f"{tr}.attention.{tr_proj}", cfg.bias, False,
+                               cfg.d_model, gpt2_bias=False)
+        yield from _norm(f"{hf}.post_attention_layernorm", f"{tr}.mlp_norm", cfg, gpt2=False)
+        mlp = (("gate_proj", "w1", ffn), ("up_proj", "w3", ffn), ("down_proj", "w2", cfg.d_model))
+        for hf_proj, tr_proj, rows in mlp:
+            yield from _linear(f"{hf}.mlp.{hf_proj}", f"{tr}.mlp.{tr_proj}", cfg.bias, False, rows, gpt2_bias=False)
+    yield Target("model.norm.weight", ("norm.weight",))
+    if not cfg.tie_embeddings:
+        yield Target("lm_head.weight", ("output.weight",))
+
+
+def _gpt2_targets(cfg: ModelConfig) -> Iterator[Target]:
+    c, ffn = cfg.d_model, cfg.ffn_hidden_size()
+    yield Target("transformer.wte.weight", ("tok_embeddings.weight",))
+    yield Target("transformer.wpe.weight", ("pos_embeddings.weight",))
+    for i in range(cfg.n_layers):
+        hf, tr = f"transformer.h.{i}", f"layers.{i}"
+        yield from _norm(f"{hf}.ln_1", f"{tr}.attention_norm", cfg, gpt2=True)
+        qkv = tuple(f"{tr}.attention.{w}" for w in ("wq", "wk", "wv"))
+        yield Target(f"{hf}.attn.c_attn.weight", tuple(f"{n}.weight" for n in qkv), transpose=True, rows=c)
+        if cfg.bias:
+            yield Target(f"{hf}.attn.c_attn.bias", tuple(f"{n}.bias" for n in qkv), rows=c)
+        else:
+            yield Target(f"{hf}.attn.c_attn.bias", (), shape=(3 * c,))
+        yield from _linear(f"{hf}.attn.c_proj", f"{tr}.attention.wo", cfg.bias, True, c, gpt2_bias=True)
+        yield from _norm(f"{hf}.ln_2", f"{tr}.mlp_norm", cfg, gpt2=True)
+        yield from _linear(f"{hf}.mlp.c_fc", f"{tr}.mlp.w1", cfg.bias, True, ffn, gpt2_bias=True)
+        yield from _linear(f"{hf}.mlp.c_proj", f"{tr}.mlp.w2", cfg.bias, True, c, gpt2_bias=True)
+    yield from _norm("transformer.ln_f", "norm", cfg, gpt2=True)
+    if not cfg.tie_embeddings:
+        yield Target("lm_head.weight", ("output.weight",))
+
+
+def export_targets(cfg: ModelConfig) -> list[Target]:
+    """Every tensor of the transformers model of ``cfg``, in the order transformers names them."""
+    model_type, _ = architecture(cfg)
+    return list(_llama_targets(cfg) if model_type == "llama" else _gpt2_targets(cfg))
+
+
+def import_sources(cfg: ModelConfig) -> dict[str, Source]:
+    """trainrun parameter name -> where it lives in a transformers checkpoint (the inverse of export_targets)."""
+    sources: dict[str, Source] = {}
+    for target in export_targets(cfg):
+        for i, name in enumerate(target.sources):
+            sources[name] = Source(target.hf_name, target.transpose, i * target.rows)
+    if cfg.tie_embeddings:
+        sources["output.weight"] = sources["tok_embeddings.weight"]
+    return sources
+
+
+def hf_config(cfg: ModelConfig, eos_id: int | None, bos_id: int | None, dtype: str) -> dict[str, Any]:
+    """The ``config.json`` of the transformers model equivalent to ``cfg`` (weights stored as ``dtype``).
+
+    Written by hand rather than by transformers' config classes so that exporting needs no
+    transformers and the file reads in old and new releases alike: RoPE's base goes both to
+    ``rope_theta`` (transformers 4.x) and to ``rope_parameters`` (5.x).
+    """
+    model_type, arch = architecture(cfg)
+    common = {"architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
+              "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": bos_id, "eos_token_id": eos_id,
+              "initializer_range": cfg.init_std, "use_cache": True, "torch_dtype": dtype, "dtype": dtype}
+    if model_type == "llama":
+        return {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden_size(),
+                "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+                "num_key_value_heads": cfg.n_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+                "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+                "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout,
+                "pretraining_tp": 1}
+    return {**common, "n_positions": cfg.max_seq_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads, "n_inner": cfg.ffn_hidden_size(),
+            # trainrun's GELU is the exact erf form; GPT-2's default "gelu_new" is the tanh approximation.
+            "activation_function": "gelu", "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
+
+
+# ---- import: config.json -> ModelConfig fields ----------------------------------------------------
+
+ARCHITECTURE_FIELDS = ("n_layers", "n_heads", "d_model", "ffn_hidden", "vocab_size", "max_seq_len", "norm",
+                       "norm_eps", "position", "rope_theta", "mlp", "tie_embeddings", "bias")
+"""ModelConfig fields that ``model.init_from`` takes from the transformers ``config.json``."""
+
+
+def read_hf_config(directory: str | Path, field: str = "model.init_from") -> dict[str, Any]:
+    """The parsed ``config.json`` of a local transformers model directory; ConfigError naming ``field`` if unusable."""
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise ConfigError(field, str(directory), "no such directory; give a local Hugging Face model directory "
+                          "(config.json + model.safetensors), e.g. one written by save_pretrained or trainrun-export")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(field, str(directory), "config.json is missing, so this is not a Hugging Face model "
+                          "directory") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(field, str(directory), f"config.json is unreadable ({err})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(field, str(directory), "config.json does not hold a JSON object")
+    return config
+
+
+def _require(hf: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if not isinstance(hf.get(k), int) or isinstance(hf.get(k), bool)]
+    if missing:
+        raise ConfigError("model.init_from", where, f"config.json lacks integer {', '.join(missing)}")
+
+
+def _refuse_unless(ok: bool, where: str, key: str, value: object, why: str) -> None:
+    if not ok:
+        raise ConfigError("model.init_from", where, f"config.json has {key}={value!r}, which does not map to "
+                          f"trainrun's model: {why}")
+
+
+def _llama_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    _require(hf, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                  "max_position_embeddings"), where)
+    heads, width = hf["num_attention_heads"], hf["hidden_size"]
+    act = hf.get("hidden_act", "silu")
+    _refuse_unless(act == "silu", where, "hidden_act", act, "the SwiGLU MLP uses silu")
+    kv = hf.get("num_key_value_heads") or heads
+    _refuse_unless(kv == heads, where, "num_key_value_heads", kv,
+                   f"grouped-query attention is not supported (needs {heads}, one per query head)")
+    head_dim = hf.get("head_dim") or width // heads
+    _refuse_unless(head_dim * heads == width, where, "head_dim", head_dim, "must be hidden_size/num_attention_heads")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    _refuse_unless(rope_type == "default", where, "rope_type", rope_type, "only unscaled RoPE is supported")
+    attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    _refuse_unless(attn_bias == mlp_bias, where, "mlp_bias", mlp_bias,
+                   f"model.bias applies to every linear layer, so it must equal attention_bias={attn_bias}")
+    return {"n_layers": hf["num_hidden_layers"], "n_heads": heads, "d_model": width,
+            "ffn_hidden": hf["intermediate_size"], "vocab_size": hf["vocab_size"],
+            "max_seq_len": hf["max_position_embeddings"], "norm": Norm.rmsnorm,
+            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), "position": Position.rope,
+            "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), "mlp": Mlp.swiglu,
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "bias": attn_bias}
+
+
+def _gpt2_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    _require(hf, ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions"), where)
+    act = hf.get("activation_function", "gelu_new")
+    _refuse_unless(act == "gelu", where, "activation_function", act,
+                   "trainrun's GELU is the exact (erf) one, transformers calls it 'gelu'")
+    _refuse_unless(hf.get("scale_attn_weights", True), where, "scale_attn_weights", False,
+                   "attention scores are always scaled by 1/sqrt(head size)")
+    for key in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        _refuse_unless(not hf.get(key, False), where, key, True, "not part of trainrun's decoder block")
+    return {"n_layers": hf["n_layer"], "n_heads": hf["n_head"], "d_model": hf["n_embd"],
+            "ffn_hidden": hf.get("n_inner") or 4 * hf["n_embd"], "vocab_size": hf["vocab_size"],
+            "max_seq_len": hf["n_positions"], "norm": Norm.layernorm,
+            "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)), "position": Position.learned, "mlp": Mlp.gelu,
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", True)), "bias": True}
+
+
+def model_fields_from_hf(directory: str | Path) -> dict[str, Any]:
+    """The ModelConfig architecture fields (ARCHITECTURE_FIELDS) of the transformers model in ``directory``.
+
+    Raises ConfigError naming ``model.init_from`` and the ``config.json`` key that does not map.
+    """
+    hf = read_hf_config(directory)
+    model_type = hf.get("model_type")
+    where = str(directory)
+    if model_type == "llama":
+        return _llama_fields(hf, where)
+    if model_type == "gpt2":
+        return _gpt2_fields(hf, where)
+    raise ConfigError("model.init_from", where, f"config.json has model_type={model_type!r}; trainrun initialises "
+                      "from 'llama' (LlamaForCausalLM) and 'gpt2' (GPT2LMHeadModel) models")
+
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def weight_files(directory: str | Path, field: str = "model.init_from") -> dict[str, Path]:
+    """tensor name -> safetensors file of the model in ``directory`` (one file, or shards and their index).
+
+    Only safetensors are read: a ``pytorch_model.bin`` is a pickle, which can run code when loaded.
+    """
+    path = Path(directory).expanduser()
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {str(name): path / str(file) for name, file in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(field, str(directory), f"{SAFETENSORS_INDEX} is unreadable ({err})") from None
+        missing = sorted({f.name for f in files.values() if not f.is_file()})
+        if missing:
+            raise ConfigError(field, str(directory), f"{SAFETENSORS_INDEX} names missing shard(s) {', '.join(missing)}")
+        return files
+    if (path / SAFETENSORS_FILE).is_file():
+        return {"": path / SAFETENSORS_FILE}  # one file: every name is in it
+    pickled = [p.name for p in (path / "pytorch_model.bin", path / "pytorch_model.bin.index.json") if p.is_file()]
+    hint = (f"it has {pickled[0]}, a pickle trainrun does not load (it can run code); convert it with "
+            "save_pretrained(..., safe_serialization=True)") if pickled else "no weights found"
+    raise ConfigError(field, str(directory), f"{SAFETENSORS_FILE} (or {SAFETENSORS_INDEX}) is missing: {hint}")
