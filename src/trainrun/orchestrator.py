@@ -70,6 +70,10 @@ def resolve_vocab(cfg: TrainRunConfig, dataset: TokenDataset) -> TrainRunConfig:
     vocab = cfg.model.vocab_size
     if vocab is None:
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=dataset.vocab_size))
+    if vocab < dataset.vocab_size and cfg.model.init_from:
+        raise ConfigError("model.init_from", cfg.model.init_from,
+                          f"its vocabulary has {vocab} ids but the data at {dataset.path} uses {dataset.vocab_size}; "
+                          "tokenize the data with that model's tokenizer (trainrun-prepare --tokenizer <its dir>)")
     if vocab < dataset.vocab_size:
         raise ConfigError("model.vocab_size", vocab,
                           f"the dataset needs at least {dataset.vocab_size}; raise it or set null")

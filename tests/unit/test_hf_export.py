@@ -415,7 +415,8 @@ def test_cli_prepare_hf_tokenizer_init_from_train_export(tmp_path, capsys):
                     f"hydra.run.dir={tmp_path / 'run2'}"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("trainrun:")]
-    assert len(errors) == 1 and "model.vocab_size=50" in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and "model.init_from=" in errors[0] and "has 50 ids" in errors[0], proc.stderr
+    assert "trainrun-prepare --tokenizer" in errors[0] and "Traceback" not in proc.stderr
 
 
 def test_prepare_refuses_bad_tokenizers(tmp_path, capsys):
