@@ -26,23 +26,30 @@ from pathlib import Path
 
 import torch
 
-from trainrun import registry
 from trainrun.checkpoint import Checkpointer, CheckpointStore
 from trainrun.config import compose_config
-from trainrun.model import materialize
+from trainrun.distributed.initializers import init_single
 from trainrun.model.loss import lm_loss
-from trainrun.optim import build_lr_scheduler
+from trainrun.orchestrator import build_model_and_optimizer
 from trainrun.state import TrainState
 
 DEFAULT_OVERRIDES = ["model=gpt_125m", "data.seq_len=128"]
 
 
-class _NoData:
+class NoData:
+    """A data position with nothing in it: these benchmarks feed random batches."""
+
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         del state
+
+
+def build_cpu_model_and_optimizer(cfg):
+    """trainrun's own model, optimizer and LR schedule for ``cfg`` in this process (seeded as a run is)."""
+    built = build_model_and_optimizer(cfg, init_single(cfg))
+    return built.parts[0], built.optimizers[0], built.scheduler
 
 
 def main() -> None:
@@ -54,13 +61,8 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = compose_config([*DEFAULT_OVERRIDES, *args.overrides])
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = registry.MODELS.get(cfg.model.name)(cfg.model)
-    model = materialize(model, torch.device("cpu"))
+    model, optimizer, scheduler = build_cpu_model_and_optimizer(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = registry.OPTIMIZERS.get(cfg.optim.name)(model, cfg.optim, "cpu")
-    scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     seq, vocab = cfg.data.seq_len, cfg.model.vocab_size
 
     def train_step() -> float:
@@ -83,7 +85,7 @@ def main() -> None:
     checkpointers = {}
     for mode in ("sync", "async"):
         store = CheckpointStore(root / mode, 1, True, lambda: None, cfg.checkpoint.verify)
-        checkpointers[mode] = Checkpointer(cfg, store, [model], [optimizer], scheduler, _NoData(), state,
+        checkpointers[mode] = Checkpointer(cfg, store, [model], [optimizer], scheduler, NoData(), state,
                                            torch.device("cpu"))
     try:
         for repeat in range(args.repeats):

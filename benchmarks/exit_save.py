@@ -17,37 +17,28 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from trainrun import registry
 from trainrun.checkpoint import Checkpointer, CheckpointStore
 from trainrun.config import compose_config
-from trainrun.model import materialize
+from trainrun.model import count_parameters
 from trainrun.model.loss import lm_loss
-from trainrun.optim import build_lr_scheduler
 from trainrun.state import TrainState
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoint_save import NoData, build_cpu_model_and_optimizer  # noqa: E402 - sibling benchmark module
 
 GRACE_S = {"torchrun (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)": 30, "Slurm KillWait (default)": 30,
            "submitit_slurm signal_delay_s": 120, "torchrun.sbatch --signal=TERM@120": 120}
 
 
-class _NoData:
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        del state
-
-
 def _count_parameters(preset: str) -> int:
-    cfg = compose_config([f"model={preset}", "model.vocab_size=50304"])
-    with torch.device("meta"):
-        model = registry.MODELS.get(cfg.model.name)(cfg.model)
-    return sum(p.numel() for p in model.parameters())
+    return count_parameters(compose_config([f"model={preset}", "model.vocab_size=50304"]).model)
 
 
 def main() -> None:
@@ -57,13 +48,8 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = compose_config(["model=gpt_125m", "model.vocab_size=50304", "data.seq_len=64"])
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = registry.MODELS.get(cfg.model.name)(cfg.model)
-    model = materialize(model, torch.device("cpu"))
+    model, optimizer, scheduler = build_cpu_model_and_optimizer(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = registry.OPTIMIZERS.get(cfg.optim.name)(model, cfg.optim, "cpu")
-    scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     x = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_len))
     lm_loss(model, x, x.roll(-1, 1)).backward()
     optimizer.step()  # AdamW moments exist from here on
@@ -77,7 +63,7 @@ def main() -> None:
         cfg_v = compose_config(["model=gpt_125m", "model.vocab_size=50304", "data.seq_len=64",
                                 f"checkpoint.exit_verify={verify}"])
         store = CheckpointStore(root / verify, 1, True, lambda: None, cfg_v.checkpoint.verify)
-        checkpointers[verify] = Checkpointer(cfg_v, store, [model], [optimizer], scheduler, _NoData(), state,
+        checkpointers[verify] = Checkpointer(cfg_v, store, [model], [optimizer], scheduler, NoData(), state,
                                              torch.device("cpu"))
     try:
         for _ in range(args.repeats):  # interleaved, so both see the same disk and page-cache weather

@@ -22,6 +22,18 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def start_ranks(nproc: int, args: list[str], cwd: Path, port: int) -> list[subprocess.Popen]:
+    """``nproc`` processes of ``python -m trainrun <args>`` with torchrun's environment variables but no
+    torchrun (whose own exit code and SIGTERMs hide each rank's code); stderr piped, stdout dropped."""
+    procs = []
+    for rank in range(nproc):
+        env = cli_env(OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "trainrun", *args], cwd=cwd, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "trainrun",
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m trainrun <args>`` in ``cwd``; returns the completed process (text output)."""

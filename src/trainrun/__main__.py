@@ -26,6 +26,7 @@ from trainrun.cli_help import register_help_resolver
 from trainrun.config import ConfigError, register_configs
 from trainrun.config.convert import config_dir
 from trainrun.config.store import normalize_overrides
+from trainrun.config.validate import launcher_world_size
 from trainrun.exit_codes import ExitCode
 from trainrun.preflight import RunEnvironmentError, unwritable_dir_error
 from trainrun.registry import UnknownComponentError
@@ -113,15 +114,11 @@ def hydra_entry(cfg: DictConfig) -> int:
         # one after `scontrol requeue` is what submitit's own preemption handler does.
         requeue_this_job()
         raise SystemExit(code)
-    if not multirun and _world_size() > 1 and not in_submitit_job():
+    if not multirun and launcher_world_size() > 1 and not in_submitit_job():
         _exit_rank_now(code)
     if not multirun and code != ExitCode.FINISHED:
         sys.exit(code)
     return code
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
 
 
 def _exit_rank_now(code: int) -> None:

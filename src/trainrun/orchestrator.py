@@ -35,7 +35,7 @@ from trainrun.observe import build_metric_logger, peak_flops_per_device, setup_l
 from trainrun.observe.profiler import StepProfiler
 from trainrun.optim import build_lr_scheduler, param_group_summary
 from trainrun.optim.schedules import SchedulerGroup
-from trainrun.preflight import RunEnvironmentError, check_environment
+from trainrun.preflight import RunEnvironmentError, check_environment, run_directory
 from trainrun.state import TrainState
 from trainrun.train.debug_hooks import RepeatedBatches, install_nan_injection
 from trainrun.train.executors import PipelineExecutor
@@ -59,8 +59,8 @@ class RunResult:
 
 
 def resolve_run_dir(cfg: TrainRunConfig, run_dir: Path | None) -> Path:
-    """run.output_dir, else the caller's (Hydra's) run dir, else the current directory."""
-    path = Path(cfg.run.output_dir) if cfg.run.output_dir else (run_dir or Path.cwd())
+    """run.output_dir, else the caller's (Hydra's) run dir, else the current directory; created."""
+    path = run_directory(cfg, run_dir)[0]
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from contextlib import suppress
 from pathlib import Path
 
@@ -112,14 +111,13 @@ def check_data_cache(cfg: TrainRunConfig) -> None:
 
 
 def _stdlib_corpus_built(cache: Path, cfg: TrainRunConfig) -> bool:
-    # The same directory name build_stdlib_corpus reads from: a read-only shared cache is fine once built.
+    # A read-only shared cache is fine once the corpus build_stdlib_corpus would read is there.
     from trainrun.data import corpus
     from trainrun.data.layout import META_FILE
 
     files = corpus.list_source_files(corpus.stdlib_root())
-    key = corpus.corpus_key(files, cfg.data.val_fraction, cfg.data.max_documents)
-    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return (cache / f"stdlib-{pyver}-{key}" / META_FILE).is_file()
+    built = corpus.stdlib_corpus_dir(cache, files, cfg.data.val_fraction, cfg.data.max_documents)
+    return (built / META_FILE).is_file()
 
 
 def check_wandb_credentials(cfg: WandbConfig) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import cli_env, read_metrics, train_losses
+from tests.conftest import cli_env, read_metrics, start_ranks, train_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -57,14 +57,7 @@ def spawn_ranks(nproc: int, run_dir: Path, overrides: list[str], timeout: float 
     these tests need every rank's code (2: bad config, 3: saved, resume me). Returns
     ``(exit code, stderr)`` per rank; a rank still running after ``timeout`` (a hang) fails the test.
     """
-    port = str(free_port())
-    procs = []
-    for rank in range(nproc):
-        env = cli_env(OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "-m", "trainrun", *overrides, f"hydra.run.dir={run_dir}"],
-                                      cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      text=True, env=env))
+    procs = start_ranks(nproc, [*overrides, f"hydra.run.dir={run_dir}"], run_dir.parent, free_port())
     deadline = time.monotonic() + timeout
     results = []
     try:

@@ -22,7 +22,7 @@ from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config.schema import CheckpointConfig, TrainRunConfig
 from trainrun.distributed.env import DistEnv
 from trainrun.state import TrainState
-from trainrun.train.executors import finite_on_all_ranks
+from trainrun.train.executors import finite_flag_on_all_ranks
 from trainrun.train.loop import KIND_OF_RANK, SAVE_RANK
 
 pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -55,9 +55,9 @@ def _skip_worker(rank: int, tmp_path: Path) -> None:
         inf_on_rank1 = torch.tensor(math.inf if rank == 1 else 2.0)
         nan_norm_on_rank0 = torch.tensor(math.nan if rank == 0 else 1.5)
         _write(tmp_path, rank, {
-            "all_finite": finite_on_all_ranks(torch.tensor(2.0), norm),
-            "loss_inf_on_rank1": finite_on_all_ranks(inf_on_rank1, norm),
-            "norm_nan_on_rank0": finite_on_all_ranks(torch.tensor(2.0), nan_norm_on_rank0),
+            "all_finite": bool(finite_flag_on_all_ranks(torch.tensor(2.0), norm)),
+            "loss_inf_on_rank1": bool(finite_flag_on_all_ranks(inf_on_rank1, norm)),
+            "norm_nan_on_rank0": bool(finite_flag_on_all_ranks(torch.tensor(2.0), nan_norm_on_rank0)),
         })
     finally:
         env.close()

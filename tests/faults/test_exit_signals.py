@@ -15,18 +15,16 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import start_ranks
 from tests.faults.conftest import (
     MAX_STEPS,
     base_args,
     count_loss_rows,
-    fault_env,
     last_step,
     latest_step,
     launch,
@@ -116,13 +114,7 @@ def test_sigterm_and_sigusr1_two_processes(tmp_path, corpus_cache):
 def _signal_rank1_without_torchrun(args: list[str], run_dir: Path) -> tuple[list[int], int]:
     """Start two ranks with torchrun's environment variables, SIGUSR1 rank 1; return (exit codes, stop step)."""
     rows, offset = count_loss_rows(run_dir), log_size(run_dir)
-    port = str(29500 + (os.getpid() + 7) % 1000)
-    procs = []
-    for rank in range(2):
-        env = {**fault_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-m", "trainrun", *args], cwd=run_dir, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    procs = start_ranks(2, args, run_dir, 29500 + (os.getpid() + 7) % 1000)
     try:
         assert wait_for_rows(run_dir, rows + 1, procs[0])
         procs[1].send_signal(signal.SIGUSR1)

@@ -7,6 +7,7 @@ hyper-parameters, LR schedule, data position, TrainState, config) goes to JSON m
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import tempfile
@@ -252,12 +253,16 @@ class Checkpointer:
         The two stores are merged by commit time; a tie goes to the persistent one.
         """
         sources = [s.verified() for s in (self.store, self.local_store) if s is not None]
-        heads = [next(src, None) for src in sources]
+
+        def head(source: Iterator[Path]) -> tuple[Path, float] | None:
+            path = next(source, None)
+            return None if path is None else (path, CheckpointStore.read_meta(path).get("committed_unix", 0.0))
+
+        heads = [head(src) for src in sources]
         while any(h is not None for h in heads):
-            index = max((i for i, h in enumerate(heads) if h is not None),
-                        key=lambda i: (CheckpointStore.read_meta(heads[i]).get("committed_unix", 0.0), -i))
-            yield heads[index]
-            heads[index] = next(sources[index], None)
+            index = max((i for i, h in enumerate(heads) if h is not None), key=lambda i: (heads[i][1], -i))
+            yield heads[index][0]
+            heads[index] = head(sources[index])
 
     def _resume_candidates(self) -> Iterator[tuple[Path, bool, bool, dict | None]]:
         """(checkpoint, restore the full state?, may fall back to the next candidate?, branch origin) in
@@ -278,13 +283,12 @@ class Checkpointer:
             if newest is not None and CheckpointStore.read_meta(newest).get("origin") == origin:
                 logger.info("continuing the branch this run started from %s (%s): resuming its newest checkpoint",
                             c.resume, "weights only" if not c.load_optimizer else "full state")
-                yield newest, True, True, origin
-                yield from ((path, True, True, origin) for path in own)
+                yield from ((path, True, True, origin) for path in itertools.chain([newest], own))
                 return
             if c.resume != "auto":
                 yield self._explicit_path(Path(c.resume)), c.load_optimizer, False, origin
                 return
-            own = self._own_checkpoints()
+            own = itertools.chain([] if newest is None else [newest], own)  # verified once, not again
         yield from ((path, c.load_optimizer, True, origin) for path in own)
 
     def resolve_resume_path(self) -> Path | None:

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import time
 import warnings
@@ -80,8 +81,6 @@ def storage_limits(directory: Path) -> str:
     Writers deep inside DCP report a full disk or an exceeded ``ulimit -f`` (EFBIG) in their own
     words (e.g. "unexpected pos 704 vs 598"); these two numbers name the usual causes.
     """
-    import resource
-
     parts = []
     probe = directory if directory.exists() else directory.parent
     try:

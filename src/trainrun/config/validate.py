@@ -31,6 +31,11 @@ def expected_world_size(cfg: TrainRunConfig) -> int:
     """
     if cfg.run.dry_run and "WORLD_SIZE" not in os.environ:
         return cfg.parallel.world_size
+    return launcher_world_size()
+
+
+def launcher_world_size() -> int:
+    """Processes the launcher started: WORLD_SIZE (torchrun), else SLURM_NTASKS, else 1."""
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
 
 

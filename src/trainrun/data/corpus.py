@@ -85,6 +85,12 @@ def _read_documents(root: Path, files: list[tuple[str, int]], limit: int | None)
     return docs
 
 
+def stdlib_corpus_dir(cache: Path, files: list, val_fraction: float, max_documents: int | None) -> Path:
+    """The cache directory of the corpus built from ``files`` with these options (one per Python version)."""
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return cache / f"stdlib-{pyver}-{corpus_key(files, val_fraction, max_documents)}"
+
+
 def build_stdlib_corpus(cache_root: str | os.PathLike | None = None, val_fraction: float = 0.02,
                         max_documents: int | None = None, root: str | os.PathLike | None = None) -> Path:
     """Build (once) and return the dataset directory of the standard-library corpus.
@@ -99,8 +105,7 @@ def build_stdlib_corpus(cache_root: str | os.PathLike | None = None, val_fractio
         raise ConfigError("data.name", "stdlib", f"no .py files under {src}; use data.name=indexed with a "
                           "dataset from `trainrun-prepare`")
     cache = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
-    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    final = cache / f"stdlib-{pyver}-{corpus_key(files, val_fraction, max_documents)}"
+    final = stdlib_corpus_dir(cache, files, val_fraction, max_documents)
     if (final / META_FILE).is_file():
         logger.debug("using cached corpus %s", final)
         return final

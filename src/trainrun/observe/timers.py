@@ -9,22 +9,15 @@ from contextlib import contextmanager
 import torch
 
 
-def _cuda_sync() -> None:
-    # Kernels are asynchronous: without a sync the timer measures launch time, not run time.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 class Timer:
-    """One named stopwatch accumulating time over any number of start/stop intervals.
+    """One named stopwatch of host wall time, accumulating over any number of start/stop intervals.
 
-    ``cuda_sync`` makes wall-clock intervals wait for the GPU at both ends (exact, but two syncs per
-    interval); :class:`CudaEventTimer` measures device time without any.
+    GPU work is timed by :class:`CudaEventTimer` instead: host time around asynchronous kernels
+    would measure their launch, not their run.
     """
 
-    def __init__(self, name: str, cuda_sync: bool = False):
+    def __init__(self, name: str):
         self.name = name
-        self.cuda_sync = cuda_sync
         self._total_s = 0.0
         self._count = 0
         self._started_at: float | None = None
@@ -38,8 +31,6 @@ class Timer:
         """Start an interval; starting a running timer is an error (it would hide a missing stop)."""
         if self._started_at is not None:
             raise RuntimeError(f"timer {self.name!r} is already running")
-        if self.cuda_sync:
-            _cuda_sync()
         self._started_at = time.perf_counter()
         return self
 
@@ -47,8 +38,6 @@ class Timer:
         """Stop the interval and return its length in seconds."""
         if self._started_at is None:
             raise RuntimeError(f"timer {self.name!r} was stopped without being started")
-        if self.cuda_sync:
-            _cuda_sync()
         interval = time.perf_counter() - self._started_at
         self._started_at = None
         self._total_s += interval
@@ -59,8 +48,6 @@ class Timer:
         """Total seconds since the last reset, including a running interval so far."""
         total = self._total_s
         if self._started_at is not None:
-            if self.cuda_sync:
-                _cuda_sync()
             now = time.perf_counter()
             total += now - self._started_at
             if reset:
@@ -120,11 +107,10 @@ class Timers:
     """A group of named timers: ``timers("data").start()`` / ``with timers.time("optimizer"):``.
 
     Names in ``device_timed`` use :class:`CudaEventTimer` (phases that run on the GPU); the others
-    measure host wall time (``cuda_sync``: waiting for the GPU at both ends).
+    measure host wall time.
     """
 
-    def __init__(self, cuda_sync: bool = False, device_timed: frozenset[str] | set[str] = frozenset()):
-        self.cuda_sync = cuda_sync
+    def __init__(self, device_timed: frozenset[str] | set[str] = frozenset()):
         self.device_timed = frozenset(device_timed)
         self._timers: dict[str, Timer] = {}
 
@@ -132,7 +118,7 @@ class Timers:
         """Return the timer called ``name``, creating it on first use."""
         timer = self._timers.get(name)
         if timer is None:
-            timer = CudaEventTimer(name) if name in self.device_timed else Timer(name, self.cuda_sync)
+            timer = CudaEventTimer(name) if name in self.device_timed else Timer(name)
             self._timers[name] = timer
         return timer
 

@@ -121,11 +121,6 @@ def finite_flag_on_all_ranks(loss: torch.Tensor, grad_norm: torch.Tensor) -> tor
     return bad[0] == 0
 
 
-def finite_on_all_ranks(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-    """:func:`finite_flag_on_all_ranks` read on the host (waits for the device)."""
-    return bool(finite_flag_on_all_ranks(loss, grad_norm))
-
-
 def skips_on_device(optimizers: Iterable[torch.optim.Optimizer]) -> bool:
     """Every optimizer applies a ``found_inf`` tensor itself (fused Adam/AdamW): no host verdict needed."""
     return all(getattr(opt, "_step_supports_amp_scaling", False) for opt in optimizers)

@@ -278,8 +278,8 @@ class TrainingLoop:
                 raise
             self._save_failed(err, "checkpoint")
             path = None
-        else:
-            self.failed_saves = 0 if path is not None else self.failed_saves
+        if path is not None:  # committed now; an async save resets the count when it commits
+            self.failed_saves = 0
         if reason is None and not final:
             reason = self._exit_requested_during_save(kind, path)
         return reason
