@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -141,8 +143,28 @@ def worker_pids(torchrun: subprocess.Popen) -> dict[int, int]:
     return ranks
 
 
-def send(pid: int, sig: signal.Signals) -> None:
-    os.kill(pid, sig)
+@contextmanager
+def frozen(proc: subprocess.Popen) -> Iterator[list[int]]:
+    """Hold the launcher and its workers still (SIGSTOP) inside the block, then let them go (SIGCONT).
+
+    Tests that must strike inside a short phase (a save of a tiny model takes milliseconds) freeze the
+    processes, check the phase again while nothing runs, and only then strike: the strike cannot miss.
+    """
+    pids = [proc.pid]
+    with suppress(OSError):  # the launcher is gone: nothing more to freeze
+        pids += list(worker_pids(proc).values())
+    for pid in pids:
+        _signal_if_alive(pid, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            _signal_if_alive(pid, signal.SIGCONT)
+
+
+def _signal_if_alive(pid: int, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):
+        os.kill(pid, sig)
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from tests.faults.conftest import (
     MAX_STEPS,
     base_args,
     count_loss_rows,
+    frozen,
     last_step,
     latest_step,
     launch,
@@ -44,20 +45,24 @@ _STOP = re.compile(r"stopping at step (\d+) \((\w+)\); exit code 3")
 
 def _signal_mid_run(args: list[str], run_dir: Path, sig: signal.Signals, nproc: int = 1, target: str = "main",
                     twice: bool = False):
-    """Launch, wait until this launch logged a step, signal it; return (process, exit code, stop step)."""
-    rows, offset = count_loss_rows(run_dir), log_size(run_dir)
-    proc = launch(args, run_dir, nproc)
-    assert wait_for_rows(run_dir, rows + 1, proc), output(proc)[-3000:]
-    pid = proc.pid if target == "main" else worker_pids(proc)[int(target)]
-    os.kill(pid, sig)
-    if twice:  # a second signal while the exit save is being written: it must not interrupt it
-        ckpt = run_dir / "checkpoints"
-        deadline = time.monotonic() + 60
-        while not (tmp := next(ckpt.glob(".tmp_step_*"), None)) and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        assert tmp is not None, "the exit save never started"
+    """Launch, wait until this launch logged a step, signal it; return (process, exit code, stop step).
+
+    ``twice``: a second signal while the exit save is being written; it must not interrupt that save.
+    The processes are frozen before the second signal and the save is checked to be still under way; a
+    save of the tiny model can end before the freeze on a loaded machine, and then the launch is resumed
+    and signalled again (up to three times) rather than letting a second signal land after the save.
+    """
+    for _attempt in range(3):
+        rows, offset = count_loss_rows(run_dir), log_size(run_dir)
+        proc = launch(args, run_dir, nproc)
+        assert wait_for_rows(run_dir, rows + 1, proc), output(proc)[-3000:]
+        pid = proc.pid if target == "main" else worker_pids(proc)[int(target)]
         os.kill(pid, sig)
-        assert tmp.exists(), "the second signal came after the exit save; it did not land during it"
+        if not twice or _second_signal_during_exit_save(proc, run_dir / "checkpoints", pid, sig):
+            break
+        assert proc.wait(timeout=120) == 3, output(proc)[-3000:]
+    else:
+        raise AssertionError("three exit saves ended before the process could be frozen inside them")
     code = proc.wait(timeout=120)
     found = _STOP.findall(log_since(run_dir, offset))
     assert found, f"no 'stopping at step' in train.log:\n{output(proc)[-3000:]}"
@@ -67,6 +72,19 @@ def _signal_mid_run(args: list[str], run_dir: Path, sig: signal.Signals, nproc: 
     assert latest_step(run_dir / "checkpoints") == step  # the checkpoint of the current step was saved
     assert last_step(run_dir) == step
     return proc, code, step
+
+
+def _second_signal_during_exit_save(proc, ckpt: Path, pid: int, sig: signal.Signals) -> bool:
+    """Send ``sig`` again while the exit save's temporary directory exists; False if the save was missed."""
+    deadline = time.monotonic() + 60
+    while not (tmp := next(ckpt.glob(".tmp_step_*"), None)) and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    assert tmp is not None, "the exit save never started"
+    with frozen(proc):  # nothing runs between the check and the signal
+        if not tmp.exists():
+            return False
+        os.kill(pid, sig)
+        return True
 
 
 def test_sigterm_and_sigusr1_single_process(tmp_path, corpus_cache, reference_losses):

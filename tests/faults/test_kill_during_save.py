@@ -25,6 +25,7 @@ from tests.faults.conftest import (
     MAX_STEPS,
     base_args,
     fault_env,
+    frozen,
     launch,
     log_since,
     log_size,
@@ -48,7 +49,14 @@ def _in_phase(ckpt: Path, phase: str) -> Path | None:
 
 
 def _strike_during_save(proc: subprocess.Popen, ckpt: Path, phase: str, strike, skip_saves: int = 1) -> Path:
-    """Poll until the (skip_saves+1)-th save reaches ``phase``, then call ``strike()``; return that temp dir."""
+    """Wait until a save after the first ``skip_saves`` reaches ``phase``, then call ``strike()``; return that
+    temp dir.
+
+    A short phase (the commit of a tiny model takes milliseconds) can end between the poll that sees it and
+    the strike. So the processes are frozen with SIGSTOP first and the phase is checked again while nothing
+    runs: the strike then lands inside the phase for certain, and a phase that had already ended is let go
+    (SIGCONT) and the next save is tried.
+    """
     seen: set[str] = set()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
@@ -56,8 +64,10 @@ def _strike_during_save(proc: subprocess.Popen, ckpt: Path, phase: str, strike, 
         if tmp is not None and tmp.name not in seen:
             seen.add(tmp.name)
             if len(seen) > skip_saves:
-                strike()
-                return tmp
+                with frozen(proc):  # a signal sent to a stopped process is delivered when it continues
+                    if _in_phase(ckpt, phase) == tmp:
+                        strike()
+                        return tmp
         time.sleep(0.0005)
     raise AssertionError(f"no save reached phase {phase} (saves seen: {sorted(seen)}):\n{output(proc)[-3000:]}")
 
