@@ -29,7 +29,7 @@ from trainrun.distributed.pipeline import Pipeline, pipeline_eval_loss
 from trainrun.dry_run import dry_run_report
 from trainrun.eval.sample import sample_text
 from trainrun.exit_codes import ExitCode
-from trainrun.model import flops_per_token, materialize
+from trainrun.model import allocate, flops_per_token, materialize
 from trainrun.model.float8 import convert_to_float8
 from trainrun.observe import build_metric_logger, peak_flops_per_device, setup_logging
 from trainrun.observe.profiler import StepProfiler
@@ -95,20 +95,26 @@ def build_model_and_optimizer(cfg: TrainRunConfig, env: DistEnv, dims: ParallelD
 
     With several processes only the shards are allocated; rank 0 initialises the full model from
     the run seed in host memory and broadcasts it (see ``trainrun.distributed.parallelize``), so
-    every layout starts from the weights a one-process CPU run starts from. ``model.init_from`` then
-    overwrites them with a Hugging Face model's weights.
+    every layout starts from the weights a one-process CPU run starts from. With ``model.init_from``
+    no random weights are drawn at all (no full model on rank 0, no broadcast): each rank allocates its
+    shards and fills every parameter from the Hugging Face model's files.
     """
+    from_pretrained = bool(cfg.model.init_from)
+
     def build_on(device: torch.device | str) -> torch.nn.Module:
         with torch.device("meta"):
             meta_model = registry.MODELS.get(cfg.model.name)(cfg.model)
         if cfg.train.precision is Precision.fp8 and device != "cpu":  # the CPU copy only seeds the weights
             meta_model = convert_to_float8(meta_model)  # same parameter names: checkpoints are unchanged
-        return meta_model if device == "meta" else materialize(meta_model, device)
+        if device == "meta":
+            return meta_model
+        return allocate(meta_model, device) if from_pretrained else materialize(meta_model, device)
 
     if dims is not None and dims.world_size > 1:
         model = build_on("meta")
         n_params = sum(p.numel() for p in model.parameters())
-        built = parallelize(model, cfg, dims, env.device, build_full=lambda: build_on("cpu"))
+        built = parallelize(model, cfg, dims, env.device,
+                            build_full=None if from_pretrained else lambda: build_on("cpu"))
         parts, pipeline = built.parts, built.pipeline
     else:
         model = build_on(env.device)

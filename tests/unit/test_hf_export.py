@@ -35,13 +35,15 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from tests.conftest import TINY, run_cli  # noqa: E402
 from trainrun.checkpoint.store import CheckpointStore  # noqa: E402
 from trainrun.config.errors import ConfigError  # noqa: E402
-from trainrun.config.schema import ModelConfig  # noqa: E402
+from trainrun.config.schema import ModelConfig, TrainRunConfig  # noqa: E402
 from trainrun.data.prepare import main as prepare_main  # noqa: E402
 from trainrun.data.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402
+from trainrun.distributed.env import DistEnv  # noqa: E402
 from trainrun.export.export import load_trainrun_model  # noqa: E402
 from trainrun.export.export import main as export_main  # noqa: E402
 from trainrun.export.import_hf import load_hf_weights  # noqa: E402
 from trainrun.model import GPT, generate  # noqa: E402
+from trainrun.orchestrator import build_model_and_optimizer  # noqa: E402
 
 LOGIT_ATOL = 1e-5
 SMALL = dict(n_layers=2, d_model=32, n_heads=4, max_seq_len=64, vocab_size=257)
@@ -295,6 +297,25 @@ def test_init_from_transformers_model(arch, tmp_path):
         if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of old GPT-2 files
             continue
         assert torch.equal(exported[key], value), key
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_init_from_draws_no_random_weights(arch, tmp_path, monkeypatch):
+    """The orchestrator's build with model.init_from allocates and loads; it never runs a random init
+    (for a large model that init, on every rank or on rank 0 with a broadcast, is wasted start-up time).
+    The tie of GPT-2's output to its embedding survives the allocation without init."""
+    hf_model = (hf_llama if arch == "llama" else hf_gpt2)(tmp_path / "hf")
+
+    def no_random_init(self):  # the constructor's call on the meta device costs nothing and is allowed
+        if not all(p.is_meta for p in self.parameters()):
+            raise AssertionError("init_weights ran although every parameter comes from model.init_from")
+
+    monkeypatch.setattr(GPT, "init_weights", no_random_init)
+    cfg = TrainRunConfig(model=ModelConfig(init_from=str(tmp_path / "hf")))
+    built = build_model_and_optimizer(cfg, DistEnv(0, 0, 1, torch.device("cpu"), None, "single"))
+    model = built.parts[0]
+    assert max_logit_diff(model.eval(), hf_model, 257) < LOGIT_ATOL
+    assert (model.output.weight is model.tok_embeddings.weight) == cfg.model.tie_embeddings == (arch == "gpt2")
 
 
 def test_init_from_original_gpt2_names(tmp_path):

@@ -30,6 +30,7 @@ from trainrun.distributed.pipeline import (
     stage_ids,
 )
 from trainrun.distributed.tensor_parallel import apply_tp
+from trainrun.model.init import allocate
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,10 @@ def load_full_weights_from_rank0(parts: list[nn.Module], build_full: Callable[[]
 
 
 def parallelize(model: nn.Module, cfg: TrainRunConfig, dims: ParallelDims, device: torch.device,
-                build_full: Callable[[], nn.Module]) -> ParallelModel:
+                build_full: Callable[[], nn.Module] | None) -> ParallelModel:
     """Parallelise ``model`` (built on ``meta``) for this rank, allocate its shards on ``device`` and
-    load them with the weights ``build_full()`` makes on rank 0."""
+    load them with the weights ``build_full()`` makes on rank 0 (None: the caller loads every parameter
+    itself, e.g. from ``model.init_from``, and the shards are left unfilled)."""
     p = cfg.parallel
     if not dims.pp_enabled:
         parts = [_parallelize_part(model, cfg, dims)]
@@ -76,9 +78,9 @@ def parallelize(model: nn.Module, cfg: TrainRunConfig, dims: ParallelDims, devic
         num_stages = dims.pp * p.pp_stages_per_rank
         parts = [_parallelize_part(split_stage(model, sid, num_stages), cfg, dims) for sid in ids]
     for part in parts:
-        part.to_empty(device=device)
-        part.init_buffers()  # RoPE tables are not in the state dict
-    load_full_weights_from_rank0(parts, build_full)
+        allocate(part, device)
+    if build_full is not None:
+        load_full_weights_from_rank0(parts, build_full)
     if not dims.pp_enabled:
         return ParallelModel(parts)
     pipe = build_pipeline(parts, ids, p, dims.pp_rank, dims.pp_group, device)

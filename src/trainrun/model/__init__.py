@@ -11,11 +11,12 @@ from trainrun.model.accounting import (
 )
 from trainrun.model.generate import generate
 from trainrun.model.gpt import GPT, build_gpt
-from trainrun.model.init import materialize
+from trainrun.model.init import allocate, materialize
 
 __all__ = [
     "GPT",
     "MemoryEstimate",
+    "allocate",
     "build_gpt",
     "count_parameters",
     "estimate_training_memory",

@@ -61,8 +61,7 @@ class GPT(nn.Module):
         with two separate tensors.
         """
         cfg = self.cfg
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self._tie_embeddings()
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
         seen: set[int] = set()  # a tied weight is drawn once, so RNG use does not depend on tying order
         for name, module in self.named_modules():  # registration order: deterministic
@@ -79,12 +78,24 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        """(Re-)compute the derived, non-persistent buffers (RoPE tables); uses no RNG."""
+        """Restore what ``to_empty`` loses and no state dict carries, drawing no random numbers: the
+        derived non-persistent buffers (RoPE tables) and the output/embedding tie."""
+        self._tie_embeddings()
         cfg = self.cfg
         if cfg.position is Position.rope:
             device = self.rope_cos.device if self.rope_cos is not None else None
             cos, sin = rope_cache(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, device=device)
             self.rope_cos, self.rope_sin = cos, sin
+
+    def _tie_embeddings(self) -> None:
+        """Make the output projection share the token embedding's weight (``model.tie_embeddings``).
+
+        A no-op where the tie holds (``to_empty`` of a sharded model keeps it) or where a pipeline stage
+        lacks one of the two modules; re-ties after a plain ``to_empty``, which makes two tensors of one."""
+        output, embeddings = getattr(self, "output", None), getattr(self, "tok_embeddings", None)
+        if self.cfg.tie_embeddings and output is not None and embeddings is not None \
+                and output.weight is not embeddings.weight:
+            output.weight = embeddings.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab_size).

@@ -6,6 +6,15 @@ import torch
 from torch import nn
 
 
+def allocate(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Allocate ``model``'s storage on ``device`` without initialising its parameters (they hold whatever
+    the memory held): for a model whose every parameter is about to be loaded. The derived buffers
+    (``init_buffers``, e.g. RoPE tables, which no state dict carries) are computed. Returns ``model``."""
+    model.to_empty(device=device)
+    model.init_buffers()
+    return model
+
+
 def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
     """Allocate ``model``'s storage on ``device`` and initialise it with ``model.init_weights()``.
 
