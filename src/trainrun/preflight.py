@@ -150,16 +150,19 @@ def first_line(err: BaseException) -> str:
     return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
-def check_environment(cfg: TrainRunConfig, run_dir: Path | None) -> None:
+def check_environment(cfg: TrainRunConfig, run_dir: Path | None, wandb_credentials: bool = True) -> None:
     """Every start-up check of the environment, cheapest first; raise :class:`RunEnvironmentError` on the first problem.
 
     ``run_dir`` is the caller's (Hydra's) run directory, as passed to ``orchestrator.run``. A dry run
     writes only its log, so it checks the run directory and the data cache alone.
+    ``wandb_credentials=False`` leaves out the wandb check (a sweep's pre-flight, when the jobs' setup
+    lines give them credentials this process does not have).
     """
     path, option, note = run_directory(cfg, run_dir)
     check_writable_dir(path, option, note)
     if not cfg.run.dry_run:
-        check_wandb_credentials(cfg.logging.wandb)
+        if wandb_credentials:
+            check_wandb_credentials(cfg.logging.wandb)
         for directory, dir_option, dir_note in checkpoint_directories(cfg, path):
             check_writable_dir(directory, dir_option, dir_note)
     check_data_cache(cfg)

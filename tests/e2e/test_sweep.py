@@ -24,7 +24,7 @@ def test_sweep_points_have_stable_directories_and_a_second_launch_skips_finished
             "model.n_layers=1,2", f"hydra.sweep.dir={sweep_dir}"]
     first = run_cli(args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "pre-flight: 2 sweep point(s) compose and validate" in first.stderr
+    assert "pre-flight: 2 sweep point(s) compose, validate and have writable directories" in first.stderr
     points = _points(sweep_dir)
     assert len(points) == 2 and all(s["status"] == "finished" for s in points.values())
     second = run_cli(args, cwd=tmp_path)
@@ -56,6 +56,20 @@ def test_preflight_rejects_a_bad_point_before_any_runs(tmp_path, corpus_cache):
     [line] = [x for x in proc.stderr.splitlines() if x.startswith("trainrun:")]
     assert "sweep point p" in line and "model.n_heads=3" in line and "must divide model.d_model=64" in line
     assert not sweep_dir.exists()  # nothing ran, not even the good point
+
+
+def test_preflight_checks_every_points_directories_before_any_runs(tmp_path, corpus_cache):
+    blocker = tmp_path / "a-file"  # a directory cannot be made below a file, even as root
+    blocker.write_text("")
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli(["-m", *TINY, f"data.path={corpus_cache}", "train.max_steps=2",
+                    f"checkpoint.dir={tmp_path / 'good'},{blocker / 'ckpt'}", f"hydra.sweep.dir={sweep_dir}"],
+                   cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("trainrun:")]
+    assert line.startswith("trainrun: environment error: checkpoint.dir is not writable")
+    assert str(blocker / "ckpt") in line and "set checkpoint.dir to a directory you can write to" in line
+    assert not list(sweep_dir.glob("*/trainrun_status.json"))  # the good point did not run either
 
 
 def test_preflight_refuses_a_point_that_does_not_fit_the_device_memory(tmp_path):

@@ -2,9 +2,10 @@
 
 Before: each point's config is composed and validated (trainrun's own rules, the registry, the
 dataset check, and the parallel degrees against the processes the launcher gives a job: nodes x
-tasks_per_node under submitit, else 1). One bad point stops the whole command with one line naming
-the point and the field, exit code 2, and nothing is queued. After: one line per point (status,
-requeues, final validation loss) and an exit code that is 0 only when every point finished.
+tasks_per_node under submitit, else 1), then the jobs' environment checks run for every point
+(writable run, checkpoint and cache directories; wandb credentials). One bad point stops the whole
+command with one line naming the point and the field, exit code 2, and nothing is queued. After:
+one line per point (status, requeues, final validation loss) and an exit code that is 0 only when every point finished.
 Hydra's callbacks turn exceptions into warnings, so both decisions leave with ``SystemExit``.
 """
 
@@ -68,8 +69,9 @@ def check_memory(cfg: TrainRunConfig) -> None:
                           "set parallel.activation_checkpointing")
 
 
-def check_point(config: DictConfig, overrides: list[str], world_size: int) -> str:
-    """Compose and validate one point as its job will; return its id. A ConfigError names the point and the field."""
+def check_point(config: DictConfig, overrides: list[str], world_size: int) -> tuple[str, TrainRunConfig]:
+    """Compose and validate one point as its job will; return its id and config. A ConfigError names the
+    point and the field."""
     from hydra.core.global_hydra import GlobalHydra
 
     from trainrun.config.convert import to_dataclass
@@ -85,7 +87,23 @@ def check_point(config: DictConfig, overrides: list[str], world_size: int) -> st
         check_memory(cfg)
     except ConfigError as err:
         raise ConfigError(f"sweep point {point} [{' '.join(overrides)}]: {err.field}", err.value, err.fix) from None
-    return point
+    return point, cfg
+
+
+def check_point_environments(config: DictConfig, points: dict[str, TrainRunConfig]) -> None:
+    """The jobs' start-up environment checks (``trainrun.preflight``), made once here before anything is queued:
+    each point's run and checkpoint directories (under ``hydra.sweep.dir``) and the data cache are
+    writable, and online wandb has credentials. The paths are the ones the jobs will use, on the file
+    system a cluster shares with the submitting host. The credentials are left to the jobs when the
+    launcher's ``setup`` lines mention wandb, since those give the jobs an environment this one lacks.
+    """
+    from trainrun.preflight import check_environment
+
+    setup = " ".join(str(line) for line in (config.hydra.launcher.get("setup") or []))
+    wandb_credentials = "WANDB" not in setup.upper()
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    for point, cfg in points.items():
+        check_environment(cfg, sweep_dir / point, wandb_credentials=wandb_credentials)
 
 
 class SweepCallback(Callback):
@@ -95,12 +113,15 @@ class SweepCallback(Callback):
         """Validate every point; exit 2 with one line on the first bad one, before any job is launched."""
         if str(config.hydra.sweeper.get("_target_", "")) != _BASIC_SWEEPER:
             return  # other sweepers (Optuna) choose their points as they go
+        from trainrun.preflight import RunEnvironmentError
+
         world_size = launcher_world_size(config)
         points = sweep_points(config)
         seen: dict[str, list[str]] = {}
+        configs: dict[str, TrainRunConfig] = {}
         try:
-            for overrides in points:
-                point = check_point(config, overrides, world_size)
+            for overrides in points:  # every config first: a bad one stops the sweep before any directory exists
+                point, configs[point] = check_point(config, overrides, world_size)
                 if point in seen:
                     raise ConfigError(
                         "hydra.sweeper", f"[{' '.join(seen[point])}] and [{' '.join(overrides)}]",
@@ -108,11 +129,15 @@ class SweepCallback(Callback):
                         "hydra.job.config.override_dirname.exclude_keys leaves out of a point's identity; "
                         "sweep other keys")
                 seen[point] = overrides
+            check_point_environments(config, configs)
         except ConfigError as err:
             print(f"trainrun: configuration error: {err}", file=sys.stderr)
             raise SystemExit(ExitCode.CONFIG_ERROR) from None
-        print(f"trainrun: pre-flight: {len(points)} sweep point(s) compose and validate for "
-              f"{world_size} process(es) per job", file=sys.stderr)
+        except RunEnvironmentError as err:
+            print(f"trainrun: environment error: {err}", file=sys.stderr)
+            raise SystemExit(ExitCode.CONFIG_ERROR) from None
+        print(f"trainrun: pre-flight: {len(points)} sweep point(s) compose, validate and have writable "
+              f"directories for {world_size} process(es) per job", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **_: Any) -> None:
         """One line per point; exit non-zero unless every point of the sweep directory finished.
