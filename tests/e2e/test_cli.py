@@ -67,9 +67,14 @@ def test_train_eval_checkpoint_sample(tmp_path, corpus_cache):
     assert "--- sample ---" in proc.stdout and f"run directory: {tmp_path}" in proc.stdout
 
 
-def test_resume_is_bit_exact(tmp_path, corpus_cache):
+@pytest.mark.parametrize("executor", [
+    [],
+    # the LR lives in a tensor in the optimizer's param groups: it must save and load like the float
+    pytest.param(["train.compile_optimizer=true"], marks=pytest.mark.slow, id="compiled-optimizer"),
+])
+def test_resume_is_bit_exact(tmp_path, corpus_cache, executor):
     common = [*TINY, f"data.path={corpus_cache}", "train.max_steps=40", "train.log_interval=1", "eval.interval=0",
-              "checkpoint.interval=0", "eval.sample_tokens=0", "optim.warmup_steps=5"]
+              "checkpoint.interval=0", "eval.sample_tokens=0", "optim.warmup_steps=5", *executor]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_cli([*common, f"hydra.run.dir={straight}"], cwd=tmp_path).returncode == 0
     first = run_cli([*common, "train.exit_interval=20", f"hydra.run.dir={split}"], cwd=tmp_path)

@@ -46,6 +46,7 @@ from trainrun.config.schema import (
 from trainrun.distributed.env import DistEnv
 from trainrun.optim import build_lr_scheduler
 from trainrun.state import TrainState
+from trainrun.train.executors import lr_as_tensor
 
 # DCP says it saves/loads in a single process without a process group: that is what these tests do.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
@@ -433,6 +434,27 @@ def test_resume_restores_everything_and_weights_only(tmp_path):
     CheckpointStore.load_tensors(tmp_path / "ckpt" / "step_3", stored)
     for name, value in weights_only.model_parts[0].state_dict().items():
         assert torch.equal(value, stored["model"][name])
+
+
+def test_a_tensor_lr_saves_as_a_float_and_resume_keeps_this_runs_optimizer_flags(tmp_path):
+    """A compiled (or graph-captured) optimizer holds its LR in a tensor and runs single-tensor or
+    capturable; its checkpoint is plain JSON and loads into a foreach run as that run configured it."""
+    saved = _checkpointer(tmp_path)
+    lr_as_tensor(saved.optimizers[0])
+    _train_steps(saved, 3)
+    saved.optimizers[0].param_groups[0]["capturable"] = True  # as make_capturable leaves it (a CPU cannot step so)
+    path = saved.save()
+    meta = CheckpointStore.read_meta(path)
+    json.dumps(meta)
+    assert meta["scheduler"]["_last_lr"] == [pytest.approx(saved.scheduler.get_last_lr()[0].item())]
+    lrs = {k: v for k, v in meta["optim_values"].items() if k.endswith(".lr")}
+    assert lrs and all(isinstance(v, float) for v in lrs.values())
+    resumed = _checkpointer(tmp_path)
+    assert resumed.resume() == path
+    for group in resumed.optimizers[0].param_groups:
+        assert isinstance(group["lr"], float) and group["lr"] == pytest.approx(lrs[next(iter(lrs))])
+        assert group["foreach"] is None and group["capturable"] is False  # this run's own, not the saver's
+    _train_steps(resumed, 1)  # and it steps (a tensor LR would be refused by a foreach AdamW)
 
 
 def test_resume_path_may_name_a_checkpoint_dir_and_is_verified(tmp_path):

@@ -134,6 +134,24 @@ def test_other_compile_settings_match_eager(tmp_path, corpus_cache, overrides):
     assert compiled == pytest.approx(eager, rel=1e-4)
 
 
+@pytest.mark.slow
+def test_compiled_optimizer_does_not_recompile_as_the_lr_changes(tmp_path, corpus_cache):
+    """A float LR is a constant to dynamo: a warm-up schedule used to recompile the optimizer step at
+    every step until the recompile limit, then fall back to eager. The LR is a tensor input instead."""
+    loop = _loop(tmp_path, corpus_cache, "train.compile_optimizer=true", "optim.warmup_steps=10")
+    try:
+        loop.train_step()  # compiles (the optimizer state is created here)
+        loop.train_step()  # may compile once more, now that the state exists
+        lr = loop.parts.executor.optimizer.param_groups[0]["lr"]
+        assert isinstance(lr, torch.Tensor)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            results = [loop.train_step() for _ in range(4)]
+        assert len({r.lr for r in results}) == 4  # the LR did change at every one of those steps
+        assert float(lr) == pytest.approx(loop.parts.executor.scheduler.get_last_lr()[0].item())
+    finally:
+        loop.parts.metrics.close()
+
+
 def test_compile_per_block_keeps_parameter_names(tmp_path, corpus_cache):
     """Blocks are compiled in place, so checkpoints of a compiled run load into an eager one and back."""
     eager = _loop(tmp_path, corpus_cache)

@@ -33,8 +33,10 @@ from trainrun.checkpoint.store import (
     CheckpointStore,
     verify_checkpoint,
 )
+from trainrun.config.choices import OptimizerImpl
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig, TrainRunConfig
+from trainrun.optim.schedules import schedule_state
 from trainrun.state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -102,9 +104,30 @@ def check_non_persistent_dir(local_dir: Path, persistent_dir: Path, nodes: int) 
 
 
 def _split_tensors(flat: dict) -> tuple[dict, dict]:
-    tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
-    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items() if k not in tensors}
+    """A flattened optimizer state dict as (tensors for DCP, JSON values for trainrun.json).
+
+    A param-group hyperparameter held in a tensor (the LR of a compiled or graph-captured optimizer,
+    see ``train.executors.lr_as_tensor``) is saved as its float, so the checkpoint does not depend on
+    how the run held it.
+    """
+    tensors, values = {}, {}
+    for key, value in flat.items():
+        if key.startswith("param_groups.") and isinstance(value, torch.Tensor):
+            value = value.item()
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            values[key] = list(value) if isinstance(value, tuple) else value
     return tensors, values
+
+
+_IMPLEMENTATION_FLAGS = (OptimizerImpl.foreach.value, OptimizerImpl.fused.value, "capturable", "differentiable")
+"""Param-group entries that say how an optimizer runs, not what it learned: a resumed run keeps its own.
+(``optim.implementation``'s values are also the names of AdamW's flags.)"""
+
+
+def _implementation_flags(optimizer: torch.optim.Optimizer) -> list[dict]:
+    return [{k: group[k] for k in _IMPLEMENTATION_FLAGS if k in group} for group in optimizer.param_groups]
 
 
 class Checkpointer:
@@ -156,7 +179,7 @@ class Checkpointer:
             "step": self.state.step,
             "consumed_tokens": self.state.consumed_tokens,
             "train_state": self.state.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": schedule_state(self.scheduler),
             "data": self.train_iter.state_dict(),
             "optim_values": optim_values,
             "model": asdict(self.cfg.model),
@@ -367,9 +390,14 @@ class Checkpointer:
         CheckpointStore.load_tensors(path, tensors)
         optim_flat = {**tensors.get("optim", {}), **meta.get("optim_values", {})} if full else {}
         for part, optimizer in zip(self.model_parts, self.optimizers, strict=True):
+            # A checkpoint saved under another executor or optim.implementation (foreach, fused, a
+            # captured graph) loads into this run's optimizer as this run configured it.
+            flags = _implementation_flags(optimizer)
             set_state_dict(part, optimizer if full else [], model_state_dict=tensors["model"],
                            optim_state_dict=optim_flat,
                            options=StateDictOptions(strict=False, flatten_optimizer_state_dict=True))
+            for group, own in zip(optimizer.param_groups, flags, strict=True):
+                group.update(own)
         if full:
             torch.set_rng_state(tensors["rng"]["torch_cpu"])
             if "torch_cuda" in tensors["rng"]:

@@ -122,6 +122,17 @@ def _lambda_schedulers(scheduler) -> list[torch.optim.lr_scheduler.LambdaLR]:
     return list(scheduler.schedulers) if isinstance(scheduler, SchedulerGroup) else [scheduler]
 
 
+def schedule_state(scheduler) -> dict:
+    """The scheduler's state dict with plain floats where it holds tensors (the last LRs of an optimizer
+    whose LR lives in a tensor): JSON-safe, and the same whichever way the run held its LR."""
+    def host(value):
+        if isinstance(value, torch.Tensor):
+            return value.item()
+        return [host(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    return {key: host(value) for key, value in scheduler.state_dict().items()}
+
+
 def scheduled_lr(scheduler) -> float:
     """The learning rate of the first param group at the scheduler's position, as a host float.
 

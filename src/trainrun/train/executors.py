@@ -145,6 +145,8 @@ class UpdateTail:
         self.on_device = scaler is None and skips_on_device(optimizers)
         self._step_optimizers = self._masked_step if self.on_device else self._plain_step
         if compile_optimizer:
+            for opt in optimizers:
+                lr_as_tensor(opt)
             self._step_optimizers = torch.compile(self._step_optimizers)
 
     def _masked_step(self, found_inf: torch.Tensor) -> None:
@@ -331,13 +333,29 @@ class CUDAGraphExecutor(EagerExecutor):
         torch.cuda.empty_cache()
 
 
+def lr_as_tensor(optimizer: torch.optim.Optimizer, device: torch.device | str = "cpu") -> None:
+    """Hold each param group's learning rate in a 0-dim tensor that the LR schedule fills in place.
+
+    A compiled optimizer step guards on a float LR's value, so a schedule that changes it every step
+    recompiles every step until dynamo's recompile limit, then runs eagerly; a tensor LR is a graph
+    input instead. Captured CUDA graphs need it too (a float would be frozen at capture). AdamW's
+    foreach path refuses a tensor LR unless capturable, so an uncapturable foreach group switches to
+    the single-tensor path, which the compiler fuses as well as foreach.
+    """
+    for group in optimizer.param_groups:
+        if not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        if group.get("foreach") and not group.get("capturable"):
+            group["foreach"] = False
+
+
 def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     """Learning rates as device tensors and step counters on the device, so a captured step reads
     the values the schedule writes between replays instead of constants frozen at capture."""
     for group in optimizer.param_groups:
         group["capturable"] = True
-        if not isinstance(group["lr"], torch.Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+    lr_as_tensor(optimizer, device)
+    for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p, {})
             if "step" in state and state["step"].device != device:
