@@ -5,7 +5,11 @@ LayerNorm, learned positions, GELU, tied embeddings, SDPA), not imported. trainr
 built with the same options (``norm=layernorm position=learned mlp=gelu tie_embeddings=true``).
 Both train on the same random batches with the same AdamW (foreach); steps alternate in rounds so
 noise hits both. Reported: the ratio of median step times, eager vs eager and each side with
-``torch.compile`` of the whole model.
+``torch.compile`` of the whole model (the models alone), then each side's best executor: the
+reference as a minimal trainer runs it (compiled model, global-norm clipping, AdamW foreach or fused,
+whichever is faster here) against trainrun's own ``compile`` step executor from the registry (the
+whole model compiled, clipping, the finite check, the LR schedule, and the optimizer step either
+fused or compiled, whichever is faster here).
 
     python benchmarks/model_vs_reference.py [--steps 20] [--rounds 5] [--no-compile]
 
@@ -24,8 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainrun import registry
-from trainrun.config import compose_config
+from trainrun.config import compose_config, validate_config
+from trainrun.distributed.initializers import init_single
 from trainrun.model import materialize
+from trainrun.orchestrator import build_model_and_optimizer
 
 SHAPE = {"n_layers": 4, "d_model": 128, "n_heads": 4, "seq_len": 64, "batch": 12, "vocab": 257}
 
@@ -63,12 +69,18 @@ class ReferenceGPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def trainrun_gpt() -> nn.Module:
+def trainrun_overrides() -> list[str]:
+    """trainrun's config for the reference's shape and options."""
     s = SHAPE
-    cfg = compose_config([f"model.n_layers={s['n_layers']}", f"model.d_model={s['d_model']}",
-                          f"model.n_heads={s['n_heads']}", f"model.vocab_size={s['vocab']}",
-                          f"model.max_seq_len={s['seq_len']}", "model.norm=layernorm", "model.position=learned",
-                          "model.mlp=gelu", "model.tie_embeddings=true", "model.bias=true", "model.dropout=0.0"])
+    return [f"model.n_layers={s['n_layers']}", f"model.d_model={s['d_model']}", f"model.n_heads={s['n_heads']}",
+            f"model.vocab_size={s['vocab']}", f"model.max_seq_len={s['seq_len']}", "model.norm=layernorm",
+            "model.position=learned", "model.mlp=gelu", "model.tie_embeddings=true", "model.bias=true",
+            "model.dropout=0.0", f"data.seq_len={s['seq_len']}", f"train.micro_batch_size={s['batch']}",
+            f"train.global_batch_size={s['batch']}", "optim.lr=1e-4"]
+
+
+def trainrun_gpt() -> nn.Module:
+    cfg = compose_config(trainrun_overrides())
     with torch.device("meta"):
         model = registry.MODELS.get(cfg.model.name)(cfg.model)
     return materialize(model, torch.device("cpu"))
@@ -88,6 +100,44 @@ def make_step(model: nn.Module, compiled: bool):
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def reference_trainer_step(implementation: str):
+    """A minimal trainer's best step on a fresh reference model: compiled model, clipping, AdamW."""
+    s = SHAPE
+    model = ReferenceGPT(s["vocab"], s["seq_len"], s["d_model"], s["n_heads"], s["n_layers"])
+    fused = implementation == "fused"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=not fused)
+    compiled = torch.compile(model)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        F.cross_entropy(compiled(x).float().flatten(0, 1), y.flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def trainrun_executor_step(*overrides: str):
+    """One step of trainrun's own ``compile`` executor (from the registry) on a freshly built model."""
+    cfg = compose_config([*trainrun_overrides(), "train.step_executor=compile", "train.compile_scope=model",
+                          *overrides])
+    validate_config(cfg, world_size=1)
+    env = init_single(cfg)
+    built = build_model_and_optimizer(cfg, env)
+    executor = registry.STEP_EXECUTORS.get(cfg.train.step_executor)(
+        built.parts[0], built.optimizers[0], built.scheduler, cfg, env.device)
+    return lambda x, y: executor.step([(x, y)])
+
+
+BEST_EXECUTORS = {
+    "reference_foreach": lambda: reference_trainer_step("foreach"),
+    "reference_fused": lambda: reference_trainer_step("fused"),
+    "trainrun_fused": lambda: trainrun_executor_step("optim.implementation=fused"),
+    "trainrun_compiled_optimizer": lambda: trainrun_executor_step("optim.implementation=foreach",
+                                                                  "train.compile_optimizer=true"),
+}
 
 
 def measure(steps_by_name: dict, batches: list, steps: int, rounds: int) -> dict[str, float]:
@@ -124,12 +174,24 @@ def main() -> None:
                         batches, args.steps, args.rounds)
         results[mode] = {**{f"{k}_ms": v * 1e3 for k, v in times.items()},
                          "ratio_trainrun_over_reference": times["trainrun"] / times["reference"]}
+    if not args.no_compile:
+        times = measure({name: make() for name, make in BEST_EXECUTORS.items()}, batches, args.steps, args.rounds)
+        best = {side: min((t, name) for name, t in times.items() if name.startswith(side))
+                for side in ("reference", "trainrun")}
+        results["best_executor"] = {"reference_ms": best["reference"][0] * 1e3,
+                                    "trainrun_ms": best["trainrun"][0] * 1e3,
+                                    "reference_variant": best["reference"][1], "trainrun_variant": best["trainrun"][1],
+                                    "ratio_trainrun_over_reference": best["trainrun"][0] / best["reference"][0],
+                                    "all_ms": {name: t * 1e3 for name, t in times.items()}}
     print(f"shape {s}, parameters {params}, torch threads {torch.get_num_threads()}, {args.rounds} rounds x "
           f"{args.steps} steps (median)")
-    print(f"{'mode':<8} {'reference ms':>13} {'trainrun ms':>12} {'ratio':>6}")
+    print(f"{'mode':<14} {'reference ms':>13} {'trainrun ms':>12} {'ratio':>6}")
     for mode, r in results.items():
-        print(f"{mode:<8} {r['reference_ms']:>13.2f} {r['trainrun_ms']:>12.2f} "
+        print(f"{mode:<14} {r['reference_ms']:>13.2f} {r['trainrun_ms']:>12.2f} "
               f"{r['ratio_trainrun_over_reference']:>6.3f}")
+    if "best_executor" in results:
+        print("best executor, every variant (ms/step): " + ", ".join(
+            f"{name} {ms:.2f}" for name, ms in results["best_executor"]["all_ms"].items()))
     print(json.dumps({"benchmark": "model_vs_reference", "shape": s, "parameters": params, "results": results}))
 
 
