@@ -89,3 +89,18 @@ def test_timers_use_cuda_events_and_mfu_uses_the_gpu_table(tmp_path, corpus_cach
     assert times["time_step"] > 0 and type(loop.timers("step")).__name__ == "CudaEventTimer"
     assert loop.peak_flops > 1e13  # a table entry or the documented unknown-GPU fallback, not the CPU's 1e12
     loop.parts.metrics.close()
+
+
+def test_compiled_optimizer_on_cuda_matches_eager_without_recompiling(tmp_path, corpus_cache):
+    """The fused CUDA AdamW, compiled, with its LR in a tensor that the warm-up schedule changes every step."""
+    eager = _losses(tmp_path / "eager", corpus_cache, "optim.implementation=fused", steps=8)
+    torch.manual_seed(0)  # as _losses does: the same initial weights
+    loop = _loop(tmp_path / "compiled", corpus_cache, "optim.implementation=fused", "train.compile_optimizer=true")
+    try:
+        compiled = [float(loop.train_step().loss) for _ in range(2)]  # compiles (then once more, with state)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled += [float(loop.train_step().loss) for _ in range(6)]
+    finally:
+        loop.parts.executor.close()
+        loop.parts.metrics.close()
+    assert compiled == pytest.approx(eager, rel=1e-4)
