@@ -11,7 +11,10 @@ whichever is faster here) against trainrun's own ``compile`` step executor from 
 whole model compiled, clipping, the finite check, the LR schedule, and the optimizer step either
 fused or compiled, whichever is faster here).
 
-    python benchmarks/model_vs_reference.py [--steps 20] [--rounds 5] [--no-compile]
+On CUDA trainrun's side also runs its ``cuda_graph`` executor (the whole step as one graph), and the
+reference its fused AdamW, as a minimal GPU trainer would.
+
+    python benchmarks/model_vs_reference.py [--device cpu|cuda] [--steps 20] [--rounds 5] [--no-compile]
 
 Prints a table and one JSON line.
 """
@@ -79,11 +82,11 @@ def trainrun_overrides() -> list[str]:
             f"train.global_batch_size={s['batch']}", "optim.lr=1e-4"]
 
 
-def trainrun_gpt() -> nn.Module:
+def trainrun_gpt(device: str) -> nn.Module:
     cfg = compose_config(trainrun_overrides())
     with torch.device("meta"):
         model = registry.MODELS.get(cfg.model.name)(cfg.model)
-    return materialize(model, torch.device("cpu"))
+    return materialize(model, torch.device(device))
 
 
 def make_step(model: nn.Module, compiled: bool):
@@ -102,10 +105,10 @@ def make_step(model: nn.Module, compiled: bool):
     return step
 
 
-def reference_trainer_step(implementation: str):
+def reference_trainer_step(implementation: str, device: str):
     """A minimal trainer's best step on a fresh reference model: compiled model, clipping, AdamW."""
     s = SHAPE
-    model = ReferenceGPT(s["vocab"], s["seq_len"], s["d_model"], s["n_heads"], s["n_layers"])
+    model = ReferenceGPT(s["vocab"], s["seq_len"], s["d_model"], s["n_heads"], s["n_layers"]).to(device)
     fused = implementation == "fused"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=not fused)
     compiled = torch.compile(model)
@@ -119,10 +122,9 @@ def reference_trainer_step(implementation: str):
     return step
 
 
-def trainrun_executor_step(*overrides: str):
-    """One step of trainrun's own ``compile`` executor (from the registry) on a freshly built model."""
-    cfg = compose_config([*trainrun_overrides(), "train.step_executor=compile", "train.compile_scope=model",
-                          *overrides])
+def trainrun_executor_step(device: str, *overrides: str):
+    """One step of a trainrun step executor from the registry (``overrides`` pick it) on a freshly built model."""
+    cfg = compose_config([*trainrun_overrides(), f"run.device={device}", *overrides])
     validate_config(cfg, world_size=1)
     env = init_single(cfg)
     built = build_model_and_optimizer(cfg, env)
@@ -131,25 +133,40 @@ def trainrun_executor_step(*overrides: str):
     return lambda x, y: executor.step([(x, y)])
 
 
-BEST_EXECUTORS = {
-    "reference_foreach": lambda: reference_trainer_step("foreach"),
-    "reference_fused": lambda: reference_trainer_step("fused"),
-    "trainrun_fused": lambda: trainrun_executor_step("optim.implementation=fused"),
-    "trainrun_compiled_optimizer": lambda: trainrun_executor_step("optim.implementation=foreach",
-                                                                  "train.compile_optimizer=true"),
-}
+COMPILED_MODEL = ["train.step_executor=compile", "train.compile_scope=model"]
 
 
-def measure(steps_by_name: dict, batches: list, steps: int, rounds: int) -> dict[str, float]:
-    for step in steps_by_name.values():  # warm-up (and compilation)
-        for x, y in batches[:3]:
+def best_executors(device: str) -> dict:
+    """Each side's candidates for its best step on ``device`` (builders; the fastest of each side counts)."""
+    candidates = {
+        "reference_foreach": lambda: reference_trainer_step("foreach", device),
+        "reference_fused": lambda: reference_trainer_step("fused", device),
+        "trainrun_fused": lambda: trainrun_executor_step(device, *COMPILED_MODEL, "optim.implementation=fused"),
+        "trainrun_compiled_optimizer": lambda: trainrun_executor_step(
+            device, *COMPILED_MODEL, "optim.implementation=foreach", "train.compile_optimizer=true"),
+    }
+    if device == "cuda":  # the whole step as one graph: forward, backward, clipping, fused AdamW
+        candidates["trainrun_cuda_graph"] = lambda: trainrun_executor_step(
+            device, "train.step_executor=cuda_graph", "optim.implementation=fused")
+    return candidates
+
+
+def measure(steps_by_name: dict, batches: list, steps: int, rounds: int, device: str) -> dict[str, float]:
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for step in steps_by_name.values():  # warm-up: compilation, and the CUDA graph's warm-up and capture
+        for x, y in batches[:5]:
             step(x, y)
     samples: dict[str, list[float]] = {name: [] for name in steps_by_name}
     for _ in range(rounds):
         for name, step in steps_by_name.items():
+            sync()
             start = time.perf_counter()
             for i in range(steps):
                 step(*batches[i % len(batches)])
+            sync()
             samples[name].append((time.perf_counter() - start) / steps)
     return {name: statistics.median(s) for name, s in samples.items()}
 
@@ -159,23 +176,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    s = SHAPE
+    s, device = SHAPE, args.device
     torch.manual_seed(0)
-    batches = [(torch.randint(0, s["vocab"], (s["batch"], s["seq_len"])),
-                torch.randint(0, s["vocab"], (s["batch"], s["seq_len"]))) for _ in range(8)]
-    ref = ReferenceGPT(s["vocab"], s["seq_len"], s["d_model"], s["n_heads"], s["n_layers"])
-    ours = trainrun_gpt()
+    batches = [(torch.randint(0, s["vocab"], (s["batch"], s["seq_len"]), device=device),
+                torch.randint(0, s["vocab"], (s["batch"], s["seq_len"]), device=device)) for _ in range(8)]
+    ref = ReferenceGPT(s["vocab"], s["seq_len"], s["d_model"], s["n_heads"], s["n_layers"]).to(device)
+    ours = trainrun_gpt(device)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("reference", ref), ("trainrun", ours))}
     modes = {"eager": False} if args.no_compile else {"eager": False, "compile": True}
     results = {}
     for mode, compiled in modes.items():
         times = measure({"reference": make_step(ref, compiled), "trainrun": make_step(ours, compiled)},
-                        batches, args.steps, args.rounds)
+                        batches, args.steps, args.rounds, device)
         results[mode] = {**{f"{k}_ms": v * 1e3 for k, v in times.items()},
                          "ratio_trainrun_over_reference": times["trainrun"] / times["reference"]}
     if not args.no_compile:
-        times = measure({name: make() for name, make in BEST_EXECUTORS.items()}, batches, args.steps, args.rounds)
+        times = measure({name: make() for name, make in best_executors(device).items()}, batches, args.steps,
+                        args.rounds, device)
         best = {side: min((t, name) for name, t in times.items() if name.startswith(side))
                 for side in ("reference", "trainrun")}
         results["best_executor"] = {"reference_ms": best["reference"][0] * 1e3,
@@ -183,7 +202,8 @@ def main() -> None:
                                     "reference_variant": best["reference"][1], "trainrun_variant": best["trainrun"][1],
                                     "ratio_trainrun_over_reference": best["trainrun"][0] / best["reference"][0],
                                     "all_ms": {name: t * 1e3 for name, t in times.items()}}
-    print(f"shape {s}, parameters {params}, torch threads {torch.get_num_threads()}, {args.rounds} rounds x "
+    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, torch threads {torch.get_num_threads()}"
+    print(f"shape {s}, parameters {params}, {where}, {args.rounds} rounds x "
           f"{args.steps} steps (median)")
     print(f"{'mode':<14} {'reference ms':>13} {'trainrun ms':>12} {'ratio':>6}")
     for mode, r in results.items():
@@ -192,7 +212,8 @@ def main() -> None:
     if "best_executor" in results:
         print("best executor, every variant (ms/step): " + ", ".join(
             f"{name} {ms:.2f}" for name, ms in results["best_executor"]["all_ms"].items()))
-    print(json.dumps({"benchmark": "model_vs_reference", "shape": s, "parameters": params, "results": results}))
+    print(json.dumps({"benchmark": "model_vs_reference", "device": where, "shape": s, "parameters": params,
+                      "results": results}))
 
 
 if __name__ == "__main__":
