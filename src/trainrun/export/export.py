@@ -144,15 +144,12 @@ def load_model_tensors(step_dir: Path, names: list[str],
 
 def load_trainrun_model(step_dir: Path) -> tuple[torch.nn.Module, ModelConfig]:
     """trainrun's own GPT with the checkpoint's weights, in one CPU process (eval mode); for comparisons."""
-    from trainrun.model import GPT
+    from trainrun.model import GPT, allocate
 
     cfg, _ = read_checkpoint_meta(step_dir)
     with torch.device("meta"):
         model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_buffers()
-    if cfg.tie_embeddings:  # to_empty gave the two tied modules separate tensors
-        model.output.weight = model.tok_embeddings.weight
+    allocate(model, "cpu")  # every parameter is loaded below; allocate keeps the output/embedding tie
     names = [n for n, _ in model.named_parameters()]  # a tied output weight is named once, as the embedding
     model.load_state_dict(load_model_tensors(step_dir, names, checkpoint_shapes(step_dir)), strict=False)
     return model.eval(), cfg

@@ -354,12 +354,11 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> N
     the values the schedule writes between replays instead of constants frozen at capture."""
     for group in optimizer.param_groups:
         group["capturable"] = True
-    lr_as_tensor(optimizer, device)
-    for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p, {})
             if "step" in state and state["step"].device != device:
                 state["step"] = state["step"].to(device, dtype=torch.float32)
+    lr_as_tensor(optimizer, device)  # after capturable: a capturable group keeps its foreach path
 
 
 class PipelineExecutor:
