@@ -236,7 +236,10 @@ def test_bad_inputs_are_refused(tmp_path, capsys):
     refused(capsys, [str(tmp_path / "ckpt"), "--output", out, "--max-shard-size", "lots"], "not a size")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
-    refused(capsys, [str(tmp_path / "ckpt"), "--output", str(tmp_path / "taken")], "already exists", "--force")
+    for force in ([], ["--force"]):  # not an earlier export: --force would not replace it either
+        refused(capsys, [str(tmp_path / "ckpt"), "--output", str(tmp_path / "taken"), *force],
+                "not an earlier trainrun-export output", "choose a new or empty directory")
+    assert (tmp_path / "taken" / "x").read_text() == "x"
     # A flipped byte in the newest checkpoint: refused with the reason, not replaced by an older one.
     shard = next(step2.glob("*.distcp"))
     data = bytearray(shard.read_bytes())

@@ -46,8 +46,14 @@ def publish_dir(tmp: Path, final: Path, replace: bool = False) -> bool:
     if not replace:
         logger.debug("%s appeared while building; using it", final)
         return False
-    trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+    # A fresh empty name (a directory may be renamed onto an empty one): a trash left by a killed
+    # earlier swap is never reused, so the rename below cannot fail on it.
+    trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
     os.rename(final, trash)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        os.rename(trash, final)  # put the old output back: a failed replace leaves what was there
+        raise
     shutil.rmtree(trash, ignore_errors=True)
     return True

@@ -9,14 +9,18 @@ Documents are split into train/val by a seeded hash of their location (path, and
 so the split does not depend on the order of the inputs on the command line.
 
 Bad input is reported as one line naming the file and line (``docs.jsonl:3: ...``) with exit
-status 2: a line that is not UTF-8, invalid JSON, a line without the text field, or a text that
-is not a string. The output directory may not be, or contain, any input, since ``--force``
-replaces it; files under it are skipped when it lies inside an input directory.
+status 2: a line that is not UTF-8, invalid JSON, a line without the text field, a text that
+is not a string, binary data (a NUL byte), or inputs without any text. The output directory
+follows :mod:`trainrun.outputs`: it may not be, or contain, any input (the ``--tokenizer``
+directory included), a run or a checkpoint directory, and ``--force`` replaces only an earlier
+``trainrun-prepare`` output. It may lie inside an input directory: files under it, and under any
+other trainrun output found there, are skipped when reading.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import logging
 import sys
@@ -27,14 +31,16 @@ from pathlib import Path
 import numpy as np
 
 from trainrun.config.errors import ConfigError
-from trainrun.data.fsutil import publish_dir, staging_dir
 from trainrun.data.layout import META_FILE, DatasetDirWriter
 from trainrun.data.split import document_scores, validation_mask
 from trainrun.data.tokenizer import BPETokenizer, ByteTokenizer, HFFastTokenizer, Tokenizer, train_bpe
+from trainrun.outputs import MARKER_GLOB, OutputError, check_not_input, check_output_dir, staged_output
 
 logger = logging.getLogger(__name__)
 
+PREPARE = "trainrun-prepare"  # the command name, which also names its output marker (.trainrun-prepare.json)
 ENCODE_CHUNK = 256  # documents per encode_batch call: parallel in Rust, bounded memory
+SNIFF_BYTES = 1 << 16  # how much of each input is checked for binary data before anything is tokenized
 
 
 class PrepareError(Exception):
@@ -52,8 +58,9 @@ class Source:
 def find_sources(inputs: list[str], exclude: Path | None = None) -> list[Source]:
     """Expand files and directories to a sorted, de-duplicated list of input files.
 
-    Files under ``exclude`` (the output directory, when it lies inside an input directory) are
-    skipped: they are an earlier run's output, not text.
+    Files under ``exclude`` (the output directory, when it lies inside an input directory) and
+    under any other trainrun output found in an input directory are skipped: they are an earlier
+    run's output, not text.
     """
     files: list[Path] = []
     for item in inputs:
@@ -61,8 +68,10 @@ def find_sources(inputs: list[str], exclude: Path | None = None) -> list[Source]
         if p.is_file():
             files.append(p)
         elif p.is_dir():
+            outputs = _nested_outputs(p, exclude)
             files.extend(sorted(f for f in p.rglob("*") if f.is_file()
-                                and not any(part.startswith(".") for part in f.relative_to(p).parts)))
+                                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                                and not any(d in f.parents for d in outputs)))
         else:
             raise PrepareError(f"input {item!r} does not exist")
     # Judged by the directory walked into, so a symlink into the output is still an input (and refused).
@@ -73,18 +82,35 @@ def find_sources(inputs: list[str], exclude: Path | None = None) -> list[Source]
     return [Source(f, f.suffix.lower() == ".jsonl") for f in unique]
 
 
-def check_output(output: Path, inputs: list[Path]) -> None:
-    """Refuse an output that is a file, is an input, or contains one: ``--force`` replaces the output."""
-    target = output.resolve()
-    for p in inputs:
-        real = p.resolve()
-        if real == target or target in real.parents:
-            relation = "is" if real == target else "contains"
-            raise PrepareError(f"--output {output} {relation} the input {p}, and writing the dataset replaces "
-                               "the output directory (deleting what is in it); choose an output directory that "
-                               "holds none of the inputs")
-    if output.exists() and not output.is_dir():
-        raise PrepareError(f"--output {output} is a file, not a directory; choose a directory path")
+def _nested_outputs(directory: Path, exclude: Path | None) -> list[Path]:
+    """Directories under ``directory`` that a trainrun command wrote (they hold its marker file), but not
+    ``exclude``; each is reported, since its files are left out of the inputs."""
+    found = sorted({m.parent for m in directory.rglob(MARKER_GLOB) if m.is_file()}
+                   | {m.parent for m in directory.rglob(META_FILE) if _earlier_prepare_output(m.parent)})
+    for d in found:
+        if exclude is None or d.resolve() != exclude:
+            logger.warning("skipping %s: it is an earlier trainrun output, not text", d)
+    return found
+
+
+def _earlier_prepare_output(directory: Path) -> bool:
+    """A dataset directory that trainrun-prepare wrote before it marked its outputs (its meta.json says so)."""
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and str(meta.get("source", "")).startswith(f"{PREPARE} of ")
+
+
+def check_output(output: Path, inputs: list[Path], force: bool = False) -> None:
+    """Refuse an output that :mod:`trainrun.outputs` forbids: a file, an input or one holding an input, a run
+    or checkpoint directory, or a non-empty directory that is not an earlier trainrun-prepare output (that
+    one only with ``force``)."""
+    try:
+        check_output_dir(output, PREPARE, inputs=inputs, force=force, may_nest_in_inputs=True,
+                         recognise=_earlier_prepare_output)
+    except OutputError as err:
+        raise PrepareError(str(err)) from None
 
 
 def _universal_newlines(raw: bytes) -> bytes:
@@ -98,6 +124,48 @@ def _undecodable(path: Path, raw: bytes, err: UnicodeDecodeError, line: int | No
         line = _universal_newlines(raw[: err.start]).count(b"\n") + 1
     return PrepareError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
                         f"{err.start - line_start + 1}); re-encode the file as UTF-8 or remove that line")
+
+
+def _binary(path: Path, raw: bytes, offset: int, line: int | None = None) -> PrepareError:
+    """The error for binary input: a NUL byte at ``offset`` of ``raw``, located as ``file:line``."""
+    line_start = max(raw.rfind(b"\n", 0, offset), raw.rfind(b"\r", 0, offset)) + 1
+    if line is None:
+        line = _universal_newlines(raw[:offset]).count(b"\n") + 1
+    return PrepareError(f"{path}:{line}: binary data (a NUL byte at column {offset - line_start + 1}), not text; "
+                        "give UTF-8 text or JSONL files, and leave this one out of the inputs")
+
+
+def check_text(src: Source) -> None:
+    """Refuse a file that is binary or not UTF-8, judged by its first :data:`SNIFF_BYTES` bytes.
+
+    Made for every input before anything is tokenized (or a BPE trained), so that a binary file is
+    named at once rather than counted as a document; the readers check the rest of each file.
+    """
+    with open(src.path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise _binary(src.path, head, nul)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
+    except UnicodeDecodeError as err:
+        raise _undecodable(src.path, head, err) from None
+
+
+def check_has_text(sources: list[Source], keys: list[str]) -> None:
+    """Refuse inputs that hold no text, or too few documents for a train and a validation split."""
+    texts = [s for s in sources if not s.jsonl]
+    if not keys or (len(keys) == len(texts) and all(s.path.stat().st_size == 0 for s in texts)):
+        # Text files always count as one document each, JSONL files one per non-blank line.
+        if len(sources) == 1:
+            what = f"{sources[0].path} " + ("has no non-blank lines" if sources[0].jsonl else "is empty")
+        else:
+            what = f"all {len(sources)} input files are empty (or blank .jsonl)"
+        raise PrepareError(f"no text to tokenize: {what}; give files that hold text")
+    if len(keys) < 2:
+        raise PrepareError(f"found only 1 document ({keys[0]}), and a train and a validation split need at least 2; "
+                           "give more files (each text file is one document) or a .jsonl with one document per "
+                           "line")
 
 
 def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -115,6 +183,8 @@ def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
                 parts.pop()  # the rest of a "\r\n", or a final "\r": not a line of its own
             for raw in parts:
                 n += 1
+                if b"\0" in raw:  # JSON never holds a raw NUL: a binary file with a .jsonl name
+                    raise _binary(path, raw, raw.find(b"\0"), n)
                 try:
                     line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: tolerate a leading BOM
                 except UnicodeDecodeError as err:
@@ -177,6 +247,8 @@ def iter_documents(sources: list[Source], text_key: str) -> Iterator[str]:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise _undecodable(src.path, raw, err) from None
+            if "\0" in text:  # past what check_text looked at
+                raise _binary(src.path, raw, raw.find(b"\0"))
             # Universal newlines, exactly as the text-mode read_text() this replaces: same tokens.
             yield text.replace("\r\n", "\n").replace("\r", "\n")
             continue
@@ -223,19 +295,23 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size:
     if not 0.0 < val_fraction < 1.0:
         raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     out = Path(output)
-    # Both checks come before the --force hint below could tempt anyone.
-    check_output(out, [Path(i) for i in inputs])
+    kind = tokenizer if tokenizer in ("byte", "bpe") else "hf"
+    given = [Path(i) for i in inputs] + ([Path(tokenizer).expanduser()] if kind == "hf" else [])
+    # The inputs as given, before find_sources could skip an output that is an input; then the whole
+    # rule on the files found (symlinks resolved), so no "pass --force" hint comes before either.
+    try:
+        check_not_input(out, PREPARE, given, may_nest_in_inputs=True)
+    except OutputError as err:
+        raise PrepareError(str(err)) from None
     sources = find_sources(inputs, exclude=out.resolve())
-    check_output(out, [s.path for s in sources])  # symlinks resolved
-    if out.exists() and any(out.iterdir()) and not force:
-        raise PrepareError(f"{out} already exists; pass --force to replace it")
+    check_output(out, given + [s.path for s in sources], force)
+    for src in sources:
+        check_text(src)
     keys = document_keys(sources)
-    if len(keys) < 2:
-        raise PrepareError(f"found {len(keys)} document(s); need at least 2 (one for train, one for val)")
+    check_has_text(sources, keys)
     is_val = validation_mask(document_scores(keys, seed), val_fraction)
 
     tok: Tokenizer
-    kind = tokenizer if tokenizer in ("byte", "bpe") else "hf"
     if eod_token is not None and kind != "hf":
         raise PrepareError(f"--eod-token applies to a Hugging Face tokenizer (--tokenizer PATH), not {tokenizer}")
     if kind == "hf":
@@ -249,24 +325,26 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size:
         tok = ByteTokenizer()
 
     docs = zip(iter_documents(sources, text_key), is_val, strict=True)
-    with staging_dir(out) as tmp:
-        with DatasetDirWriter(tmp, tok, kind) as writer:
-            for chunk in _chunks(_progress(docs, len(keys), "tokenizing"), ENCODE_CHUNK):
-                texts = [t for t, _ in chunk]
-                ids = tok.encode_batch(texts) if isinstance(tok, BPETokenizer) else [tok.encode(t) for t in texts]
-                for tokens, (text, v) in zip(ids, chunk, strict=True):
-                    if text:  # an empty document would only be a lone EOD
-                        writer.add("val" if v else "train", np.asarray(tokens, dtype=writer.dtype))
-            if writer.count("train") == 0 or writer.count("val") == 0:
-                raise PrepareError("a split came out empty (documents without text?); "
-                                   "add inputs or change --val-fraction")
-            meta = writer.finish(source=f"trainrun-prepare of {len(sources)} file(s): "
-                                        + ", ".join(str(s.path) for s in sources[:5])
-                                        + (" ..." if len(sources) > 5 else ""))
-            if kind == "hf":  # where the tokenizer came from; its tokenizer.json is copied beside meta.json
-                meta["tokenizer_source"] = str(Path(tokenizer).expanduser().resolve())
-                (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        publish_dir(tmp, out, replace=True)
+    with (staged_output(out, PREPARE, {"inputs": [str(s.path) for s in sources[:20]]}) as tmp,
+          DatasetDirWriter(tmp, tok, kind) as writer):
+        for chunk in _chunks(_progress(docs, len(keys), "tokenizing"), ENCODE_CHUNK):
+            texts = [t for t, _ in chunk]
+            ids = tok.encode_batch(texts) if isinstance(tok, BPETokenizer) else [tok.encode(t) for t in texts]
+            for tokens, (text, v) in zip(ids, chunk, strict=True):
+                if text:  # an empty document would only be a lone EOD
+                    writer.add("val" if v else "train", np.asarray(tokens, dtype=writer.dtype))
+        if writer.count("train") + writer.count("val") == 0:
+            raise PrepareError(f"no text to tokenize: all {len(keys)} documents are empty (e.g. JSONL records "
+                               f"with {text_key!r}: \"\"); give inputs that hold text")
+        if writer.count("train") == 0 or writer.count("val") == 0:
+            raise PrepareError("a split came out empty (documents without text?); "
+                               "add inputs or change --val-fraction")
+        meta = writer.finish(source=f"trainrun-prepare of {len(sources)} file(s): "
+                                    + ", ".join(str(s.path) for s in sources[:5])
+                                    + (" ..." if len(sources) > 5 else ""))
+        if kind == "hf":  # where the tokenizer came from; its tokenizer.json is copied beside meta.json
+            meta["tokenizer_source"] = str(Path(tokenizer).expanduser().resolve())
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -285,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--text-key", default="text", help="JSONL field holding the document text")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing output directory (never one that is or holds an input)")
+                   help="replace an earlier trainrun-prepare output (never an input, a run or a checkpoint directory, "
+                        "or a directory this command did not write)")
     return p
 
 
@@ -300,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = prepare(args.inputs, args.output, args.tokenizer, args.vocab_size, args.val_fraction,
                        args.seed, args.text_key, args.force, args.eod_token)
-    except (PrepareError, OSError, UnicodeDecodeError) as err:
+    except (PrepareError, OutputError, OSError, UnicodeDecodeError) as err:
         print(f"trainrun-prepare: error: {err}", file=sys.stderr)
         return 2
     docs, tokens = meta["num_documents"], meta["num_tokens"]

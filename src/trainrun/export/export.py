@@ -9,6 +9,9 @@ Any layout's checkpoint (FSDP, TP, PP, HSDP) is read in this one CPU process thr
 reshards; only ``model.*`` tensors are read (never optimizer state), one output shard at a time, so
 memory peaks at one shard, never above one copy of the weights. The DCP metadata is read with
 trainrun's restricted unpickler and the checkpoint is verified against its manifest first.
+``--output`` follows :mod:`trainrun.outputs`: never the checkpoint, its run directory or the
+dataset read (nor above or inside them), never any run or checkpoint directory, and ``--force``
+replaces only an earlier export (marked by ``.trainrun-export.json``).
 Errors a user can cause are one line on stderr and exit status 2.
 """
 
@@ -31,7 +34,6 @@ from trainrun.checkpoint.store import LATEST_FILE, META_FILE, CheckpointError, C
 from trainrun.config.choices import Verify
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig
-from trainrun.data.fsutil import publish_dir, staging_dir
 from trainrun.export.hf_mapping import (
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX,
@@ -41,10 +43,12 @@ from trainrun.export.hf_mapping import (
     hf_config,
 )
 from trainrun.export.hf_tokenizer import find_tokenizer, write_tokenizer
+from trainrun.outputs import OutputError, check_output_dir, staged_output
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORT = "trainrun-export"  # the command name, which also names its output marker (.trainrun-export.json)
 DEFAULT_MAX_SHARD = "5GB"  # transformers' own default for save_pretrained
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
@@ -232,10 +236,12 @@ def write_weights(step_dir: Path, cfg: ModelConfig, output: Path, dtype: torch.d
 
 
 def _permissions_from_umask(directory: Path) -> None:
-    """Give the export the modes a plain mkdir/open would: the staging dir (mkdtemp) and safetensors are private."""
+    """Give the exported files the modes a plain open would: safetensors writes them private.
+
+    (``staged_output`` does the same for the directory, which mkdtemp makes private.)
+    """
     umask = os.umask(0)
     os.umask(umask)
-    directory.chmod(0o777 & ~umask)
     for file in directory.iterdir():
         file.chmod(0o666 & ~umask)
 
@@ -245,14 +251,17 @@ def export(path: Path, output: Path, step: int | None = None, dtype: str = "floa
            verify: str = "sha256", force: bool = False) -> Path:
     """Export the checkpoint ``path`` (see :func:`resolve_checkpoint`) to ``output``; returns the step directory.
 
-    Raises ExportError for anything the user can fix. ``output`` is written under a temporary
-    name and renamed at the end, so it never holds half an export.
+    Raises ExportError or OutputError for anything the user can fix. ``output`` obeys
+    :mod:`trainrun.outputs`: never an input, a run or a checkpoint directory; ``force`` replaces
+    only an earlier export. It is written under a temporary name and swapped in at the end, so it
+    never holds half an export and a failure leaves the earlier one.
     """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
-        raise ExportError(f"{output} already exists; pass --force to replace it")
+    inputs = [path] + ([Path(data_dir)] if data_dir else [])
+    # Before the checkpoint is verified (which reads all of it): a refused output fails in a moment.
+    check_output_dir(output, EXPORT, inputs=inputs, force=force)
     step_dir = resolve_checkpoint(path, step, verify)
     cfg, meta = read_checkpoint_meta(step_dir)
     export_targets(cfg)  # refuses an architecture without a transformers equivalent before any reading
@@ -263,7 +272,10 @@ def export(path: Path, output: Path, step: int | None = None, dtype: str = "floa
             raise ExportError(f"the tokenizer has {source.vocab_size} ids but the model only {cfg.vocab_size} "
                               "embedding rows; pass the --data the checkpoint trained on")
     eod = source.eod_id if source else None
-    with staging_dir(output) as tmp:
+    if source is not None and source.directory is not None:  # the checkpoint's own data.path is an input too
+        check_output_dir(output, EXPORT, inputs=[*inputs, step_dir, source.directory], force=force)
+    record = {"checkpoint": str(step_dir.resolve()), "dtype": dtype}
+    with staged_output(output, EXPORT, record) as tmp:
         files = write_weights(step_dir, cfg, tmp, DTYPES[dtype], max_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, eod, eod, dtype), indent=2) + "\n")
         generation = {"bos_token_id": eod, "eos_token_id": eod, "pad_token_id": eod}
@@ -271,7 +283,6 @@ def export(path: Path, output: Path, step: int | None = None, dtype: str = "floa
         if source is not None:
             write_tokenizer(source, tmp, cfg.max_seq_len)
         _permissions_from_umask(tmp)
-        publish_dir(tmp, output, replace=True)
     logger.info("exported %s to %s (%s, %d safetensors file(s))", step_dir, output, hf_config(cfg, eod, eod, dtype)
                 ["architectures"][0], files)
     return step_dir
@@ -292,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tokenizer", action="store_true", help="write the model only")
     p.add_argument("--verify", default=Verify.sha256.value, choices=[v.value for v in Verify],
                    help="how the checkpoint's files are checked against its manifest first")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier trainrun-export output (never an input, a run or a checkpoint directory, "
+                        "or a directory this command did not write)")
     return p
 
 
@@ -307,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         step_dir = export(Path(args.checkpoint), Path(args.output), args.step, args.dtype, args.max_shard_size,
                           args.data, not args.no_tokenizer, args.verify, args.force)
-    except (ExportError, OSError) as err:
+    except (ExportError, OutputError, OSError) as err:
         print(f"trainrun-export: error: {err}", file=sys.stderr)
         return 2
     print(f"exported {step_dir} to {args.output}")

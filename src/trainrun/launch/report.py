@@ -2,7 +2,13 @@
 
 Each row: the point's id and overrides, its status (finished / running / failed / requeued n
 times, from ``trainrun_status.json`` and the run-directory lock), final and best validation loss,
-median tokens/s and MFU, peak memory and wall time over all attempts.
+median tokens/s and MFU, peak memory and wall time over all attempts. Given a single run's
+directory instead of a sweep's, it reports that run as one row.
+
+``report.csv`` and ``report.png`` go into the directory (or ``--output``); each is written under
+a temporary name and renamed into place, and a file of that name that an earlier report did not
+write is never overwritten (see :func:`trainrun.outputs.check_output_files`). Problems are one
+line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ import yaml
 
 from trainrun.launch.run_status import LOCK_FILE, read_status
 from trainrun.observe.analysis import load_metrics, summarize
+from trainrun.outputs import OutputError, check_output_files, is_run_dir
+
+REPORT = "trainrun-report"
+CSV_FILE, PNG_FILE = "report.csv", "report.png"
 
 COLUMNS = ("point", "overrides", "status", "steps", "final_val_loss", "best_val_loss", "tokens_per_s", "mfu",
            "peak_mem_gib", "wall_time_s")
@@ -78,6 +88,32 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, object]]:
     return sorted(rows, key=lambda r: (r.get("final_val_loss") is None, r.get("final_val_loss") or 0.0))
 
 
+def report_rows(directory: Path) -> list[dict[str, object]]:
+    """:func:`sweep_rows` of a sweep directory, or the one row of a single run's directory (empty if neither)."""
+    rows = sweep_rows(directory)
+    if not rows and is_run_dir(directory):
+        rows = [point_row(directory)]
+    return rows
+
+
+def _run_dir(sweep_dir: Path, point: str) -> Path:
+    """The directory of the report row ``point``: a point of ``sweep_dir``, or ``sweep_dir`` itself for a single run."""
+    candidate = sweep_dir / point
+    return candidate if candidate.is_dir() or sweep_dir.name != point else sweep_dir
+
+
+def not_a_sweep(directory: Path) -> str:
+    """What ``directory`` lacks and where to point the report instead (one line)."""
+    below = []
+    for child in sorted(p for p in directory.iterdir() if p.is_dir()):
+        if any((p / ".hydra").is_dir() for p in child.iterdir() if p.is_dir()):
+            below.append(str(child))
+    hint = f"; sweep directories below it: {', '.join(below[:3])}{' ...' if len(below) > 3 else ''}" if below else ""
+    return (f"{directory} is neither a sweep directory (one subdirectory per point, each with .hydra/) nor a run "
+            "directory (with .hydra/, metrics.jsonl or trainrun_status.json); pass a multirun's hydra.sweep.dir "
+            f"(e.g. multirun/<date>/<time>) or one run's directory{hint}")
+
+
 def format_table(rows: list[dict[str, object]]) -> str:
     """A fixed-width console table."""
     def cell(value: object) -> str:
@@ -99,7 +135,7 @@ def plot_sweep(sweep_dir: Path, rows: list[dict[str, object]], path: Path) -> Pa
 
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in rows:
-        run_dir = sweep_dir / str(row["point"])
+        run_dir = _run_dir(sweep_dir, str(row["point"]))
         if not (run_dir / "metrics.jsonl").is_file():
             continue
         metrics = load_metrics(run_dir)
@@ -109,35 +145,84 @@ def plot_sweep(sweep_dir: Path, rows: list[dict[str, object]], path: Path) -> Pa
             ax_val.plot([r["step"] for r in metrics.eval], [r["val_loss"] for r in metrics.eval], "o-", label=label)
     ax_train.set(xlabel="step", ylabel="loss (nats/token)", title="training loss")
     ax_val.set(xlabel="step", ylabel="loss (nats/token)", title="validation loss")
-    ax_val.legend(fontsize="small")
+    if ax_val.get_legend_handles_labels()[0]:  # no evals yet: matplotlib would warn about an empty legend
+        ax_val.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    # The Software tag lets a later report recognise the file as its own (and so replace it).
+    fig.savefig(path, dpi=100, format="png", metadata={"Software": REPORT})
     plt.close(fig)
     return path
 
 
+def is_own_report(path: Path) -> bool:
+    """``path`` is a report.csv or report.png that trainrun-report wrote (so a new report may replace it)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    if path.name == CSV_FILE:
+        return head.split(b"\n", 1)[0].strip() == ",".join(COLUMNS).encode()
+    # PNGs written before they were tagged: recognised by the report.csv written with them.
+    return REPORT.encode() in head or is_own_report(path.with_name(CSV_FILE))
+
+
+def _replace_file(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_report(sweep_dir: Path, rows: list[dict[str, object]], out: Path) -> None:
+    """Write report.csv and report.png of ``rows`` into ``out`` (created if missing)."""
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows({c: r.get(c) for c in COLUMNS} for r in rows)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _replace_file(out / CSV_FILE, write_csv)
+    _replace_file(out / PNG_FILE, lambda tmp: plot_sweep(sweep_dir, rows, tmp))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: print the table, write ``report.csv`` and ``report.png`` into the sweep directory."""
-    parser = argparse.ArgumentParser(prog="trainrun-report", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", type=Path, help="a sweep directory (hydra.sweep.dir)")
-    parser.add_argument("--output", type=Path, default=None, help="where report.csv/.png go (default: the sweep dir)")
+    parser = argparse.ArgumentParser(prog=REPORT, description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a sweep directory (hydra.sweep.dir), or a single run's directory")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="directory where report.csv/.png go (default: the sweep or run directory)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
-        print(f"trainrun-report: {args.sweep_dir} is not a directory", file=sys.stderr)
+        print(f"{REPORT}: error: {args.sweep_dir} is not a directory; pass a sweep directory (hydra.sweep.dir) "
+              "or a run directory", file=sys.stderr)
         return 2
-    rows = sweep_rows(args.sweep_dir)
+    rows = report_rows(args.sweep_dir)
     if not rows:
-        print(f"trainrun-report: no sweep points (directories with .hydra/) in {args.sweep_dir}", file=sys.stderr)
+        print(f"{REPORT}: error: {not_a_sweep(args.sweep_dir)}", file=sys.stderr)
         return 2
     out = args.output or args.sweep_dir
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "report.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({c: r.get(c) for c in COLUMNS} for r in rows)
-    plot_sweep(args.sweep_dir, rows, out / "report.png")
+    if out.suffix.lower() in (".csv", ".png") and not out.is_dir():
+        print(f"{REPORT}: error: --output {out} looks like a file name; --output takes the directory where "
+              f"{CSV_FILE} and {PNG_FILE} are written", file=sys.stderr)
+        return 2
+    try:
+        check_output_files(out, REPORT, (CSV_FILE, PNG_FILE), is_own_report)
+        write_report(args.sweep_dir, rows, out)
+    except OutputError as err:
+        print(f"{REPORT}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"{REPORT}: error: --output {out} could not be written ({err.strerror or err}); set --output to a "
+              "directory you can write to", file=sys.stderr)
+        return 2
     print(format_table(rows))
-    print(f"\nwrote {out / 'report.csv'} and {out / 'report.png'}")
+    print(f"\nwrote {out / CSV_FILE} and {out / PNG_FILE}")
     return 0
 
 
