@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import REPO, TINY, cli_env, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -94,6 +95,8 @@ def test_a_point_stopped_early_makes_the_sweep_exit_3(tmp_path, corpus_cache):
                     "train.exit_interval=3", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert sorted(s["status"] for s in _points(sweep_dir).values()) == ["finished", "resume"]
+    assert "[train.max_steps=6]: stopped early, resume me (exit 3)" in proc.stderr
+    assert "[train.max_steps=2]: finished (exit 0), val_loss " in proc.stderr
 
 
 def test_report_tables_every_point_with_csv_and_png(tmp_path, corpus_cache):
@@ -114,3 +117,38 @@ def test_report_tables_every_point_with_csv_and_png(tmp_path, corpus_cache):
     assert all("optim.lr=" in r["overrides"] and r["point"].startswith("p") for r in rows)
     png = (sweep_dir / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+# Each point's outcome comes from a real run: a crash inside the training loop (tests/e2e/crash_schedule.py,
+# an LR schedule of a plugin module named by run.plugins), non-finite steps (exit 4), a normal finish.
+CRASH_PLUGIN = "run.plugins=[tests.e2e.crash_schedule]"
+
+
+def plugin_env() -> dict[str, str]:
+    """cli_env with the repository root importable, so ``run.plugins`` can name tests.e2e.crash_schedule."""
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env["PYTHONPATH"]])
+    return env
+
+
+@pytest.mark.slow
+def test_a_crashed_point_is_summed_up_with_the_others_and_the_sweep_exits_1(tmp_path, corpus_cache):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli(["-m", *TINY, "eval.sample_tokens=0", f"data.path={corpus_cache}", "train.max_steps=3",
+                    CRASH_PLUGIN, "debug.inject_nan_at_steps=[1]", "optim.schedule=cosine,crash_at_2",
+                    "train.max_skipped_steps=1,3", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, env=plugin_env())
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Error executing job" not in proc.stderr  # Hydra's re-raise after the batch: no summary came after it
+    summary = [line for line in proc.stderr.splitlines() if line.startswith("trainrun: sweep point p")
+               and "]: " in line]
+    assert len(summary) == 4, proc.stderr[-3000:]
+    outcome = {line.split(" [", 1)[1].split("]", 1)[0]: line.split("]: ", 1)[1] for line in summary}
+    assert outcome["optim.schedule=cosine train.max_skipped_steps=3"].startswith("finished (exit 0), val_loss ")
+    assert outcome["optim.schedule=crash_at_2 train.max_skipped_steps=3"].startswith("crashed (exit 1), see ")
+    assert outcome["optim.schedule=cosine train.max_skipped_steps=1"].startswith("non-finite steps (exit 4)")
+    assert outcome["optim.schedule=crash_at_2 train.max_skipped_steps=1"].startswith("non-finite steps (exit 4)")
+    statuses = sorted((s["status"], s["exit_code"]) for s in _points(sweep_dir).values())
+    assert statuses == [("bad_steps", 4), ("bad_steps", 4), ("failed", 1), ("finished", 0)]
+    crashed = next(p for p, s in _points(sweep_dir).items() if s["exit_code"] == 1)
+    assert "RuntimeError: crash_at_2: injected crash at step 2" in (sweep_dir / crashed / "train.log").read_text()
+    assert "Traceback" in proc.stderr  # the crash's own traceback still shows, once, above the summary

@@ -15,9 +15,10 @@ class TrainrunOptunaSweeperConf:
     direction: str = "minimize"
     """minimize or maximize the objective."""
     objective: str = "val_loss"
-    """Metric of the trial's last evaluation row in metrics.jsonl to optimise."""
+    """Metric to optimise: its value in the last row of the trial's metrics.jsonl that has it."""
     n_trials: int = 20
-    """Trials in the study in all, counting those of earlier launches (the study resumes)."""
+    """Trials in the study in all, counting those of earlier launches (the study resumes); a trial queued
+    again to resume a stopped or interrupted one counts once for both."""
     n_jobs: int = 1
     """Trials launched at once (one launcher batch)."""
     sampler: str = "tpe"
