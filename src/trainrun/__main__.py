@@ -12,14 +12,14 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainrun.cli_help import register_help_resolver
@@ -45,22 +45,36 @@ def _print_summary(result) -> None:
     print(f"run directory: {result.run_dir.resolve()}")
 
 
-def _run_task(cfg: DictConfig, run_dir: Path) -> int:
+def _report(err: Exception) -> int:
+    """Print a user-fixable error as one line on stderr; return its exit code."""
+    from trainrun.checkpoint.store import CheckpointError
+
+    if isinstance(err, CheckpointError):
+        print(f"trainrun: checkpoint error: {err}", file=sys.stderr)
+        return ExitCode.FAILED
+    kind = "environment" if isinstance(err, RunEnvironmentError) else "configuration"
+    print(f"trainrun: {kind} error: {err}", file=sys.stderr)
+    return ExitCode.CONFIG_ERROR
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from trainrun.checkpoint.store import CheckpointError
+
+    return ConfigError, UnknownComponentError, RunEnvironmentError, CheckpointError
+
+
+def _run_task(cfg, run_dir: Path) -> int:
     """Run one job; return its exit code (errors a user can fix become one line on stderr)."""
     from trainrun import orchestrator
-    from trainrun.checkpoint.store import CheckpointError
 
     try:
         result = orchestrator.run(cfg, run_dir=run_dir)
-    except (ConfigError, UnknownComponentError) as err:
-        print(f"trainrun: configuration error: {err}", file=sys.stderr)
-        return ExitCode.CONFIG_ERROR
-    except RunEnvironmentError as err:
-        print(f"trainrun: environment error: {err}", file=sys.stderr)
-        return ExitCode.CONFIG_ERROR
-    except CheckpointError as err:
-        print(f"trainrun: checkpoint error: {err}", file=sys.stderr)
-        return ExitCode.FAILED
+    except _user_errors() as err:
+        return _report(err)
+    except KeyboardInterrupt:
+        print("trainrun: interrupted (Ctrl-C): stopped without saving; checkpoints committed before are intact, "
+              "run the same command again to resume from the newest", file=sys.stderr)
+        return ExitCode.INTERRUPTED
     if result.is_rank0:
         _print_summary(result)
     return int(result.exit_code)
@@ -71,23 +85,51 @@ def _launch_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def run_in_dir(cfg: DictConfig, run_dir: Path) -> int:
-    """Run one job in ``run_dir``: rank 0 holds the directory's lock and records each attempt's outcome."""
-    from trainrun.launch.run_status import RunDirLock, record_status
+def run_in_dir(cfg: DictConfig, run_dir: Path, write_record: Callable[[], None] = lambda: None) -> int:
+    """Run one job in ``run_dir``.
 
-    if _launch_rank() != 0:
-        return _run_task(cfg, run_dir)
+    Rank 0 first locks every directory the run writes (the run directory and each checkpoint
+    directory, see :func:`trainrun.launch.run_status.writer_dirs`), then writes the record of what
+    runs (``write_record``: ``.hydra/``) and each attempt's outcome: a run refused because another
+    one holds a directory has written nothing at all.
+    """
+    from trainrun.config import to_dataclass
+    from trainrun.launch.run_status import RunDirLock, record_status, writer_dirs
+
     try:
-        with RunDirLock(run_dir):
+        typed = to_dataclass(cfg)
+        if _launch_rank() != 0:
+            return _run_task(typed, run_dir)
+        with RunDirLock(writer_dirs(typed, run_dir)):
+            write_record()
             code, started = ExitCode.FAILED, time.time()
             try:
-                code = _run_task(cfg, run_dir)
+                code = _run_task(typed, run_dir)
             finally:
                 record_status(run_dir, ExitCode(code).name.lower(), int(code), started)
-    except ConfigError as err:  # the directory is locked by another run
-        print(f"trainrun: configuration error: {err}", file=sys.stderr)
-        return ExitCode.CONFIG_ERROR
+    except _user_errors() as err:  # e.g. a directory locked by another run
+        return _report(err)
     return code
+
+
+def _hydra_record_writer(cfg: DictConfig, run_dir: Path) -> Callable[[], None]:
+    """What Hydra's ``run_job`` writes to ``<run dir>/.hydra`` before the task, for us to write after the lock.
+
+    conf/hydra/default.yaml sets ``hydra.output_subdir: null`` so that Hydra itself writes nothing
+    into a run directory another live run may hold; a user who sets it gets Hydra's own behaviour.
+    """
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is not None:
+        return lambda: None
+
+    def write() -> None:
+        record = run_dir / ".hydra"
+        record.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, record / "config.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)}), record / "hydra.yaml")
+        OmegaConf.save(hydra_cfg.overrides.task, record / "overrides.yaml")
+
+    return write
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
@@ -108,7 +150,13 @@ def hydra_entry(cfg: DictConfig) -> int:
         print(f"trainrun: sweep point {run_dir.name} ({hydra_cfg.job.override_dirname or 'no overrides'}) "
               f"finished in an earlier launch; skipping it", file=sys.stderr)
         return ExitCode.FINISHED
-    code = run_in_dir(cfg, run_dir)
+    code = run_in_dir(cfg, run_dir, _hydra_record_writer(cfg, run_dir))
+    if code == ExitCode.INTERRUPTED:
+        _exit_rank_now(code)  # a second Ctrl-C: now, without waiting for a save thread or the rest of a sweep
+    if code == ExitCode.RESUME and multirun and _ctrl_c_seen():
+        # Ctrl-C stops the sweep after this point's exit save, not just the point: launching the
+        # same sweep again skips the finished points and resumes this one.
+        raise KeyboardInterrupt
     if code == ExitCode.RESUME and in_submitit_job():
         # Returning would write submitit's result file and end the job for good; leaving without
         # one after `scontrol requeue` is what submitit's own preemption handler does.
@@ -119,6 +167,12 @@ def hydra_entry(cfg: DictConfig) -> int:
     if not multirun and code != ExitCode.FINISHED:
         sys.exit(code)
     return code
+
+
+def _ctrl_c_seen() -> bool:
+    from trainrun.checkpoint.exit_controller import ExitController
+
+    return ExitController.ctrl_c_seen
 
 
 def _exit_rank_now(code: int) -> None:
@@ -143,32 +197,56 @@ def _causes(err: BaseException) -> Iterator[BaseException]:
 
 
 def composition_error_line(err: BaseException) -> str:
-    """One line for an error Hydra or OmegaConf raised while composing: the field, then what is wrong.
+    """One line for a configuration error raised before the run: the field, what is wrong, the fix.
 
-    Hydra's own report spans several lines and lists the internal ``base_*`` schema entries.
+    Hydra's own report spans several lines, lists the internal ``base_*`` schema entries and, for a
+    misspelled key, suggests adding the typo with ``+``; a key no schema defines gets the closest
+    valid name instead, and a missing group option the closest option.
     """
+    import re
+
+    from trainrun.config.suggest import missing_option_message, unknown_key_message
+
+    if isinstance(err, (ConfigError, UnknownComponentError)):
+        return " ".join(str(err).splitlines())
     for cause in _causes(err):
-        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-            return f"{cause.full_key}: {str(cause).splitlines()[0]}"
+        key = getattr(cause, "full_key", None)
+        if isinstance(cause, OmegaConfBaseException) and key:
+            return f"{key}: {unknown_key_message(key) or str(cause).splitlines()[0]}"
         if isinstance(cause, MissingConfigException):
             options = [o for o in (cause.options or []) if not o.startswith("base_")]
+            group, _, option = (cause.missing_cfg_file or "").rpartition("/")
+            if group and cause.options is not None:
+                return f"{group}={option}: {missing_option_message(group, option, options)}"
             first = str(cause).strip().splitlines()[0]
             return f"{first}; available: {', '.join(options)}" if options else first
+    sweep = re.match(r"Ambiguous value for argument '([^=']+)=(.*)'$", str(err).strip().splitlines()[0])
+    if sweep:  # a sweep (a,b or range(...)) without -m
+        key, value = sweep.groups()
+        return (f"{key}={value}: a sweep needs -m (--multirun); add -m to sweep over it, or write a list as "
+                f"{key}=[{value}] or a string as '{key}=\"{value}\"'")
     return " ".join(str(err).split())
 
 
 def main() -> None:
     """Console entry point."""
+    import traceback
+
+    from trainrun.config.convert import optional_group_options
+    from trainrun.config.store import check_command_line
+
     register_configs()
     register_help_resolver()
-    sys.argv[1:] = normalize_overrides(sys.argv[1:])
     # conf/hydra/launcher/submitit_*.yaml keep the names users know and are typed by the plugin's
     # schemas of the same name; Hydra validates them that way and warns that it is deprecated.
     warnings.filterwarnings("ignore", message=r"(?s).*hydra/launcher/submitit_\w+' is validated against ConfigStore")
-    # Without this Hydra prints composition errors over several lines itself and exits 1; with it
-    # they reach us, and every configuration error gets the same one line and exit code 2.
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    # Unless HYDRA_FULL_ERROR is exactly "1", Hydra prints composition errors over several lines itself
+    # and exits 1; set, they reach us, and every configuration error gets the same one line and exit
+    # code 2, whatever the user's environment says (a crash in the run keeps its whole traceback).
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
+        sys.argv[1:] = normalize_overrides(sys.argv[1:])
+        check_command_line(sys.argv[1:], optional_group_options())  # before Hydra creates any directory
         hydra_entry()
     except (HydraException, OmegaConfBaseException, ConfigError, UnknownComponentError) as err:
         if _task_started:
@@ -178,8 +256,12 @@ def main() -> None:
     except OSError as err:
         if _task_started or err.filename is None:
             raise
-        # Before our task runs, Hydra only creates the run (or sweep) directory and writes .hydra/ into it.
-        option = "hydra.sweep.dir" if {"-m", "--multirun"} & set(sys.argv[1:]) else "hydra.run.dir"
+        # Before our task runs, Hydra only creates the run directory or, in a sweep, the sweep directory
+        # and the points' directories under it. A sweep is told by Hydra's own multirun in the traceback,
+        # however it was asked for (-m, --multirun, hydra.mode=MULTIRUN, a config that sets it).
+        multirun = any(frame.f_code.co_name == "multirun" and frame.f_globals.get("__name__", "").startswith("hydra.")
+                       for frame, _ in traceback.walk_tb(err.__traceback__))
+        option = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         print(f"trainrun: environment error: {unwritable_dir_error(option, err.filename, err)}", file=sys.stderr)
         sys.exit(ExitCode.CONFIG_ERROR)
 

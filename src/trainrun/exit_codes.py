@@ -18,3 +18,6 @@ class ExitCode(IntEnum):
     """Stopped early on purpose (exit interval, signal, time limit) after saving: requeue to resume."""
     BAD_STEPS = 4
     """Too many consecutive non-finite steps (train.max_skipped_steps); nothing new was saved."""
+    INTERRUPTED = 130
+    """Stopped at once by a second Ctrl-C (or one before training was set up to save); the save in progress, if
+    any, was dropped, checkpoints committed before it are intact: run the same command again to resume."""

@@ -16,12 +16,14 @@ from omegaconf import DictConfig
 
 from trainrun import registry
 from trainrun.checkpoint import Checkpointer, CheckpointStore
-from trainrun.checkpoint.checkpointer import check_non_persistent_dir, non_persistent_dir
+from trainrun.checkpoint.checkpointer import non_persistent_dir
+from trainrun.checkpoint.exit_controller import ExitController
 from trainrun.checkpoint.policy import build_policy
+from trainrun.checkpoint.resume_check import check_checkpoints_before_build
 from trainrun.config import ConfigError, TrainRunConfig, to_dataclass, validate_config
 from trainrun.config.choices import Precision
 from trainrun.data import TokenDataset, build_train_iterator
-from trainrun.distributed.env import DistEnv, nodes_in_job
+from trainrun.distributed.env import DistEnv
 from trainrun.distributed.initializers import describe
 from trainrun.distributed.parallel_dims import ParallelDims
 from trainrun.distributed.parallelize import parallelize
@@ -59,8 +61,8 @@ class RunResult:
 
 
 def resolve_run_dir(cfg: TrainRunConfig, run_dir: Path | None) -> Path:
-    """run.output_dir, else the caller's (Hydra's) run dir, else the current directory; created."""
-    path = run_directory(cfg, run_dir)[0]
+    """The caller's (Hydra's) run dir, else the current directory; created."""
+    path = run_directory(run_dir)[0]
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -153,9 +155,7 @@ def build_checkpointer(cfg: TrainRunConfig, env: DistEnv, run_dir: Path, model_p
     store = CheckpointStore(directory, c.keep_last, env.is_rank0, env.barrier, c.verify, env.all_true)
     local = None
     if c.non_persistent_interval > 0:
-        local_dir = non_persistent_dir(cfg, run_dir)
-        check_non_persistent_dir(local_dir, directory, nodes_in_job())
-        local = CheckpointStore(local_dir, 1, env.is_rank0, env.barrier, c.verify, env.all_true)
+        local = CheckpointStore(non_persistent_dir(cfg, run_dir), 1, env.is_rank0, env.barrier, c.verify, env.all_true)
     return Checkpointer(cfg, store, model_parts, optimizers, scheduler, train_iter, state, env.device,
                         extra_meta=extra_meta, local_store=local, share=env.broadcast_object)
 
@@ -175,6 +175,8 @@ def run(cfg: TrainRunConfig | DictConfig, run_dir: Path | None = None) -> RunRes
         dataset: TokenDataset = registry.DATASETS.get(cfg.data.name)(cfg.data)
         logger.info("data: %s (vocab %d, checksum %s)", dataset.path, dataset.vocab_size, dataset.checksum[:16])
         cfg = resolve_vocab(cfg, dataset)
+        if not cfg.run.dry_run:
+            check_checkpoints_before_build(cfg, run_dir)
         if cfg.run.dry_run:
             logger.info("dry run:\n%s", dry_run_report(cfg))
             result = RunResult(ExitCode.FINISHED, run_dir, is_rank0=env.is_rank0)
@@ -186,7 +188,8 @@ def run(cfg: TrainRunConfig | DictConfig, run_dir: Path | None = None) -> RunRes
         env.close(clean)
 
 
-def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Path) -> TrainingLoop:
+def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Path,
+                        exit_controller: ExitController | None = None) -> TrainingLoop:
     """Build model, optimizer, data iterator, evaluator, checkpointing and sinks; restore a checkpoint."""
     dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
     dims.build_mesh(env.device.type)
@@ -219,7 +222,7 @@ def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset
         profiler=StepProfiler(run_dir, cfg.debug.profile_steps, cfg.debug.profile_wait_steps, env.rank,
                               env.device.type, memory_snapshot=cfg.debug.memory_snapshot),
     )
-    return TrainingLoop(cfg, env, parts, flops_per_token(cfg.model, cfg.data.seq_len), peak)
+    return TrainingLoop(cfg, env, parts, flops_per_token(cfg.model, cfg.data.seq_len), peak, exit_controller)
 
 
 def build_metrics_on_every_rank(cfg: TrainRunConfig, env: DistEnv, run_dir: Path):
@@ -242,11 +245,14 @@ def build_metrics_on_every_rank(cfg: TrainRunConfig, env: DistEnv, run_dir: Path
 
 
 def _train(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Path) -> RunResult:
-    loop = build_training_loop(cfg, env, dataset, run_dir)
-    try:
-        code = loop.run()
-    finally:
-        loop.parts.metrics.close()
+    # Stop signals are caught from here on, so one that arrives while the model is built or a
+    # checkpoint is loaded stops the run at the first step boundary instead of half way through.
+    with ExitController(cfg, env, start_step=0) as exit_controller:
+        loop = build_training_loop(cfg, env, dataset, run_dir, exit_controller)
+        try:
+            code = loop.run()
+        finally:
+            loop.parts.metrics.close()
     state = loop.state
     result = RunResult(code, run_dir, state, resumed_from=loop.parts.checkpointer.resumed_from, is_rank0=env.is_rank0)
     if code == ExitCode.FINISHED and state.last_val_loss is not None:

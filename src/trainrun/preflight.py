@@ -71,13 +71,16 @@ def check_writable_dir(path: Path, option: str, note: str = "") -> None:
             probe.unlink()
 
 
-def run_directory(cfg: TrainRunConfig, run_dir: Path | None) -> tuple[Path, str, str]:
-    """The run directory ``orchestrator.resolve_run_dir`` will use, the option setting it, a note on its default."""
-    if cfg.run.output_dir:
-        return Path(cfg.run.output_dir), "run.output_dir", ""
+def run_directory(run_dir: Path | None) -> tuple[Path, str, str]:
+    """The run directory ``orchestrator.resolve_run_dir`` will use, the option setting it, a note on its default.
+
+    It is Hydra's ``hydra.run.dir`` (one per sweep point), resolved once by the entry point, which
+    locks it before anything is written; a caller of ``orchestrator.run`` without Hydra passes its
+    own or runs in the current directory.
+    """
     if run_dir is not None:
         return run_dir, "hydra.run.dir", ""
-    return Path.cwd(), "run.output_dir", "null: the current directory"
+    return Path.cwd(), "hydra.run.dir", "unset: the current directory"
 
 
 def checkpoint_directories(cfg: TrainRunConfig, run_dir: Path) -> list[tuple[Path, str, str]]:
@@ -104,10 +107,18 @@ def check_data_cache(cfg: TrainRunConfig) -> None:
 
     cache = Path(cfg.data.path).expanduser() if cfg.data.path else corpus.default_cache_root()
     try:
-        check_writable_dir(cache, "data.path", "the stdlib corpus cache")
+        check_writable_dir(cache, *_cache_option(cache))
     except RunEnvironmentError:
         if not _stdlib_corpus_built(cache, cfg):
             raise
+
+
+def _cache_option(cache: Path) -> tuple[str, str]:
+    """The setting a user changes to move the corpus cache: TRAINRUN_CACHE_DIR when the path came from it."""
+    from_env = os.environ.get("TRAINRUN_CACHE_DIR")
+    if from_env and Path(from_env).expanduser() == cache:
+        return "TRAINRUN_CACHE_DIR", "the stdlib corpus cache, read as paths.cache_dir and data.path"
+    return "data.path", "the stdlib corpus cache"
 
 
 def _stdlib_corpus_built(cache: Path, cfg: TrainRunConfig) -> bool:
@@ -158,7 +169,7 @@ def check_environment(cfg: TrainRunConfig, run_dir: Path | None, wandb_credentia
     ``wandb_credentials=False`` leaves out the wandb check (a sweep's pre-flight, when the jobs' setup
     lines give them credentials this process does not have).
     """
-    path, option, note = run_directory(cfg, run_dir)
+    path, option, note = run_directory(run_dir)
     check_writable_dir(path, option, note)
     if not cfg.run.dry_run:
         if wandb_credentials:

@@ -761,3 +761,101 @@ def test_exit_save_follows_exit_verify_and_still_resumes_under_sha256(tmp_path):
     assert all("sha256" in e for e in json.loads((periodic / MANIFEST_FILE).read_text()).values())
     assert not any("sha256" in e for e in json.loads((exit_path / MANIFEST_FILE).read_text()).values())
     assert _resume_fresh(tmp_path).resumed_from == exit_path  # sizes checked, nothing hashed
+
+
+# ---- work a user's action must not destroy (issue 15) ---------------------------------------------
+
+
+def test_non_persistent_saves_do_not_reset_the_time_policy_clock(tmp_path):
+    ckpt = _checkpointer(tmp_path, non_persistent_interval=1, non_persistent_dir=str(tmp_path / "local"))
+    ckpt.local_store = CheckpointStore(tmp_path / "local", 1, True, lambda: None)
+    started = ckpt.last_persistent_save_time
+    time.sleep(0.01)
+    _train_steps(ckpt, 1)
+    ckpt.save(SaveKind.NON_PERSISTENT)
+    assert ckpt.last_persistent_save_time == started  # the time policy still counts from the start
+    ckpt.save(SaveKind.PERSISTENT)
+    assert ckpt.last_persistent_save_time > started
+
+
+def test_an_intact_checkpoint_of_another_shape_is_a_config_error_not_a_fallback(tmp_path, monkeypatch):
+    """Tensor shapes are compared with the checkpoint's before loading, also for fields SHAPE_KEYS does not name."""
+    saved = _checkpointer(tmp_path)
+    _train_steps(saved, 2)
+    saved.save()
+    _train_steps(saved, 2)
+    saved.save()
+    monkeypatch.setattr("trainrun.checkpoint.checkpointer.SHAPE_KEYS", ())  # as for a plugin model's own field
+    other = _checkpointer(tmp_path, d_model=16)
+    with pytest.raises(ConfigError, match=r"model\.d_model.*other shapes.*d_model=8"):
+        other.resume()
+    assert other.state.step == 0
+    assert sorted(p.name for p in other.store.checkpoints()) == ["step_2", "step_4"]
+
+
+def test_learned_position_table_length_is_part_of_the_shape():
+    saved = dataclasses.asdict(ModelConfig(position="learned", max_seq_len=64, vocab_size=16))
+    with pytest.raises(ConfigError, match=r"model\.max_seq_len.*has model\.max_seq_len=64"):
+        check_model_compatible(saved, ModelConfig(position="learned", max_seq_len=128, vocab_size=16), Path("c"))
+    check_model_compatible({**saved, "position": "rope"}, ModelConfig(max_seq_len=128, vocab_size=16), Path("c"))
+
+
+def test_a_run_never_starts_from_scratch_over_checkpoints_it_cannot_use(tmp_path, caplog):
+    saved = _checkpointer(tmp_path)
+    for _ in range(2):
+        _train_steps(saved, 2)
+        saved.save()
+    for step_dir in (tmp_path / "ckpt").glob("step_*"):
+        _data_file(step_dir).write_bytes(b"garbage")  # every checkpoint damaged
+    fresh = _checkpointer(tmp_path)
+    with pytest.raises(CheckpointError, match="2 checkpoint.* could not be used.*refusing to train from scratch"):
+        fresh.resume()
+    assert sorted(p.name for p in fresh.store.checkpoints()) == ["step_2", "step_4"]
+
+
+def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path):
+    from trainrun.checkpoint.resume_check import check_checkpoints_before_build
+
+    saved = _checkpointer(tmp_path)
+    _train_steps(saved, 2)
+    saved.save()
+    cfg = dataclasses.replace(saved.cfg, checkpoint=dataclasses.replace(saved.cfg.checkpoint, resume="never"))
+    with pytest.raises(ConfigError, match=r"checkpoint\.resume.*already holds 1 checkpoint.*step 2"):
+        check_checkpoints_before_build(cfg, tmp_path)
+    empty = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, dir=str(tmp_path / "new")))
+    check_checkpoints_before_build(empty, tmp_path)
+
+
+def test_shape_refusal_comes_before_the_model_is_built(tmp_path):
+    from trainrun.checkpoint.resume_check import check_checkpoints_before_build
+
+    saved = _checkpointer(tmp_path)
+    saved.save()
+    cfg = dataclasses.replace(saved.cfg, model=dataclasses.replace(saved.cfg.model, d_model=16))
+    with pytest.raises(ConfigError, match=r"model\.d_model"):
+        check_checkpoints_before_build(cfg, tmp_path)
+
+
+def test_a_second_ctrl_c_raises_and_only_then(tmp_path):
+    cfg = TrainRunConfig(checkpoint=CheckpointConfig(exit_signals=["SIGINT"]))
+    with ExitController(cfg, _SINGLE, start_step=0) as controller:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert controller.check(1) == "signal" and not controller.aborted
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+        assert controller.aborted
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_dcp_wrapped_keyboard_interrupt_is_not_a_failed_save(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def interrupted(*args, **kwargs):
+        raise CheckpointException("save", {0: (KeyboardInterrupt(), [])})
+
+    monkeypatch.setattr(dcp, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _save(_store(tmp_path), 1)
+    assert not list(tmp_path.glob("step_*")) and not list(tmp_path.glob(".tmp_step_*"))

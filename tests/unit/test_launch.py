@@ -50,7 +50,7 @@ def _hold_lock(run_dir: Path) -> subprocess.Popen:
 def test_a_run_directory_is_locked_while_a_run_writes_to_it(tmp_path: Path):
     holder = _hold_lock(tmp_path)
     try:
-        with pytest.raises(ConfigError, match=r"is in use by pid \d+ on .*use another run directory"), \
+        with pytest.raises(ConfigError, match=r"is in use by run \d+ on .*use another directory"), \
                 RunDirLock(tmp_path):
             pass
     finally:

@@ -54,7 +54,7 @@ def test_dir_below_a_file_names_option_and_path(blocker):
 
 def test_dir_that_is_a_file_says_so(blocker):
     with pytest.raises(RunEnvironmentError, match="exists and is not a directory"):
-        preflight.check_writable_dir(blocker, "run.output_dir")
+        preflight.check_writable_dir(blocker, "hydra.run.dir")
 
 
 def test_note_names_where_a_default_came_from(blocker):
@@ -63,12 +63,9 @@ def test_note_names_where_a_default_came_from(blocker):
 
 
 def test_run_directory_follows_resolve_run_dir(tmp_path, monkeypatch):
-    cfg = TrainRunConfig()
-    assert preflight.run_directory(cfg, tmp_path)[:2] == (tmp_path, "hydra.run.dir")
-    cfg.run = RunConfig(output_dir=str(tmp_path / "out"))
-    assert preflight.run_directory(cfg, tmp_path)[:2] == (tmp_path / "out", "run.output_dir")
+    assert preflight.run_directory(tmp_path)[:2] == (tmp_path, "hydra.run.dir")
     monkeypatch.chdir(tmp_path)
-    assert preflight.run_directory(TrainRunConfig(), None)[0] == tmp_path
+    assert preflight.run_directory(None)[0] == tmp_path
 
 
 def test_checkpoint_directories_match_the_stores(tmp_path):
@@ -125,6 +122,15 @@ def test_stdlib_cache_below_a_file_is_refused(tiny_stdlib, blocker):
     with pytest.raises(RunEnvironmentError) as info:
         preflight.check_data_cache(cfg)
     _assert_one_line(info.value, "data.path (the stdlib corpus cache) is not writable", str(blocker / "cache"))
+
+
+def test_cache_dir_from_the_environment_is_named_as_such(tiny_stdlib, blocker, monkeypatch):
+    monkeypatch.setenv("TRAINRUN_CACHE_DIR", str(blocker))
+    cfg = TrainRunConfig(data=DataConfig(path=str(blocker)))  # as conf/data/stdlib.yaml resolves it
+    with pytest.raises(RunEnvironmentError) as info:
+        preflight.check_data_cache(cfg)
+    _assert_one_line(info.value, "TRAINRUN_CACHE_DIR (the stdlib corpus cache", "exists and is not a directory",
+                     "set TRAINRUN_CACHE_DIR to a directory")
 
 
 def test_read_only_cache_is_fine_once_the_corpus_is_built(tmp_path, tiny_stdlib, monkeypatch):

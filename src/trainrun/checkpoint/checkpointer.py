@@ -30,6 +30,7 @@ from trainrun.checkpoint.policy import SaveKind
 from trainrun.checkpoint.store import (
     LATEST_FILE,
     CheckpointError,
+    CheckpointMismatch,
     CheckpointStore,
     verify_checkpoint,
 )
@@ -41,9 +42,15 @@ from trainrun.state import TrainState
 
 logger = logging.getLogger(__name__)
 
-SHAPE_KEYS = ("n_layers", "n_heads", "d_model", "ffn_hidden", "vocab_size", "norm", "position", "mlp",
+SHAPE_KEYS = ("name", "n_layers", "n_heads", "d_model", "ffn_hidden", "vocab_size", "norm", "position", "mlp",
               "tie_embeddings", "bias")
-"""Model fields that change parameter shapes or meaning; a resume that changes them is refused."""
+"""Model fields that change parameter shapes or meaning; a resume that changes them is refused. (The
+loader also compares every tensor's shape with the checkpoint's, for models with fields of their own.)"""
+
+SHAPE_KEYS_LEARNED_POSITIONS = ("max_seq_len",)
+"""Fields that size a parameter only with ``model.position=learned`` (the position table)."""
+
+NEW_RUN_FIX = "train that model in a new run directory (hydra.run.dir=...)"
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -53,14 +60,29 @@ def config_hash(cfg: TrainRunConfig) -> str:
     return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def shape_keys(model: ModelConfig) -> tuple[str, ...]:
+    """The model fields that decide parameter shapes for this configuration."""
+    learned = str(getattr(model.position, "value", model.position)) == "learned"
+    return SHAPE_KEYS + (SHAPE_KEYS_LEARNED_POSITIONS if learned else ())
+
+
 def check_model_compatible(saved: dict, current: ModelConfig, path: Path) -> None:
     """Refuse, before loading anything, a checkpoint whose model shape differs from the config."""
-    for key in SHAPE_KEYS:
+    for key in shape_keys(current):
         if key in saved and saved[key] != getattr(current, key):
             raise ConfigError(
                 f"model.{key}", getattr(current, key),
-                f"checkpoint {path} has model.{key}={saved[key]!r}; set it back, or use checkpoint.resume=never",
+                f"checkpoint {path} has model.{key}={saved[key]!r}; set it back, or {NEW_RUN_FIX}",
             )
+
+
+def mismatch_error(err: CheckpointError, saved: dict, current: ModelConfig, path: Path) -> ConfigError:
+    """A configuration error for an intact checkpoint that does not fit: the model fields that differ, else the
+    tensors."""
+    differ = [f"model.{k}" for k, v in asdict(current).items() if k in saved and saved[k] != v and k != "init_from"]
+    field_name = differ[0] if differ else "checkpoint.resume"
+    changed = ", ".join(f"{k}={saved[k.split('.', 1)[1]]!r}" for k in differ) or "another model or optimizer"
+    return ConfigError(field_name, "changed", f"{err} (the checkpoint has {changed}); set it back, or {NEW_RUN_FIX}")
 
 
 def changed_settings(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -144,7 +166,8 @@ class Checkpointer:
         self.train_iter, self.state, self.device = train_iter, state, device
         self.extra_meta = extra_meta or {}
         self.resumed_from: Path | None = None
-        self.last_save_time = time.monotonic()
+        self.last_persistent_save_time = time.monotonic()
+        """When the last persistent save started (or the run): the time policy counts from it."""
         self.share, self.is_rank0, self.all_true = share, store.is_rank0, store.all_true
         self.origin = self._origin_request()
         """The first-start request (explicit path, weights only) that began this branch; saved in its checkpoints."""
@@ -219,7 +242,8 @@ class Checkpointer:
         meta = {**self._meta(values), "kind": kind.value}
         if best:  # whoever loads this checkpoint finds it committed, hence a valid best
             meta["train_state"] = {**meta["train_state"], "best_checkpoint_step": self.state.step}
-        self.last_save_time = time.monotonic()
+        if store is self.store:  # a non-persistent save does not stand in for a persistent one
+            self.last_persistent_save_time = time.monotonic()
         use_async = self.cfg.checkpoint.async_save if blocking is None else not blocking
         if use_async and store is self.store:
             store.save_async(self.state.step, tensors, meta, protect=self._protected())
@@ -343,21 +367,29 @@ class Checkpointer:
                 choice = {"error": [err.field, err.value, err.fix]}
         return self.share(choice)
 
+    def _unusable_checkpoints(self) -> list[Path]:
+        """Committed checkpoints of this run's stores (rank 0's view); any of them means work exists here."""
+        return [p for s in (self.store, self.local_store) if s is not None for p in s.checkpoints()]
+
     def resume(self) -> Path | None:
         """Restore from the configured checkpoint, if any; return its path.
 
         Rank 0 alone lists and verifies checkpoints (once, not world-size times) and every rank loads
         the one it names, so all ranks resume the same step. A checkpoint that verifies but fails to
         load (a bit flip that size-only verification misses, damaged DCP metadata) is reported and the
-        previous good one is tried, as for corrupt ones; refusals of the configuration (a changed
-        model shape, changed data) still end the run with exit 2.
+        previous good one is tried, as for corrupt ones. An intact checkpoint that does not fit this
+        run (a changed model shape, changed data) is a configuration error (exit 2), never a reason to
+        fall back. And a run never starts from scratch over checkpoints it could not use: that would
+        rank its new checkpoints as the newest and let retention delete the real ones.
         """
         candidates = self._resume_candidates() if self.is_rank0 else None
+        failures: list[str] = []
         while True:
             choice = self._next_choice(candidates)
             if "error" in choice:
                 raise ConfigError(*choice["error"])
             if choice["path"] is None:
+                self._refuse_fresh_start_over(failures)
                 return None
             path = Path(choice["path"])
             problem = None
@@ -371,8 +403,22 @@ class Checkpointer:
             problem = problem or "loading failed on another rank"
             if not choice["fallback"]:
                 raise ConfigError("checkpoint.resume", str(path), f"{problem}; use another checkpoint or resume=never")
+            failures.append(f"{path.name}: {problem}")
             logger.warning("checkpoint %s verified but failed to load (%s); falling back to the previous one",
                            path, problem)
+
+    def _refuse_fresh_start_over(self, failures: list[str]) -> None:
+        """With ``resume`` other than never and nothing loaded: refuse if this run's stores hold checkpoints."""
+        if self.cfg.checkpoint.resume == "never":
+            return
+        found = self.share([str(p) for p in self._unusable_checkpoints()] if self.is_rank0 else None)
+        if not found:
+            return
+        why = "; ".join(failures) if failures else "none verifies (see the warnings above)"
+        raise CheckpointError(
+            f"{len(found)} checkpoint(s) in {Path(found[0]).parent} could not be used ({why}); refusing to train "
+            "from scratch over them. Repair or move them away, resume from a good copy with checkpoint.resume=<path>, "
+            "or start in a new run directory (hydra.run.dir=...)")
 
     def _load(self, path: Path, full: bool, origin: dict | None) -> None:
         """Load ``path`` into the model (and, ``full``, optimizer, schedule, data position, RNG, TrainState)."""
@@ -387,7 +433,10 @@ class Checkpointer:
         tensors, _ = self._state(with_optimizer=full)
         if full and "torch_cuda" in tensors["rng"] and meta["config"]["run"]["device"] == "cpu":
             tensors["rng"].pop("torch_cuda")
-        CheckpointStore.load_tensors(path, tensors)
+        try:
+            CheckpointStore.load_tensors(path, tensors)
+        except CheckpointMismatch as err:  # intact but not this model: no fallback (see resume)
+            raise mismatch_error(err, meta["model"], self.cfg.model, path) from err
         optim_flat = {**tensors.get("optim", {}), **meta.get("optim_values", {})} if full else {}
         for part, optimizer in zip(self.model_parts, self.optimizers, strict=True):
             # A checkpoint saved under another executor or optim.implementation (foreach, fused, a
@@ -425,6 +474,6 @@ class Checkpointer:
     def _warn_changed(self, meta: dict) -> None:
         current = asdict(self.cfg)
         changed = [c for c in changed_settings(meta.get("config", {}), current)
-                   if not c.startswith(("run.output_dir", "checkpoint.resume"))]
+                   if not c.startswith("checkpoint.resume")]
         if changed:
             logger.warning("resuming with changed settings: %s", "; ".join(changed))

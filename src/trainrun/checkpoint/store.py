@@ -64,8 +64,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or is not usable."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """An intact checkpoint whose tensors do not fit the state being loaded (another model shape, another
+    optimizer): a configuration problem, never a reason to fall back to an older checkpoint."""
+
+
 _SAVE_ERRORS = (Exception, CheckpointException)
 """DCP reports failures (e.g. ENOSPC) as CheckpointException, which derives from BaseException."""
+
+
+def raise_if_interrupted(err: BaseException) -> None:
+    """Re-raise a KeyboardInterrupt that DCP wrapped into a CheckpointException.
+
+    DCP catches BaseException in its collectives and reports it per rank, so a second Ctrl-C
+    (the exit controller raises KeyboardInterrupt) would otherwise read as a failed save or a
+    damaged checkpoint: the run would train on, or fall back to an older checkpoint.
+    """
+    causes = [exc for exc, _ in err.failures.values()] if isinstance(err, CheckpointException) else []
+    if isinstance(err, KeyboardInterrupt) or any(isinstance(exc, KeyboardInterrupt) for exc in causes):
+        raise KeyboardInterrupt from err
 
 
 def _describe(err: BaseException | None) -> str:
@@ -228,6 +245,7 @@ class CheckpointStore:
             dcp.save(tensors, checkpoint_id=str(tmp))
         except _SAVE_ERRORS as err:
             self._discard(tmp)
+            raise_if_interrupted(err)
             raise CheckpointError(f"saving step {step} to {tmp} failed: {_describe(err)} "
                                   f"({storage_limits(self.directory)})") from err
         return self._commit(step, tmp, meta, protect, verify=verify)
@@ -254,6 +272,7 @@ class CheckpointStore:
                                       process_group=self._async_pg)
         except _SAVE_ERRORS as err:
             self._discard(tmp)
+            raise_if_interrupted(err)
             raise CheckpointError(f"starting the async save of step {step} to {tmp} failed: {_describe(err)}") from err
         staging = getattr(response, "staging_completion", None)
         upload = getattr(response, "upload_completion", response)
@@ -464,11 +483,34 @@ class CheckpointStore:
                                   "trainrun only loads checkpoints with tensors it wrote itself")
         missing = sorted(set(_flatten_keys(tensors)) - set(stored))
         if missing:
-            raise CheckpointError(f"checkpoint {path} lacks {len(missing)} entries (e.g. {missing[:3]})")
+            raise CheckpointMismatch(f"checkpoint {path} lacks {len(missing)} entries (e.g. {missing[:3]})")
+        resized = _resized(tensors, stored)
+        if resized:
+            raise CheckpointMismatch(f"checkpoint {path} holds {len(resized)} tensors of other shapes (e.g. "
+                                     + ", ".join(resized[:3]) + ")")
         try:
             dcp.load(tensors, storage_reader=reader)
         except _SAVE_ERRORS as err:
+            raise_if_interrupted(err)
             raise CheckpointError(f"loading checkpoint {path} failed: {_describe(err)}") from err
+
+
+def _resized(tensors: dict, stored: dict) -> list[str]:
+    """'<name> <saved shape> -> <wanted shape>' for each tensor whose global shape differs from the stored one."""
+    found = []
+    for key, value in _flatten_items(tensors):
+        saved = getattr(stored.get(key), "size", None)
+        if saved is not None and hasattr(value, "shape") and tuple(saved) != tuple(value.shape):
+            found.append(f"{key} {list(saved)} -> {list(value.shape)}")
+    return found
+
+
+def _flatten_items(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    items = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        items += _flatten_items(value, name + ".") if isinstance(value, dict) else [(name, value)]
+    return items
 
 
 def _flatten_keys(tree: dict, prefix: str = "") -> list[str]:

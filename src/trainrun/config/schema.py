@@ -42,8 +42,6 @@ class RunConfig:
     """Build the model on the meta device, print size/FLOPs/memory estimates and exit 0."""
     device: Device = Device.auto
     """auto (cuda if available, else cpu), cpu or cuda."""
-    output_dir: str | None = None
-    """Run directory; null uses Hydra's run dir (``hydra.run.dir``) or the current directory."""
     plugins: list[str] = field(default_factory=list)
     """Python modules imported before the run so that they can register components."""
     deterministic: bool = True
@@ -427,8 +425,9 @@ class CheckpointConfig:
     verify: Verify = Verify.sha256
     """Manifest check on save/resume: sha256 (every byte; catches bit flips), size (file sizes only) or none."""
     exit_signals: list[ExitSignal] = field(
-        default_factory=lambda: [ExitSignal.SIGTERM, ExitSignal.SIGUSR1, ExitSignal.SIGUSR2])
-    """Signals that make trainrun save at the next step boundary and exit with code 3 (USR2: submitit's
+        default_factory=lambda: [ExitSignal.SIGINT, ExitSignal.SIGTERM, ExitSignal.SIGUSR1, ExitSignal.SIGUSR2])
+    """Signals that make trainrun save at the next step boundary and exit with code 3 (INT: Ctrl-C, also
+    what torchrun forwards on Ctrl-C, where a second one stops at once without saving; USR2: submitit's
     preemption signal)."""
     resume: str = "auto"
     """auto (the good checkpoint committed last in this run's checkpoint dirs), never, or a checkpoint path

@@ -2,8 +2,9 @@
 
 ``<run dir>/trainrun_status.json`` records each attempt's outcome (finished, resume, failed, ...):
 a sweep launched again skips its finished points and resumes the others, and ``trainrun-report``
-reads it. ``<run dir>/.trainrun.lock`` is held (``flock``) for the whole run, so two processes
-never train into the same directory at once; the kernel drops the lock when a process dies, so a
+reads it. ``.trainrun.lock`` in the run directory and in every checkpoint directory is held
+(``flock``) for the whole run, so two processes never write into the same directory at once (two
+runs sharing one ``checkpoint.dir`` included); the kernel drops the locks when a process dies, so a
 killed run never leaves a stale lock behind.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from trainrun.config.errors import ConfigError
+from trainrun.config.schema import TrainRunConfig
 
 STATUS_FILE = "trainrun_status.json"
 LOCK_FILE = ".trainrun.lock"
@@ -51,35 +53,59 @@ def record_status(run_dir: Path, status: str, exit_code: int, started: float | N
     return status_doc
 
 
-class RunDirLock:
-    """An exclusive, non-blocking ``flock`` on ``<run dir>/.trainrun.lock`` held for the whole run.
+def writer_dirs(cfg: TrainRunConfig, run_dir: Path) -> list[tuple[Path, str]]:
+    """Every directory this run writes and no other run may write at the same time: (path, the option setting it)."""
+    from trainrun.preflight import checkpoint_directories
 
-    Only one process per run takes it (rank 0 of a multi-process run, before the other ranks
-    could write anything of their own).
+    if cfg.run.dry_run:  # writes its log only
+        return [(run_dir, "hydra.run.dir")]
+    return [(run_dir, "hydra.run.dir")] + [(path, option) for path, option, _ in checkpoint_directories(cfg, run_dir)]
+
+
+class RunDirLock:
+    """Exclusive, non-blocking ``flock``s on ``<dir>/.trainrun.lock`` for each directory a run writes.
+
+    Only one process per run takes them (rank 0 of a multi-process run, before the other ranks
+    could write anything of their own). All or none: a refused run releases what it took.
     """
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK_FILE
-        self._fd: int | None = None
+    def __init__(self, dirs: Path | list[tuple[Path, str]]):
+        named = [(dirs, "hydra.run.dir")] if isinstance(dirs, Path) else dirs
+        unique: dict[Path, tuple[Path, str]] = {}
+        for directory, option in named:  # checkpoint.dir may name the run directory itself
+            unique.setdefault(directory.resolve(), (directory, option))
+        self.dirs = list(unique.values())
+        self._fds: list[int] = []
 
     def __enter__(self) -> RunDirLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            for directory, option in self.dirs:
+                self._lock(directory, option)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def _lock(self, directory: Path, option: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise ConfigError("hydra.run.dir", str(self.path.parent),
-                              f"is in use by {holder}; wait for it to end or use another run directory") from None
+            raise ConfigError(option, str(directory),
+                              f"is in use by {holder}; wait for it to end or use another directory") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self._fd = fd
-        return self
+        os.pwrite(fd, f"run {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._fds.append(fd)
+
+    def _release(self) -> None:
+        for fd in self._fds:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        self._fds.clear()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        self._release()

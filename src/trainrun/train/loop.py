@@ -55,14 +55,17 @@ class TrainingLoop:
     """Runs optimizer steps until ``train.max_steps`` or an exit condition."""
 
     def __init__(self, cfg: TrainRunConfig, env: DistEnv, parts: LoopComponents, flops_per_token: float,
-                 peak_flops: float):
+                 peak_flops: float, exit_controller: ExitController | None = None):
+        """``exit_controller``: one the caller installed before building (so a signal during set-up is seen
+        at the first step boundary); by default the loop makes its own."""
         self.cfg, self.env, self.parts, self.state = cfg, env, parts, parts.state
         self.accum_steps = cfg.accumulation_steps()
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         # On a GPU the step is timed with CUDA events (device time, no sync) and data with the host clock.
         self.timers = Timers(device_timed={"step"} if env.device.type == "cuda" else set())
-        self.exit_controller = ExitController(cfg, env, start_step=self.state.step)
+        self.exit_controller = exit_controller or ExitController(cfg, env, start_step=self.state.step)
+        self.exit_controller.start(self.state.step)
         self.consecutive_skips = 0
         self.longest_skip_run = 0
         """Longest run of consecutive skipped steps since it was last checked against train.max_skipped_steps."""
@@ -252,7 +255,7 @@ class TrainingLoop:
             self.failed_saves = 0
             logger.info("committed checkpoint %s", committed)
         final = self.state.step >= self.cfg.train.max_steps
-        minutes = (time.monotonic() - self.parts.checkpointer.last_save_time) / 60
+        minutes = (time.monotonic() - self.parts.checkpointer.last_persistent_save_time) / 60
         wish = self.parts.policy.decide(SaveContext(self.state, final, improved, minutes))
         reason, agreed = self.exit_controller.agree(self.state.step, SAVE_RANK[wish])
         if final:
@@ -313,9 +316,11 @@ class TrainingLoop:
         finally:
             bar.close()
             # Commit a pending async save while the exit handlers are still installed: a signal
-            # now only sets the flag again and cannot interrupt the commit.
+            # now only sets the flag again and cannot interrupt the commit. After a second Ctrl-C
+            # the save in flight is abandoned instead (it was never committed, so nothing is lost).
             try:
-                self.parts.checkpointer.close()
+                if not self.exit_controller.aborted:
+                    self.parts.checkpointer.close()
             finally:
                 self.exit_controller.restore()
                 close = getattr(self.parts.executor, "close", None)
@@ -325,6 +330,11 @@ class TrainingLoop:
     def _run_steps(self, bar) -> ExitCode:
         """Step until the end or an exit condition; the exit code says which."""
         max_steps, eval_interval = self.cfg.train.max_steps, self.cfg.eval.interval
+        if self.state.step < max_steps and (reason := self.exit_controller.check(self.state.step)):
+            # Asked to stop while the run was being set up: the state is the one resumed, nothing to save.
+            logger.info("stopping before step %d (%s arrived during set-up; nothing new to save); exit code %d "
+                        "asks to be resumed", self.state.step + 1, reason, ExitCode.RESUME)
+            return ExitCode.RESUME
         while self.state.step < max_steps:
             result = self.train_step()
             self.parts.profiler.step()
