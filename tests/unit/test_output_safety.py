@@ -188,6 +188,22 @@ def test_force_replaces_an_earlier_prepare_output_even_unmarked(tmp_path, capsys
     assert (out / marker_name("trainrun-prepare")).is_file() and not leftovers(tmp_path)
 
 
+def test_ctrl_c_during_a_forced_prepare_keeps_the_earlier_output(tmp_path, capsys, monkeypatch):
+    texts = write_texts(tmp_path / "texts")
+    out = tmp_path / "ds"
+    args = [str(texts), "--output", str(out), "--val-fraction", "0.3"]
+    assert prepare_main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("trainrun.data.prepare.ByteTokenizer.encode", interrupted)
+    assert prepare_main([*args, "--force"]) == 130
+    assert "interrupted (Ctrl-C); --output was left as it was" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not leftovers(tmp_path)
+
+
 def test_prepare_skips_earlier_trainrun_outputs_inside_its_inputs(tmp_path, caplog):
     texts = write_texts(tmp_path / "texts")
     run = make_run(tmp_path / "run")

@@ -382,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PrepareError, OutputError, OSError, UnicodeDecodeError) as err:
         print(f"trainrun-prepare: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the output is built beside its place and only swapped in once complete
+        print("trainrun-prepare: interrupted (Ctrl-C); --output was left as it was", file=sys.stderr)
+        return 130
     docs, tokens = meta["num_documents"], meta["num_tokens"]
     print(f"wrote {args.output}: {docs['train'] + docs['val']} documents (train {docs['train']}, val {docs['val']}), "
           f"{tokens['train'] + tokens['val']} tokens (train {tokens['train']}, val {tokens['val']}), "

@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, OutputError, OSError) as err:
         print(f"trainrun-export: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the output is built beside its place and only swapped in once complete
+        print("trainrun-export: interrupted (Ctrl-C); --output was left as it was", file=sys.stderr)
+        return 130
     print(f"exported {step_dir} to {args.output}")
     return 0
 

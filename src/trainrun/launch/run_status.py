@@ -87,8 +87,13 @@ class RunDirLock:
         return self
 
     def _lock(self, directory: Path, option: str) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        from trainrun.preflight import unwritable_dir_error
+
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:  # the same one line the start-up checks give
+            raise unwritable_dir_error(option, directory, err) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
