@@ -778,6 +778,23 @@ def test_non_persistent_saves_do_not_reset_the_time_policy_clock(tmp_path):
     assert ckpt.last_persistent_save_time > started
 
 
+def test_a_failed_persistent_save_does_not_reset_the_time_policy_clock(tmp_path, monkeypatch):
+    ckpt = _checkpointer(tmp_path)
+    started = ckpt.last_persistent_save_time
+    time.sleep(0.01)
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", no_space)
+    with pytest.raises(CheckpointError):
+        ckpt.save()
+    assert ckpt.last_persistent_save_time == started  # the time policy asks again at the next step
+    monkeypatch.undo()
+    ckpt.save()
+    assert ckpt.last_persistent_save_time > started
+
+
 def test_an_intact_checkpoint_of_another_shape_is_a_config_error_not_a_fallback(tmp_path, monkeypatch):
     """Tensor shapes are compared with the checkpoint's before loading, also for fields SHAPE_KEYS does not name."""
     saved = _checkpointer(tmp_path)

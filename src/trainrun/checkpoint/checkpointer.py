@@ -76,12 +76,24 @@ def check_model_compatible(saved: dict, current: ModelConfig, path: Path) -> Non
             )
 
 
-def mismatch_error(err: CheckpointError, saved: dict, current: ModelConfig, path: Path) -> ConfigError:
-    """A configuration error for an intact checkpoint that does not fit: the model fields that differ, else the
-    tensors."""
-    differ = [f"model.{k}" for k, v in asdict(current).items() if k in saved and saved[k] != v and k != "init_from"]
-    field_name = differ[0] if differ else "checkpoint.resume"
-    changed = ", ".join(f"{k}={saved[k.split('.', 1)[1]]!r}" for k in differ) or "another model or optimizer"
+def _state_layout_fields(cfg: TrainRunConfig) -> dict[str, object]:
+    """Dotted name -> value of the settings that decide which tensors a checkpoint holds and their shapes."""
+    fields = {f"model.{key}": value for key, value in asdict(cfg.model).items() if key != "init_from"}
+    fields["optim.name"] = cfg.optim.name
+    return fields
+
+
+def mismatch_error(err: CheckpointError, saved_config: dict, current: TrainRunConfig, path: Path) -> ConfigError:
+    """A configuration error for an intact checkpoint that does not fit: the model (or optimizer) settings that
+    differ, else the tensors."""
+    differ = []
+    for name, value in _state_layout_fields(current).items():
+        section, key = name.split(".", 1)
+        saved = saved_config.get(section, {})
+        if key in saved and saved[key] != value:
+            differ.append((name, saved[key]))
+    field_name = differ[0][0] if differ else "checkpoint.resume"
+    changed = ", ".join(f"{name}={old!r}" for name, old in differ[:4]) or "another model or optimizer"
     return ConfigError(field_name, "changed", f"{err} (the checkpoint has {changed}); set it back, or {NEW_RUN_FIX}")
 
 
@@ -172,6 +184,7 @@ class Checkpointer:
         self.origin = self._origin_request()
         """The first-start request (explicit path, weights only) that began this branch; saved in its checkpoints."""
         self._pending_best: int | None = None
+        self._clock_before_pending = self.last_persistent_save_time
 
     # ---- state gathering ----------------------------------------------------------------
     def _state(self, with_optimizer: bool) -> tuple[dict, dict]:
@@ -242,16 +255,20 @@ class Checkpointer:
         meta = {**self._meta(values), "kind": kind.value}
         if best:  # whoever loads this checkpoint finds it committed, hence a valid best
             meta["train_state"] = {**meta["train_state"], "best_checkpoint_step": self.state.step}
-        if store is self.store:  # a non-persistent save does not stand in for a persistent one
-            self.last_persistent_save_time = time.monotonic()
+        started = time.monotonic()
         use_async = self.cfg.checkpoint.async_save if blocking is None else not blocking
         if use_async and store is self.store:
             store.save_async(self.state.step, tensors, meta, protect=self._protected())
             self._pending_best = self.state.step if best else None
+            # Counted from now, or the time policy would ask again every step until the commit; a
+            # failed commit gives the clock back (finalize).
+            self._clock_before_pending, self.last_persistent_save_time = self.last_persistent_save_time, started
             return None
         verify = self.cfg.checkpoint.exit_verify if exit_save else None
         path = store.save(self.state.step, tensors, meta, protect=self._protected(),
                           verify=None if verify is None else str(verify))
+        if store is self.store:  # only a persistent save that landed stands in for the time policy's
+            self.last_persistent_save_time = started
         if best:
             self.state.best_checkpoint_step = self.state.step
         return path
@@ -272,6 +289,7 @@ class Checkpointer:
             path = self.store.finalize(blocking, protect=self._protected())
         except CheckpointError:
             self._pending_best = None
+            self.last_persistent_save_time = self._clock_before_pending
             raise
         if path is not None:
             if self._pending_best == step:
@@ -436,7 +454,7 @@ class Checkpointer:
         try:
             CheckpointStore.load_tensors(path, tensors)
         except CheckpointMismatch as err:  # intact but not this model: no fallback (see resume)
-            raise mismatch_error(err, meta["model"], self.cfg.model, path) from err
+            raise mismatch_error(err, meta.get("config", {"model": meta["model"]}), self.cfg, path) from err
         optim_flat = {**tensors.get("optim", {}), **meta.get("optim_values", {})} if full else {}
         for part, optimizer in zip(self.model_parts, self.optimizers, strict=True):
             # A checkpoint saved under another executor or optim.implementation (foreach, fused, a
