@@ -51,7 +51,6 @@ def _assert_one_line_exit_2(proc, *parts: str) -> str:
     (["checkpoint.dir={bad}"], "checkpoint.dir is not writable"),
     (["checkpoint.non_persistent_interval=1", "checkpoint.non_persistent_dir={bad}"],
      "checkpoint.non_persistent_dir is not writable"),
-    (["run.output_dir={bad}"], "run.output_dir is not writable"),
     (["data.path={bad}"], "data.path (the stdlib corpus cache) is not writable"),
 ])
 def test_unwritable_directory_is_one_line_before_the_model(overrides, expected, tmp_path, blocker):
@@ -121,3 +120,62 @@ def test_every_rank_refuses_alike_without_waiting_for_a_peer(tmp_path, blocker, 
         assert len(err.strip().splitlines()) == 1, err
         assert "environment error: checkpoint.dir is not writable" in err and str(bad) in err
     assert time.perf_counter() - start < 60
+
+
+# --- configuration errors: one line whatever the environment says ----------------------------------
+
+ENVIRONMENTS = {"HYDRA_FULL_ERROR=0": {"HYDRA_FULL_ERROR": "0"},
+                "HYDRA_FULL_ERROR=1,OC_CAUSE=1": {"HYDRA_FULL_ERROR": "1", "OC_CAUSE": "1"}}
+
+
+def _env(setting: str) -> dict[str, str]:
+    env = cli_env(**ENVIRONMENTS[setting])
+    if setting == "HYDRA_FULL_ERROR=0":
+        env.pop("OC_CAUSE", None)
+    return env
+
+
+@pytest.mark.parametrize("setting", sorted(ENVIRONMENTS))
+@pytest.mark.parametrize(("args", "parts"), [
+    (["model.norm=batchnorm"], ["model.norm: Invalid value 'batchnorm'", "rmsnorm, layernorm"]),
+    (["model.n_layer=3"], ["model.n_layer='3': no such setting; did you mean model.n_layers?"]),
+    (["+model.n_layer=3"], ["model.n_layer='3': no such setting; did you mean model.n_layers?"]),
+    (["modle=gpt_125m"], ["modle='gpt_125m': no such setting or config group; did you mean model?"]),
+    (["+experiment=gpt_12m"], ["experiment=gpt_12m: no such option; did you mean experiment=gpt_125m?",
+                               "available: gpt_125m"]),
+    (["local=exmaple"], ["local='exmaple': no such option; did you mean local=example?"]),
+    (["hydra.run.dir={tmp}/ü"], ["hydra.run.dir='{tmp}/ü': ", """quote it: 'hydra.run.dir="{tmp}/ü"'"""]),
+    (["hydra.run.dir={tmp}/my", "run"], ["an unquoted space", "quote it: 'hydra.run.dir={tmp}/my run'"]),
+    (["hydra.run.dir={tmp}/a(b)"], ["( ) unquoted", """quote it: 'hydra.run.dir="{tmp}/a(b)"'"""]),
+    (["model.n_layers=2", "-m", "optim.lr=1e-3,1e-2"], ["put every override after the flags"]),
+    (["model.n_layers=1,2"], ["model.n_layers=1,2: a sweep needs -m (--multirun)"]),
+])
+def test_config_error_is_one_line_before_anything_is_written(args, parts, setting, tmp_path):
+    """Refused before Hydra creates a directory, with the closest valid name or the quoting that reads, and
+    never Hydra's own hint (``+model.n_layer=3``) or its lexer report."""
+    proc = run_cli([a.format(tmp=tmp_path) for a in args], cwd=tmp_path, timeout=120, env=_env(setting))
+    line = _assert_one_line_exit_2(proc, "trainrun: configuration error: ", *(p.format(tmp=tmp_path) for p in parts))
+    assert "+model.n_layer" not in line and "Exception" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing may be written"
+
+
+@pytest.mark.parametrize("setting", sorted(ENVIRONMENTS))
+def test_unresolvable_interpolation_is_one_line(setting, tmp_path):
+    proc = run_cli(["optim.lr=${optim.lrr}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=120,
+                   env=_env(setting))
+    _assert_one_line_exit_2(proc, "trainrun: configuration error: optim.lr='${optim.lrr}': ",
+                            "did you mean ${optim.lr}?")
+    assert not (tmp_path / "run" / "train.log").exists()
+
+
+@pytest.mark.parametrize("multirun", [["-m"], ["--multirun"], ["hydra.mode=MULTIRUN"]])
+@pytest.mark.parametrize("below", [False, True], ids=["sweep-dir-is-a-file", "sweep-dir-below-a-file"])
+def test_unwritable_sweep_dir_names_hydra_sweep_dir(multirun, below, tmp_path, blocker):
+    """Hydra's own creation of the sweep directory (trainrun's pre-flight callback is taken out, so that
+    the entry point's handler is what answers) names hydra.sweep.dir however multirun was asked for."""
+    sweep_dir = blocker / "sweep" if below else blocker
+    args = [*multirun, f"hydra.sweep.dir={sweep_dir}", "~hydra.callbacks.trainrun_sweep", "run.dry_run=true"]
+    proc = run_cli(args, cwd=tmp_path, timeout=120)
+    line = _assert_one_line_exit_2(proc, "trainrun: environment error: hydra.sweep.dir is not writable",
+                                   str(sweep_dir), "set hydra.sweep.dir to")
+    assert "hydra.run.dir" not in line
