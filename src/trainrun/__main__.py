@@ -170,9 +170,10 @@ def hydra_entry(cfg: DictConfig) -> int:
 
 
 def _ctrl_c_seen() -> bool:
-    from trainrun.checkpoint.exit_controller import ExitController
-
-    return ExitController.ctrl_c_seen
+    """Ctrl-C reached a run's exit controller in this process (the run saved and stopped)."""
+    if "trainrun.checkpoint.exit_controller" not in sys.modules:  # no run started: nothing could see it
+        return False
+    return sys.modules["trainrun.checkpoint.exit_controller"].ExitController.ctrl_c_seen
 
 
 def _exit_rank_now(code: int) -> None:
@@ -264,6 +265,15 @@ def main() -> None:
         option = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         print(f"trainrun: environment error: {unwritable_dir_error(option, err.filename, err)}", file=sys.stderr)
         sys.exit(ExitCode.CONFIG_ERROR)
+    except KeyboardInterrupt:
+        # A sweep's point saw Ctrl-C and saved (hydra_entry raised to end the sweep), or Ctrl-C came
+        # between points or before any run started: nothing committed is lost either way.
+        if _ctrl_c_seen():
+            print("trainrun: sweep stopped by Ctrl-C after the point that saved; launch the same sweep again to "
+                  "resume it (finished points are skipped)", file=sys.stderr)
+            sys.exit(ExitCode.RESUME)
+        print("trainrun: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(ExitCode.INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def check_writable_dir(path: Path, option: str, note: str = "") -> None:
             probe.unlink()
 
 
-def run_directory(run_dir: Path | None) -> tuple[Path, str, str]:
+def run_directory(run_dir: Path | None, option: str = "hydra.run.dir") -> tuple[Path, str, str]:
     """The run directory ``orchestrator.resolve_run_dir`` will use, the option setting it, a note on its default.
 
     It is Hydra's ``hydra.run.dir`` (one per sweep point), resolved once by the entry point, which
@@ -79,8 +79,8 @@ def run_directory(run_dir: Path | None) -> tuple[Path, str, str]:
     own or runs in the current directory.
     """
     if run_dir is not None:
-        return run_dir, "hydra.run.dir", ""
-    return Path.cwd(), "hydra.run.dir", "unset: the current directory"
+        return run_dir, option, ""
+    return Path.cwd(), option, "unset: the current directory"
 
 
 def checkpoint_directories(cfg: TrainRunConfig, run_dir: Path) -> list[tuple[Path, str, str]]:
@@ -161,15 +161,17 @@ def first_line(err: BaseException) -> str:
     return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
-def check_environment(cfg: TrainRunConfig, run_dir: Path | None, wandb_credentials: bool = True) -> None:
+def check_environment(cfg: TrainRunConfig, run_dir: Path | None, wandb_credentials: bool = True,
+                      run_dir_option: str = "hydra.run.dir") -> None:
     """Every start-up check of the environment, cheapest first; raise :class:`RunEnvironmentError` on the first problem.
 
     ``run_dir`` is the caller's (Hydra's) run directory, as passed to ``orchestrator.run``. A dry run
     writes only its log, so it checks the run directory and the data cache alone.
     ``wandb_credentials=False`` leaves out the wandb check (a sweep's pre-flight, when the jobs' setup
-    lines give them credentials this process does not have).
+    lines give them credentials this process does not have). ``run_dir_option``: the setting a user
+    changes to move ``run_dir`` (``hydra.sweep.dir`` for a sweep point, whose directory lies under it).
     """
-    path, option, note = run_directory(run_dir)
+    path, option, note = run_directory(run_dir, run_dir_option)
     check_writable_dir(path, option, note)
     if not cfg.run.dry_run:
         if wandb_credentials:

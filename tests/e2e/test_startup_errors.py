@@ -179,3 +179,14 @@ def test_unwritable_sweep_dir_names_hydra_sweep_dir(multirun, below, tmp_path, b
     line = _assert_one_line_exit_2(proc, "trainrun: environment error: hydra.sweep.dir is not writable",
                                    str(sweep_dir), "set hydra.sweep.dir to")
     assert "hydra.run.dir" not in line
+
+
+@pytest.mark.parametrize("below", [False, True], ids=["sweep-dir-is-a-file", "sweep-dir-below-a-file"])
+def test_sweep_preflight_names_hydra_sweep_dir(below, tmp_path, blocker):
+    """The same with trainrun's sweep pre-flight in place, which checks each point's directory under it."""
+    sweep_dir = blocker / "sweep" if below else blocker
+    proc = run_cli(["-m", f"hydra.sweep.dir={sweep_dir}", "model.n_layers=1,2", "run.dry_run=true"], cwd=tmp_path,
+                   timeout=120)
+    line = _assert_one_line_exit_2(proc, "trainrun: environment error: hydra.sweep.dir is not writable",
+                                   str(sweep_dir), "set hydra.sweep.dir to")
+    assert "hydra.run.dir" not in line

@@ -153,3 +153,22 @@ def test_ctrl_c_to_torchrun_saves_on_every_worker(tmp_path, corpus_cache):
     stopped = int(log.split("stopping at step ")[1].split(" ")[0])
     assert latest_step(run_dir / "checkpoints") == stopped
     assert verify_checkpoint(run_dir / "checkpoints" / f"step_{stopped}", "sha256") is None
+
+
+def test_ctrl_c_in_a_sweep_saves_that_point_and_ends_the_sweep(tmp_path, corpus_cache):
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", *base_args(corpus_cache, tmp_path / "unused", "checkpoint.interval=0", max_steps=2000)[:-1],
+            f"hydra.sweep.dir={sweep_dir}", "optim.lr=1e-3,2e-3"]
+    sweep_dir.mkdir(parents=True)
+    proc = launch(args, sweep_dir)
+    deadline = time.monotonic() + 120
+    while not (points := [p for p in sweep_dir.glob("p*") if (p / "metrics.jsonl").is_file()]):
+        assert proc.poll() is None and time.monotonic() < deadline, output(proc)[-3000:]
+        time.sleep(0.05)
+    assert wait_for_rows(points[0], 1, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 3, output(proc)[-3000:]
+    out = _assert_one_line_no_traceback(proc)
+    assert "sweep stopped by Ctrl-C after the point that saved" in out
+    assert _status(points[0])["status"] == "resume" and latest_step(points[0] / "checkpoints") is not None
+    assert len([p for p in sweep_dir.glob("p*") if (p / "metrics.jsonl").is_file()]) == 1  # the next never ran

@@ -226,3 +226,9 @@ def test_main_prints_one_line_and_exits_2_whatever_the_environment(override, exp
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"trainrun: configuration error: {expected}"), err
     assert "+model.n_layer" not in err and "HYDRA_FULL_ERROR" not in err
+
+
+def test_a_removed_setting_names_its_successor():
+    from trainrun.config.suggest import unknown_key_message
+
+    assert unknown_key_message("run.output_dir") == "no such setting any more; use hydra.run.dir"

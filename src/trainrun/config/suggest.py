@@ -77,6 +77,12 @@ def _schema_paths(cls: type = TrainRunConfig, prefix: str = "") -> Iterator[str]
             yield from _schema_paths(sub, f"{prefix}{name}.")
 
 
+MOVED_KEYS = {
+    "run.output_dir": "hydra.run.dir",  # one run directory, resolved and locked once by the entry point
+}
+"""Settings that were removed, and where their job went (for a user's old command line)."""
+
+
 def closest_key(path: str) -> str | None:
     """The valid key the user most likely meant by dotted ``path``; None if none is close (or ``path`` is valid).
 
@@ -111,6 +117,8 @@ def unknown_key_message(path: str) -> str | None:
         return None
     index, names = found
     what = "no such setting or config group" if index == 0 else "no such setting"
+    if path in MOVED_KEYS:
+        return f"{what} any more; use {MOVED_KEYS[path]}"
     guess = closest_key(path)
     if guess is not None:
         return f"{what}; did you mean {guess}?"

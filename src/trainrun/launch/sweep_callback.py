@@ -124,7 +124,8 @@ def check_point_environments(config: DictConfig, points: dict[str, TrainRunConfi
     wandb_credentials = "WANDB" not in setup.upper()
     sweep_dir = Path(str(config.hydra.sweep.dir))
     for point, cfg in points.items():
-        check_environment(cfg, sweep_dir / point, wandb_credentials=wandb_credentials)
+        check_environment(cfg, sweep_dir / point, wandb_credentials=wandb_credentials,
+                          run_dir_option="hydra.sweep.dir")
 
 
 def preflight(config: DictConfig, points: Sequence[Sequence[str]], world_size: int,
