@@ -1,8 +1,9 @@
 """``python -m trainrun``: Hydra composes the config; the orchestrator runs it.
 
-Exit codes are those of :mod:`trainrun.exit_codes`; configuration errors (including Hydra's
-own composition errors) and errors of the environment a user can fix (an unwritable directory,
-missing wandb credentials; see :mod:`trainrun.preflight`) exit 2 with one line and no traceback.
+Exit codes are those of :mod:`trainrun.exit_codes`. An error a user can fix (the kinds of
+:mod:`trainrun.errors`: configuration, including Hydra's own composition errors; environment;
+data; checkpoint) is one line on stderr, ``trainrun: <kind> error: ...``, with no traceback, and
+exits with its kind's code.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainrun.cli_help import register_help_resolver
-from trainrun.config import ConfigError, register_configs
+from trainrun.config import register_configs
 from trainrun.config.convert import config_dir
 from trainrun.config.store import normalize_overrides
 from trainrun.config.validate import launcher_world_size
+from trainrun.errors import UserError
 from trainrun.exit_codes import ExitCode
-from trainrun.preflight import RunEnvironmentError, unwritable_dir_error
-from trainrun.registry import UnknownComponentError
+from trainrun.preflight import unwritable_dir_error
 
 # torch and the components are imported inside _run_task: --help, --info and shell completion
 # (a query per TAB) answer without paying for them.
@@ -45,22 +46,10 @@ def _print_summary(result) -> None:
     print(f"run directory: {result.run_dir.resolve()}")
 
 
-def _report(err: Exception) -> int:
-    """Print a user-fixable error as one line on stderr; return its exit code."""
-    from trainrun.checkpoint.store import CheckpointError
-
-    if isinstance(err, CheckpointError):
-        print(f"trainrun: checkpoint error: {err}", file=sys.stderr)
-        return ExitCode.FAILED
-    kind = "environment" if isinstance(err, RunEnvironmentError) else "configuration"
-    print(f"trainrun: {kind} error: {err}", file=sys.stderr)
-    return ExitCode.CONFIG_ERROR
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from trainrun.checkpoint.store import CheckpointError
-
-    return ConfigError, UnknownComponentError, RunEnvironmentError, CheckpointError
+def _report(err: UserError) -> int:
+    """Print a user-fixable error as its kind's one line on stderr; return the kind's exit code."""
+    print(err.line(), file=sys.stderr)
+    return err.exit_code
 
 
 def _run_task(cfg, run_dir: Path) -> int:
@@ -69,7 +58,7 @@ def _run_task(cfg, run_dir: Path) -> int:
 
     try:
         result = orchestrator.run(cfg, run_dir=run_dir)
-    except _user_errors() as err:
+    except UserError as err:
         return _report(err)
     except KeyboardInterrupt:
         print("trainrun: interrupted (Ctrl-C): stopped without saving; checkpoints committed before are intact, "
@@ -107,7 +96,7 @@ def run_in_dir(cfg: DictConfig, run_dir: Path, write_record: Callable[[], None] 
                 code = _run_task(typed, run_dir)
             finally:
                 record_status(run_dir, ExitCode(code).name.lower(), int(code), started)
-    except _user_errors() as err:  # e.g. a directory locked by another run
+    except UserError as err:  # e.g. a directory locked by another run
         return _report(err)
     return code
 
@@ -208,7 +197,7 @@ def composition_error_line(err: BaseException) -> str:
 
     from trainrun.config.suggest import missing_option_message, unknown_key_message
 
-    if isinstance(err, (ConfigError, UnknownComponentError)):
+    if isinstance(err, UserError):
         return " ".join(str(err).splitlines())
     for cause in _causes(err):
         key = getattr(cause, "full_key", None)
@@ -249,9 +238,13 @@ def main() -> None:
         sys.argv[1:] = normalize_overrides(sys.argv[1:])
         check_command_line(sys.argv[1:], optional_group_options())  # before Hydra creates any directory
         hydra_entry()
-    except (HydraException, OmegaConfBaseException, ConfigError, UnknownComponentError) as err:
+    except UserError as err:
         if _task_started:
             raise  # a crash inside the run: the traceback matters, exit code 1
+        sys.exit(_report(err))  # e.g. a sweep's pre-flight found a bad point
+    except (HydraException, OmegaConfBaseException) as err:
+        if _task_started:
+            raise
         print(f"trainrun: configuration error: {composition_error_line(err)}", file=sys.stderr)
         sys.exit(ExitCode.CONFIG_ERROR)
     except OSError as err:

@@ -30,6 +30,9 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from trainrun.checkpoint.layout import LATEST_FILE, is_checkpoint
+from trainrun.checkpoint.paths import run_checkpoint_dir
+
 RUN_DIR_ENTRIES = (".hydra", "trainrun_status.json", ".trainrun.lock", "metrics.jsonl")
 """Names that make a directory a run directory (besides a ``checkpoints/`` that is a checkpoint directory)."""
 _STEP_DIR = re.compile(r"^\.?(old_)?step_\d+$")
@@ -63,7 +66,7 @@ def _names_a_step(latest: Path) -> bool:
 
 def is_checkpoint_dir(directory: Path) -> bool:
     """``directory`` holds checkpoints (``step_<N>/``, a ``latest`` naming one) or is one (``trainrun.json``)."""
-    if (directory / "trainrun.json").is_file() or _names_a_step(directory / "latest"):
+    if is_checkpoint(directory) or _names_a_step(directory / LATEST_FILE):
         return True
     try:
         with os.scandir(directory) as entries:
@@ -76,7 +79,7 @@ def is_run_dir(directory: Path) -> bool:
     """``directory`` is a training run's directory (see :data:`RUN_DIR_ENTRIES`)."""
     if any(os.path.lexists(directory / name) for name in RUN_DIR_ENTRIES):
         return True
-    return (directory / "checkpoints").is_dir() and is_checkpoint_dir(directory / "checkpoints")
+    return run_checkpoint_dir(directory).is_dir() and is_checkpoint_dir(run_checkpoint_dir(directory))
 
 
 def work_kind(directory: Path) -> str | None:
@@ -165,7 +168,8 @@ def _refuse_existing(output: Path, target: Path, option: str, command: str, forc
 
 def check_writable(output: Path, option: str) -> None:
     """The nearest existing directory at or above ``output`` accepts a file (where the output will be built)."""
-    from trainrun.preflight import RunEnvironmentError, check_writable_dir
+    from trainrun.errors import RunEnvironmentError
+    from trainrun.preflight import check_writable_dir
 
     existing = next(p for p in (output, *output.parents) if p.exists())
     try:

@@ -25,18 +25,10 @@ import socket
 from contextlib import suppress
 from pathlib import Path
 
+from trainrun.checkpoint.paths import RUN_CHECKPOINTS, checkpoint_dirs
 from trainrun.config.choices import WandbMode
 from trainrun.config.schema import TrainRunConfig, WandbConfig
-
-WANDB_OFFLINE_FIX = "or use logging.wandb.mode=offline (upload later with `wandb sync`)"
-
-
-class RunEnvironmentError(RuntimeError):
-    """Something outside the config that a user can fix (a directory, credentials, the network), in one line."""
-
-    def __init__(self, what: str, where: str, fix: str):
-        self.what, self.where, self.fix = what, where, fix
-        super().__init__(f"{what}: {where}; {fix}")
+from trainrun.errors import RunEnvironmentError, first_line
 
 
 def unwritable_dir_error(option: str, path: str | os.PathLike, err: OSError, note: str = "") -> RunEnvironmentError:
@@ -85,15 +77,10 @@ def run_directory(run_dir: Path | None, option: str = "hydra.run.dir") -> tuple[
 
 def checkpoint_directories(cfg: TrainRunConfig, run_dir: Path) -> list[tuple[Path, str, str]]:
     """Every directory this run may save checkpoints to: (path, the option that sets it, a note on its default)."""
-    from trainrun.checkpoint.checkpointer import non_persistent_dir
-
     c = cfg.checkpoint
-    dirs = [(Path(c.dir), "checkpoint.dir", "") if c.dir else
-            (run_dir / "checkpoints", "checkpoint.dir", "null: <run dir>/checkpoints")]
-    if c.non_persistent_interval > 0:
-        dirs.append((non_persistent_dir(cfg, run_dir), "checkpoint.non_persistent_dir",
-                     "" if c.non_persistent_dir else "null: under the system temp dir"))
-    return dirs
+    notes = [("checkpoint.dir", "" if c.dir else f"null: <run dir>/{RUN_CHECKPOINTS}"),
+             ("checkpoint.non_persistent_dir", "" if c.non_persistent_dir else "null: under the system temp dir")]
+    return [(path, option, note) for path, (option, note) in zip(checkpoint_dirs(cfg, run_dir), notes, strict=False)]
 
 
 def check_data_cache(cfg: TrainRunConfig) -> None:
@@ -139,6 +126,8 @@ def check_wandb_credentials(cfg: WandbConfig) -> None:
     """
     if not cfg.enabled or cfg.mode is not WandbMode.online:
         return
+    from trainrun.observe.wandb_sink import WANDB_OFFLINE_FIX  # here: observe/ imports torch, the CLI's --help must not
+
     try:
         from wandb.errors import AuthenticationError
         from wandb.sdk import wandb_setup
@@ -154,11 +143,6 @@ def check_wandb_credentials(cfg: WandbConfig) -> None:
     if auth is None:
         raise RunEnvironmentError("logging.wandb.mode=online but no wandb API key is configured for the server", host,
                                   f"set WANDB_API_KEY or run `wandb login`, {WANDB_OFFLINE_FIX}")
-
-
-def first_line(err: BaseException) -> str:
-    """The first non-empty line of ``err``'s message (library errors often span several)."""
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def check_environment(cfg: TrainRunConfig, run_dir: Path | None, wandb_credentials: bool = True,

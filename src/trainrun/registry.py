@@ -16,6 +16,9 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
+from trainrun.errors import ConfigError, UserError
+from trainrun.exit_codes import ExitCode
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=Callable)
@@ -23,8 +26,11 @@ T = TypeVar("T", bound=Callable)
 ENTRY_POINT_GROUP = "trainrun.plugins"
 
 
-class UnknownComponentError(KeyError):
-    """Raised when a configured component name is not registered."""
+class UnknownComponentError(UserError, KeyError):
+    """Raised when a configured component name is not registered (a configuration error)."""
+
+    kind = "configuration"
+    exit_code = ExitCode.CONFIG_ERROR
 
     def __init__(self, kind: str, name: str, known: list[str], field: str | None = None):
         where = f"{field}={name!r}" if field else repr(name)
@@ -81,8 +87,6 @@ class Registry(Generic[T]):
         """Like :meth:`get` for a name listed as an extra component; a built-in with its own switch is refused."""
         factory = self.get(name)
         if name in self._switches:
-            from trainrun.config.errors import ConfigError
-
             raise ConfigError(self.config_field or self.kind, name,
                               f"is built in and switched by {self._switches[name]}; remove it from the list")
         return factory
@@ -140,7 +144,5 @@ def import_plugin_modules(modules: list[str]) -> None:
         try:
             importlib.import_module(module)
         except ImportError as err:
-            from trainrun.config.errors import ConfigError
-
             raise ConfigError("run.plugins", module,
                               f"it cannot be imported ({err}); install it or fix the name") from err

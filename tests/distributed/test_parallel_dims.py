@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ParallelConfig
 from trainrun.distributed.parallel_dims import ParallelDims
 from trainrun.distributed.pipeline import stage_ids
+from trainrun.errors import ConfigError
 
 
 def test_degrees_must_multiply_to_world_size():

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import DataConfig
 from trainrun.data.corpus import build_stdlib_corpus
 from trainrun.data.datasets import build_indexed, open_dataset_dir
@@ -23,6 +22,7 @@ from trainrun.data.loader import (
 )
 from trainrun.data.prepare import main as prepare_main
 from trainrun.data.tokenizer import ByteTokenizer
+from trainrun.errors import ConfigError, DataError
 from trainrun.registry import DATASETS
 
 # ---------------------------------------------------------------- indexed format
@@ -73,15 +73,15 @@ def test_writer_crash_leaves_no_files(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_corrupt_magic_and_missing_files_raise_config_error(tmp_path: Path) -> None:
+def test_corrupt_magic_and_missing_files_raise_data_error(tmp_path: Path) -> None:
     with IndexedDatasetWriter(tmp_path / "ds", np.int32) as w:
         w.add_document(np.arange(3))
     idx = tmp_path / "ds.idx"
     idx.write_bytes(b"NOTMAGIC!" + idx.read_bytes()[9:])
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(DataError) as err:
         IndexedDataset(tmp_path / "ds")
     assert err.value.field == "data.path" and "magic" in err.value.fix
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         IndexedDataset(tmp_path / "nothing")
 
 

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY, run_cli
-from trainrun.config.errors import ConfigError
 from trainrun.data import checks
 from trainrun.data.datasets import open_dataset_dir
 from trainrun.data.indexed import HEADER_SIZE, DataFileError, IndexedDataset, IndexedDatasetWriter
 from trainrun.data.layout import DatasetDirWriter
 from trainrun.data.prepare import main as prepare_main
 from trainrun.data.tokenizer import ByteTokenizer
+from trainrun.errors import DataError
 
 # ---------------------------------------------------------------- helpers
 
@@ -69,10 +69,10 @@ def _set_meta(directory: Path, **changes) -> None:
 
 
 def _raises_naming(path: Path, match: str, call, *args, **kwargs) -> DataFileError:
-    """``call`` raises a DataFileError (a ConfigError: exit status 2) on one line naming ``path``."""
+    """``call`` raises a DataFileError (a DataError: exit status 2) on one line naming ``path``."""
     with pytest.raises(DataFileError, match=match) as err:
         call(*args, **kwargs)
-    assert isinstance(err.value, ConfigError) and err.value.path == path
+    assert isinstance(err.value, DataError) and err.value.path == path
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     return err.value
 
@@ -266,7 +266,7 @@ def test_cli_reports_a_corrupt_bin_in_one_line_with_exit_2(tmp_path: Path) -> No
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("trainrun:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert errors[0].startswith(f"trainrun: configuration error: data.path='{directory / 'train.bin'}': is ")
+    assert errors[0].startswith(f"trainrun: data error: data.path='{directory / 'train.bin'}': is ")
     assert "2 bytes more than the index" in errors[0] and "trainrun-prepare" in errors[0]
 
 

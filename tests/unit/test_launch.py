@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from trainrun.config.errors import ConfigError
+from trainrun.errors import RunEnvironmentError
 from trainrun.launch.point import point_id
 from trainrun.launch.run_status import RunDirLock, is_finished, read_status, record_status
 
@@ -50,7 +50,7 @@ def _hold_lock(run_dir: Path) -> subprocess.Popen:
 def test_a_run_directory_is_locked_while_a_run_writes_to_it(tmp_path: Path):
     holder = _hold_lock(tmp_path)
     try:
-        with pytest.raises(ConfigError, match=r"is in use by run \d+ on .*use another directory"), \
+        with pytest.raises(RunEnvironmentError, match=r"is in use by run \d+ on .*use another directory"), \
                 RunDirLock(tmp_path):
             pass
     finally:

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig, OptimConfig
+from trainrun.errors import ConfigError
 from trainrun.model import (
     GPT,
     build_gpt,

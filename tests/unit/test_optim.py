@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig, OptimConfig
+from trainrun.errors import ConfigError
 from trainrun.model import GPT
 from trainrun.optim import (
     build_adamw,

@@ -14,7 +14,7 @@ from trainrun import orchestrator, preflight
 from trainrun.checkpoint.checkpointer import non_persistent_dir
 from trainrun.config.schema import CheckpointConfig, DataConfig, LoggingConfig, RunConfig, TrainRunConfig, WandbConfig
 from trainrun.data import corpus
-from trainrun.preflight import RunEnvironmentError
+from trainrun.errors import RunEnvironmentError
 
 
 @pytest.fixture

@@ -42,18 +42,18 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import TrainRunConfig
+from trainrun.errors import ConfigError, DataError, RunEnvironmentError, UserError
 from trainrun.exit_codes import ExitCode
 from trainrun.launch.run_status import read_status
 from trainrun.launch.sweep_callback import (
     check_point,
     exit_code_of,
-    launcher_world_size,
     point_summary,
     preflight,
     refuse,
     sweep_exit_code,
+    world_size_per_job,
 )
 
 log = logging.getLogger(__name__)
@@ -216,11 +216,9 @@ class TrainrunOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         """Run trials until the study holds ``n_trials`` told ones; return the best value (exit codes: module doc)."""
-        from trainrun.preflight import RunEnvironmentError
-
         assert self.config is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        world_size = launcher_world_size(self.config)
+        world_size = world_size_per_job(self.config)
         try:
             self._check_options()
             parsed = OverridesParser.create().parse_overrides(
@@ -231,7 +229,7 @@ class TrainrunOptunaSweeper(Sweeper):
             _, probe = check_point(self.config, [*fixed, *probe_overrides(space)], world_size)
             check_objective_readable(probe)
             study = self._study(sweep_dir)
-        except (ConfigError, RunEnvironmentError) as err:
+        except UserError as err:
             refuse(err)
         print(f"trainrun: pre-flight: the search's config composes and validates for {world_size} process(es) "
               "per job; each trial is checked before it is launched", file=sys.stderr)
@@ -262,8 +260,6 @@ class TrainrunOptunaSweeper(Sweeper):
     def _run_batch(self, study: Any, space: list[Override], fixed: list[str], sweep_dir: Path, world_size: int,
                    size: int) -> Exception | ExitCode | None:
         """Ask ``size`` trials, pre-flight, launch and tell them all; return why the search must stop, if it must."""
-        from trainrun.preflight import RunEnvironmentError
-
         trials = [study.ask() for _ in range(size)]
         told: set[int] = set()
         try:
@@ -276,7 +272,7 @@ class TrainrunOptunaSweeper(Sweeper):
                 try:
                     [(point, cfg)] = preflight(self.config, [overrides], world_size, distinct=False)
                     check_objective_readable(cfg)
-                except ConfigError as err:
+                except (ConfigError, DataError) as err:
                     self._fail(study, trial, requeue=False)
                     told.add(trial.number)
                     self._record(ExitCode.CONFIG_ERROR,

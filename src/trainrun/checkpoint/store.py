@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from trainrun.checkpoint.safe_reader import SafeFileSystemReader
+from trainrun.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,6 @@ KNOWN_SECTIONS = ("model", "optim", "rng")
 """Top-level entries of trainrun's DCP state; anything else marks a foreign checkpoint."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _OLD_STEP_DIR = re.compile(r"^\.old_step_(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or is not usable."""
 
 
 class CheckpointMismatch(CheckpointError):

@@ -1,7 +1,6 @@
 """Typed configuration: schemas, ConfigStore registration, validation and conversion."""
 
 from trainrun.config.convert import compose_config, to_dataclass
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import (
     CheckpointConfig,
     DataConfig,
@@ -17,6 +16,7 @@ from trainrun.config.schema import (
 )
 from trainrun.config.store import register_configs
 from trainrun.config.validate import validate_config
+from trainrun.errors import ConfigError
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "LoggingConfig", "ModelConfig",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 
 from trainrun.config.choices import enum_fields
-from trainrun.config.errors import ConfigError
+from trainrun.errors import ConfigError
 
 
 def positive(field: str, value: int | float, allow_zero: bool = False) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import TrainRunConfig
 from trainrun.config.suggest import closest_key, unknown_key_message, unknown_keys
+from trainrun.errors import ConfigError
 
 CONF_PACKAGE = "trainrun.conf"
 """The package that holds config.yaml: conf/ of the checkout, mapped by pyproject.toml's package-dir

@@ -29,7 +29,7 @@ from trainrun.config.choices import (
     Verify,
     WandbMode,
 )
-from trainrun.config.errors import ConfigError
+from trainrun.errors import ConfigError
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 
 from trainrun.config import schema
-from trainrun.config.errors import ConfigError
+from trainrun.errors import ConfigError
 
 GROUP_SCHEMAS: dict[str, type] = {
     "run": schema.RunConfig,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 
 from trainrun.config.choices import ActivationCheckpointing, Device, OptimizerImpl, Position, Precision
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import TrainRunConfig
+from trainrun.errors import ConfigError
 
 
 def resolve_device_type(cfg: TrainRunConfig) -> str:

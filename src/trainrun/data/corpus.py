@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from trainrun.config.errors import ConfigError
 from trainrun.data.fsutil import publish_dir, staging_dir
 from trainrun.data.layout import META_FILE, DatasetDirWriter
 from trainrun.data.split import document_scores, validation_mask
 from trainrun.data.tokenizer import ByteTokenizer
+from trainrun.errors import ConfigError, RunEnvironmentError
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,9 @@ def build_stdlib_corpus(cache_root: str | os.PathLike | None = None, val_fractio
     src = Path(root) if root is not None else stdlib_root()
     files = list_source_files(src)
     if not files:
-        raise ConfigError("data.name", "stdlib", f"no .py files under {src}; use data.name=indexed with a "
-                          "dataset from `trainrun-prepare`")
+        # A Python installed without its library sources: the environment, not a setting.
+        raise RunEnvironmentError("data.name=stdlib finds no .py files in the standard library", str(src),
+                                  "use data.name=indexed with a dataset from `trainrun-prepare`")
     cache = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
     final = stdlib_corpus_dir(cache, files, val_fraction, max_documents)
     if (final / META_FILE).is_file():

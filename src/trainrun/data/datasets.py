@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import DataConfig
 from trainrun.data.checks import check_split
 from trainrun.data.corpus import build_stdlib_corpus
@@ -20,6 +19,7 @@ from trainrun.data.layout import (
     split_prefix,
 )
 from trainrun.data.tokenizer import Tokenizer, load_tokenizer
+from trainrun.errors import ConfigError, DataError
 from trainrun.registry import DATASETS
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def open_dataset_dir(path: str | os.PathLike, verify_checksum: bool = False,
     """Open and check a dataset directory (see :mod:`trainrun.data.layout`); memory-maps its splits.
 
     Every check of :mod:`trainrun.data.checks` runs here, so a bad directory raises a
-    :class:`ConfigError` naming the file before training starts; tokens are read only for small
+    :class:`~trainrun.errors.DataError` naming the file before training starts; tokens are read only for small
     splits or when nothing recorded their maximum id. ``verify_checksum`` re-hashes and scans
     every file (reads them all) and fails on a mismatch.
     """
@@ -58,13 +58,13 @@ def open_dataset_dir(path: str | os.PathLike, verify_checksum: bool = False,
             for s, ds in zip(SPLITS, (train, val), strict=True)]
     tokenizer = load_tokenizer(directory)
     if tokenizer.vocab_size != meta["vocab_size"] or tokenizer.eod_id != meta["eod_id"]:
-        raise ConfigError(field, str(directory), "meta.json and the tokenizer disagree on vocab_size/eod_id; "
-                          "rerun `trainrun-prepare`")
+        raise DataError(field, str(directory), "meta.json and the tokenizer disagree on vocab_size/eod_id; "
+                        "rerun `trainrun-prepare`")
     if verify_checksum:
         actual = compute_checksum(directory)
         if actual != meta["checksum"]:
-            raise ConfigError(field, str(directory), f"checksum mismatch (meta.json {meta['checksum'][:12]}, files "
-                              f"{actual[:12]}): the data changed after preparation; rerun `trainrun-prepare`")
+            raise DataError(field, str(directory), f"checksum mismatch (meta.json {meta['checksum'][:12]}, files "
+                            f"{actual[:12]}): the data changed after preparation; rerun `trainrun-prepare`")
     return TokenDataset(train=train, val=val, tokenizer=tokenizer, vocab_size=int(meta["vocab_size"]),
                         eod_id=int(meta["eod_id"]), checksum=str(meta["checksum"]), path=directory,
                         max_token_id=max((t for t in tops if t is not None), default=-1))
@@ -86,8 +86,8 @@ def _check_indexed_path(path: str | None) -> Path:
         wanted += [data_file_path(split_prefix(directory, s)), index_file_path(split_prefix(directory, s))]
     missing = [p.name for p in wanted if not p.is_file()]
     if missing:
-        raise ConfigError("data.path", path, f"missing {', '.join(missing)}, so this is not a complete dataset "
-                          f"directory; {PREPARE_HINT}")
+        raise DataError("data.path", path, f"missing {', '.join(missing)}, so this is not a complete dataset "
+                        f"directory; {PREPARE_HINT}")
     return directory
 
 

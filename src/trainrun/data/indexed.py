@@ -53,7 +53,7 @@ from types import TracebackType
 
 import numpy as np
 
-from trainrun.config.errors import ConfigError
+from trainrun.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +86,11 @@ def dtype_code(dtype: np.dtype | type | str) -> int:
                          f"{sorted(str(np.dtype(t)) for t in DTYPE_CODES.values())}") from None
 
 
-class DataFileError(ConfigError):
+class DataFileError(DataError):
     """A dataset file that is missing, corrupt or inconsistent: one line naming the file, the problem and the fix.
 
-    A :class:`ConfigError` (field ``data.path``), so ``python -m trainrun`` reports it as a
-    configuration error with exit status 2 and no traceback.
+    A :class:`~trainrun.errors.DataError` (field ``data.path``), so ``python -m trainrun`` reports it
+    as a data error with exit status 2 and no traceback.
     """
 
     def __init__(self, path: str | os.PathLike, problem: str, fix: str = REBUILD_HINT, field: str = "data.path"):

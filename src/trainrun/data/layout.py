@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from trainrun.config.errors import ConfigError
 from trainrun.data.indexed import (
     DataFileError,
     IndexedDatasetWriter,
@@ -37,6 +36,7 @@ from trainrun.data.indexed import (
     token_dtype,
 )
 from trainrun.data.tokenizer import TOKENIZER_FILE, BPETokenizer, Tokenizer
+from trainrun.errors import ConfigError, DataError
 
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
@@ -65,7 +65,7 @@ def compute_checksum(directory: str | os.PathLike) -> str:
 
 
 def read_meta(directory: str | os.PathLike, field: str = "data.path") -> dict[str, Any]:
-    """Parse ``meta.json``; a missing or malformed file is a ConfigError naming ``field``."""
+    """Parse ``meta.json``; a missing or malformed one is a DataError naming ``field`` (no directory: a ConfigError)."""
     path = Path(directory) / META_FILE
     if not Path(directory).is_dir():
         raise ConfigError(field, str(directory), "no such directory; run `trainrun-prepare INPUTS --output DIR` "
@@ -73,16 +73,16 @@ def read_meta(directory: str | os.PathLike, field: str = "data.path") -> dict[st
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(field, str(directory), f"{path.name} is missing, so this is not a dataset directory; "
+        raise DataError(field, str(directory), f"{path.name} is missing, so this is not a dataset directory; "
                           "run `trainrun-prepare INPUTS --output DIR` first") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(field, str(directory),
-                          f"{path.name} is not valid JSON ({err}); rerun `trainrun-prepare`") from None
+        raise DataError(field, str(directory),
+                        f"{path.name} is not valid JSON ({err}); rerun `trainrun-prepare`") from None
     if not isinstance(meta, dict):
         raise DataFileError(path, f"holds a JSON {type(meta).__name__}, not an object", field=field)
     missing = [k for k in ("tokenizer", "vocab_size", "eod_id", "checksum") if k not in meta]
     if missing:
-        raise ConfigError(field, str(directory), f"{path.name} lacks {', '.join(missing)}; rerun `trainrun-prepare`")
+        raise DataError(field, str(directory), f"{path.name} lacks {', '.join(missing)}; rerun `trainrun-prepare`")
     _check_meta_values(path, meta, field)
     return meta
 

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainrun.config.errors import ConfigError
 from trainrun.data.datasets import TokenDataset
 from trainrun.data.indexed import IndexedDataset
+from trainrun.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

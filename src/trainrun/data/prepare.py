@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from trainrun.config.errors import ConfigError
 from trainrun.data.layout import META_FILE, DatasetDirWriter
 from trainrun.data.split import document_scores, validation_mask
 from trainrun.data.tokenizer import BPETokenizer, ByteTokenizer, HFFastTokenizer, Tokenizer, train_bpe
+from trainrun.errors import ConfigError
 from trainrun.outputs import MARKER_GLOB, OutputError, check_not_input, check_output_dir, staged_output
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from trainrun.config.errors import ConfigError
+from trainrun.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -206,20 +206,20 @@ def load_tokenizer(dataset_dir: str | os.PathLike) -> Tokenizer:
     try:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
-        raise ConfigError("data.path", str(directory), f"{meta_path} is missing; run `trainrun-prepare` "
-                          "to write a dataset directory") from None
+        raise DataError("data.path", str(directory), f"{meta_path} is missing; run `trainrun-prepare` "
+                        "to write a dataset directory") from None
     kind = meta.get("tokenizer")
     if kind == "byte":
         return ByteTokenizer()
     if kind in ("bpe", "hf"):
         path = directory / TOKENIZER_FILE
         if not path.is_file():
-            raise ConfigError("data.path", str(directory), f"{path} is missing; rerun `trainrun-prepare`")
+            raise DataError("data.path", str(directory), f"{path} is missing; rerun `trainrun-prepare`")
         if kind == "bpe":
             return BPETokenizer.load(path)
         try:
             return HFFastTokenizer.load(path, meta.get("eod_id"))
         except ValueError as err:
-            raise ConfigError("data.path", str(directory), f"{err}; rerun `trainrun-prepare`") from None
-    raise ConfigError("data.path", str(directory), f"meta.json names unknown tokenizer {kind!r} "
-                      "(expected 'byte', 'bpe' or 'hf'); rerun `trainrun-prepare`")
+            raise DataError("data.path", str(directory), f"{err}; rerun `trainrun-prepare`") from None
+    raise DataError("data.path", str(directory), f"meta.json names unknown tokenizer {kind!r} "
+                    "(expected 'byte', 'bpe' or 'hf'); rerun `trainrun-prepare`")

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import TrainRunConfig
+from trainrun.errors import RunEnvironmentError
 
 STATUS_FILE = "trainrun_status.json"
 LOCK_FILE = ".trainrun.lock"
@@ -99,8 +99,9 @@ class RunDirLock:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise ConfigError(option, str(directory),
-                              f"is in use by {holder}; wait for it to end or use another directory") from None
+            # Another live run holds it: the user's environment, not a bad setting.
+            raise RunEnvironmentError(f"{option} is in use by {holder}", str(directory),
+                                      "wait for it to end or use another directory") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"run {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._fds.append(fd)

@@ -32,8 +32,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import TrainRunConfig
+from trainrun.errors import ConfigError, DataError, UserError
 from trainrun.exit_codes import ExitCode
 from trainrun.launch.point import point_id
 from trainrun.launch.run_status import STATUS_FILE, RunDirLock, read_status, record_status
@@ -52,7 +52,7 @@ OUTCOMES = {
 """How a point's exit code reads in the sweep summary (docs/checkpointing.md, "Exit codes")."""
 
 
-def launcher_world_size(config: DictConfig) -> int:
+def world_size_per_job(config: DictConfig) -> int:
     """Processes one job of this launcher runs: nodes x tasks_per_node under submitit, else WORLD_SIZE or 1."""
     launcher = config.hydra.launcher
     if "submitit" in str(launcher.get("_target_", "")):
@@ -106,8 +106,9 @@ def check_point(config: DictConfig, overrides: list[str], world_size: int) -> tu
         cfg = to_dataclass(composed)
         validate_config(cfg, world_size=world_size)
         check_memory(cfg)
-    except ConfigError as err:
-        raise ConfigError(f"sweep point {point} [{' '.join(overrides)}]: {err.field}", err.value, err.fix) from None
+    except (ConfigError, DataError) as err:
+        kind = DataError if isinstance(err, DataError) else ConfigError
+        raise kind(f"sweep point {point} [{' '.join(overrides)}]: {err.field}", err.value, err.fix) from None
     return point, cfg
 
 
@@ -152,11 +153,10 @@ def preflight(config: DictConfig, points: Sequence[Sequence[str]], world_size: i
     return checked
 
 
-def refuse(err: Exception) -> NoReturn:
-    """Print the one line of a pre-flight refusal (a config or environment error) and exit 2."""
-    kind = "configuration" if isinstance(err, ConfigError) else "environment"
-    print(f"trainrun: {kind} error: {err}", file=sys.stderr)
-    raise SystemExit(ExitCode.CONFIG_ERROR) from None
+def refuse(err: UserError) -> NoReturn:
+    """Print the one line of a pre-flight refusal (a config, data or environment error) and exit with its code."""
+    print(err.line(), file=sys.stderr)
+    raise SystemExit(err.exit_code) from None
 
 
 def exit_code_of(status: dict) -> ExitCode:
@@ -232,13 +232,11 @@ class SweepCallback(Callback):
         """Validate every point; exit 2 with one line on the first bad one, before any job is launched."""
         if str(config.hydra.sweeper.get("_target_", "")) != _BASIC_SWEEPER:
             return  # a search (the Optuna sweeper) chooses its points as it goes and checks each one itself
-        from trainrun.preflight import RunEnvironmentError
-
-        world_size = launcher_world_size(config)
+        world_size = world_size_per_job(config)
         points = sweep_points(config)
         try:
             checked = preflight(config, points, world_size)
-        except (ConfigError, RunEnvironmentError) as err:
+        except UserError as err:
             refuse(err)
         self._points = {point: overrides for (point, _), overrides in zip(checked, points, strict=True)}
         print(f"trainrun: pre-flight: {len(points)} sweep point(s) compose, validate and have writable "

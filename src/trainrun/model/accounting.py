@@ -11,8 +11,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from trainrun.config.choices import ActivationCheckpointing, Mlp, Norm, Position, Precision
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig
+from trainrun.errors import ConfigError
 
 
 def _vocab(cfg: ModelConfig) -> int:

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from trainrun.config.choices import Position
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig
+from trainrun.errors import ConfigError
 from trainrun.model.layers import Block, build_norm, dropout_layer, rope_cache
 from trainrun.registry import MODELS
 

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from trainrun.config.schema import LoggingConfig, WandbConfig
+from trainrun.errors import RunEnvironmentError, first_line
 from trainrun.observe.sinks import Metrics
-from trainrun.preflight import WANDB_OFFLINE_FIX, RunEnvironmentError, first_line
 from trainrun.registry import METRIC_SINKS
 
 WANDB_ID_FILE = "wandb_id.txt"
+WANDB_OFFLINE_FIX = "or use logging.wandb.mode=offline (upload later with `wandb sync`)"
+"""The way out every wandb environment error offers (the start-up check and the sink's own)."""
 
 
 def stable_run_id(run_dir: Path) -> str:
