@@ -29,6 +29,7 @@ from trainrun.checkpoint.paths import RUN_CHECKPOINTS, checkpoint_dirs
 from trainrun.config.choices import WandbMode
 from trainrun.config.schema import TrainRunConfig, WandbConfig
 from trainrun.errors import RunEnvironmentError, first_line
+from trainrun.extras import check_run_extras
 
 
 def unwritable_dir_error(option: str, path: str | os.PathLike, err: OSError, note: str = "") -> RunEnvironmentError:
@@ -158,6 +159,7 @@ def check_environment(cfg: TrainRunConfig, run_dir: Path | None, wandb_credentia
     path, option, note = run_directory(run_dir, run_dir_option)
     check_writable_dir(path, option, note)
     if not cfg.run.dry_run:
+        check_run_extras(cfg)  # a package a chosen feature needs
         if wandb_credentials:
             check_wandb_credentials(cfg.logging.wandb)
         for directory, dir_option, dir_note in checkpoint_directories(cfg, path):

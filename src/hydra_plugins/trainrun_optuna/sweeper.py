@@ -45,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainrun.config.schema import TrainRunConfig
 from trainrun.errors import ConfigError, DataError, RunEnvironmentError, UserError
 from trainrun.exit_codes import ExitCode
+from trainrun.extras import require
 from trainrun.launch.run_status import read_status
 from trainrun.launch.sweep_callback import (
     check_point,
@@ -200,6 +201,7 @@ class TrainrunOptunaSweeper(Sweeper):
             raise ConfigError("hydra.sweeper.n_trials", self.n_trials, "must be at least 1")
 
     def _study(self, sweep_dir: Path) -> Any:
+        require("optuna", "optuna", "hydra/sweeper=trainrun_optuna")  # the extra; the sweep callback checked it first
         import optuna
 
         samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}

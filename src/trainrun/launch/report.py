@@ -8,7 +8,8 @@ directory instead of a sweep's, it reports that run as one row.
 ``report.csv`` and ``report.png`` go into the directory (or ``--output``); each is written under
 a temporary name and renamed into place, and a file of that name that an earlier report did not
 write is never overwritten (see :func:`trainrun.outputs.check_output_files`). Problems are one
-line on stderr and exit status 2.
+line on stderr and exit status 2. The PNG needs matplotlib (``pip install 'trainrun[report]'``);
+``--no-png`` writes the table and the CSV alone.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from pathlib import Path
 
 import yaml
 
+from trainrun.extras import MissingExtraError, installed, require
 from trainrun.launch.run_status import LOCK_FILE, read_status
 from trainrun.observe.analysis import load_metrics, summarize
 from trainrun.outputs import OutputError, check_output_files, is_run_dir
 
 REPORT = "trainrun-report"
 CSV_FILE, PNG_FILE = "report.csv", "report.png"
+PNG_FEATURE = f"{REPORT}'s {PNG_FILE} (loss curves)"
 
 COLUMNS = ("point", "overrides", "status", "steps", "final_val_loss", "best_val_loss", "tokens_per_s", "mfu",
            "peak_mem_gib", "wall_time_s")
@@ -128,6 +131,7 @@ def format_table(rows: list[dict[str, object]]) -> str:
 
 def plot_sweep(sweep_dir: Path, rows: list[dict[str, object]], path: Path) -> Path:
     """Training and validation loss of every point on one figure."""
+    require("matplotlib", "report", PNG_FEATURE)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,8 +182,8 @@ def _replace_file(path: Path, write) -> None:
             tmp.unlink()
 
 
-def write_report(sweep_dir: Path, rows: list[dict[str, object]], out: Path) -> None:
-    """Write report.csv and report.png of ``rows`` into ``out`` (created if missing)."""
+def write_report(sweep_dir: Path, rows: list[dict[str, object]], out: Path, png: bool = True) -> None:
+    """Write report.csv and (``png``) report.png of ``rows`` into ``out`` (created if missing)."""
     def write_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=COLUMNS)
@@ -188,7 +192,8 @@ def write_report(sweep_dir: Path, rows: list[dict[str, object]], out: Path) -> N
 
     out.mkdir(parents=True, exist_ok=True)
     _replace_file(out / CSV_FILE, write_csv)
-    _replace_file(out / PNG_FILE, lambda tmp: plot_sweep(sweep_dir, rows, tmp))
+    if png:
+        _replace_file(out / PNG_FILE, lambda tmp: plot_sweep(sweep_dir, rows, tmp))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory (hydra.sweep.dir), or a single run's directory")
     parser.add_argument("--output", type=Path, default=None,
                         help="directory where report.csv/.png go (default: the sweep or run directory)")
+    parser.add_argument("--no-png", action="store_true", help="write the table and report.csv only (no matplotlib)")
     args = parser.parse_args(argv)
+    if not args.no_png and not installed("matplotlib"):
+        print(f"{REPORT}: error: {MissingExtraError(PNG_FEATURE, 'matplotlib', 'report')} (or pass --no-png)",
+              file=sys.stderr)
+        return 2
     if not args.sweep_dir.is_dir():
         print(f"{REPORT}: error: {args.sweep_dir} is not a directory; pass a sweep directory (hydra.sweep.dir) "
               "or a run directory", file=sys.stderr)
@@ -212,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{CSV_FILE} and {PNG_FILE} are written", file=sys.stderr)
         return 2
     try:
-        check_output_files(out, REPORT, (CSV_FILE, PNG_FILE), is_own_report)
-        write_report(args.sweep_dir, rows, out)
+        check_output_files(out, REPORT, (CSV_FILE,) if args.no_png else (CSV_FILE, PNG_FILE), is_own_report)
+        write_report(args.sweep_dir, rows, out, png=not args.no_png)
     except OutputError as err:
         print(f"{REPORT}: error: {err}", file=sys.stderr)
         return 2
@@ -222,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
               "directory you can write to", file=sys.stderr)
         return 2
     print(format_table(rows))
-    print(f"\nwrote {out / CSV_FILE} and {out / PNG_FILE}")
+    print(f"\nwrote {out / CSV_FILE}" + ("" if args.no_png else f" and {out / PNG_FILE}"))
     return 0
 
 

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from trainrun.config.schema import TrainRunConfig
 from trainrun.errors import ConfigError, DataError, UserError
 from trainrun.exit_codes import ExitCode
+from trainrun.extras import check_sweep_extras
 from trainrun.launch.point import point_id
 from trainrun.launch.run_status import STATUS_FILE, RunDirLock, read_status, record_status
 
@@ -230,6 +231,10 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **_: Any) -> None:
         """Validate every point; exit 2 with one line on the first bad one, before any job is launched."""
+        try:
+            check_sweep_extras(config)  # before Hydra builds a sweeper or launcher whose package is missing
+        except UserError as err:
+            refuse(err)
         if str(config.hydra.sweeper.get("_target_", "")) != _BASIC_SWEEPER:
             return  # a search (the Optuna sweeper) chooses its points as it goes and checks each one itself
         world_size = world_size_per_job(config)

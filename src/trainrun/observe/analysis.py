@@ -8,6 +8,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainrun.extras import require
 from trainrun.observe.jsonl_sink import METRICS_FILE
 
 
@@ -97,6 +98,7 @@ def summarize(metrics: RunMetrics) -> dict[str, float | int | None]:
 
 def plot_run(metrics: RunMetrics, path: Path | str) -> Path:
     """Save loss / validation loss and learning rate against step as a PNG; return its path."""
+    require("matplotlib", "report", "plot_run")
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed

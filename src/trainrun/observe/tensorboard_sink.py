@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from trainrun.config.schema import LoggingConfig
+from trainrun.extras import require
 from trainrun.observe.sinks import Metrics, numeric_items
 from trainrun.registry import METRIC_SINKS
 
@@ -17,7 +18,8 @@ class TensorBoardSink:
     """Writes every numeric metric as a scalar; strings are skipped."""
 
     def __init__(self, log_dir: Path):
-        # Imported here: tensorboard pulls in a lot and is off by default.
+        # Imported here: tensorboard is an extra, pulls in a lot and is off by default.
+        require("tensorboard", "tensorboard", "logging.tensorboard=true (logging=tensorboard)")
         from torch.utils.tensorboard import SummaryWriter
 
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 from trainrun.config.schema import LoggingConfig, WandbConfig
 from trainrun.errors import RunEnvironmentError, first_line
+from trainrun.extras import require
 from trainrun.observe.sinks import Metrics
 from trainrun.registry import METRIC_SINKS
 
@@ -42,7 +43,8 @@ class WandbSink:
     """Logs metric rows to a wandb run (``resume="allow"`` on a stable id)."""
 
     def __init__(self, cfg: WandbConfig, run_dir: Path):
-        import wandb  # imported here: it is slow to import and only needed when enabled
+        require("wandb", "wandb", "logging.wandb.enabled=true (logging=wandb)")
+        import wandb  # imported here: an extra, slow to import and only needed when enabled
 
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = stable_run_id(run_dir)
