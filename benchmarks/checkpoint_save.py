@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from trainrun.checkpoint import Checkpointer, CheckpointStore
+from trainrun.checkpoint.checkpointer import Checkpointer
+from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config import compose_config
 from trainrun.distributed.initializers import init_single
 from trainrun.model.loss import lm_loss

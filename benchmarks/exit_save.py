@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from trainrun.checkpoint import Checkpointer, CheckpointStore
+from trainrun.checkpoint.checkpointer import Checkpointer
+from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config import compose_config
 from trainrun.model import count_parameters
 from trainrun.model.loss import lm_loss

@@ -15,11 +15,12 @@ import torch
 from omegaconf import DictConfig
 
 from trainrun import registry
-from trainrun.checkpoint import Checkpointer, CheckpointStore
-from trainrun.checkpoint.checkpointer import non_persistent_dir
+from trainrun.checkpoint.checkpointer import Checkpointer
 from trainrun.checkpoint.exit_controller import ExitController
+from trainrun.checkpoint.paths import non_persistent_dir, persistent_dir
 from trainrun.checkpoint.policy import build_policy
-from trainrun.checkpoint.resume_check import check_checkpoints_before_build
+from trainrun.checkpoint.resume import check_checkpoints_before_build
+from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config import ConfigError, TrainRunConfig, to_dataclass, validate_config
 from trainrun.config.choices import Precision
 from trainrun.data import TokenDataset, build_train_iterator
@@ -151,12 +152,13 @@ def build_checkpointer(cfg: TrainRunConfig, env: DistEnv, run_dir: Path, model_p
     """The persistent store (checkpoint.dir or <run dir>/checkpoints), the non-persistent one, and their
     checkpointer."""
     c = cfg.checkpoint
-    directory = Path(c.dir) if c.dir else run_dir / "checkpoints"
-    store = CheckpointStore(directory, c.keep_last, env.is_rank0, env.barrier, c.verify, env.all_true)
-    local = None
-    if c.non_persistent_interval > 0:
-        local = CheckpointStore(non_persistent_dir(cfg, run_dir), 1, env.is_rank0, env.barrier, c.verify, env.all_true)
-    return Checkpointer(cfg, store, model_parts, optimizers, scheduler, train_iter, state, env.device,
+
+    def store(directory: Path, keep_last: int) -> CheckpointStore:
+        return CheckpointStore(directory, keep_last, env.is_rank0, env.barrier, c.verify, env.all_true)
+
+    persistent = store(persistent_dir(cfg, run_dir), c.keep_last)
+    local = store(non_persistent_dir(cfg, run_dir), 1) if c.non_persistent_interval > 0 else None
+    return Checkpointer(cfg, persistent, model_parts, optimizers, scheduler, train_iter, state, env.device,
                         extra_meta=extra_meta, local_store=local, share=env.broadcast_object)
 
 

@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainrun.checkpoint.exit_controller import ExitController
+from trainrun.checkpoint.layout import CheckpointDir
 from trainrun.checkpoint.policy import SaveContext, SaveKind, build_policy
-from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config.schema import CheckpointConfig, TrainRunConfig
 from trainrun.distributed.env import DistEnv
 from trainrun.state import TrainState
@@ -116,18 +116,18 @@ def _resume_worker(rank: int, tmp_path: Path) -> None:
         ckpt = _checkpointer(tmp_path)
         ckpt.share, ckpt.is_rank0, ckpt.all_true = env.broadcast_object, env.is_rank0, env.all_true
         verified_by_this_rank = []
-        original = CheckpointStore.verified
+        original = CheckpointDir.verified
 
-        def counting_verified(store):
-            for path in original(store):
+        def counting_verified(directory):
+            for path in original(directory):
                 verified_by_this_rank.append(path.name)
                 yield path
 
-        CheckpointStore.verified = counting_verified
+        CheckpointDir.verified = counting_verified
         if rank == 1:
             # This rank's listing is behind (node-local caching, a commit that landed in between):
             # left to itself it would pick step_2.
-            CheckpointStore.verified = lambda store: iter([store.step_dir(2)])
+            CheckpointDir.verified = lambda directory: iter([directory.step_dir(2)])
         path = ckpt.resume()
         _write(tmp_path, rank, {"path": str(path), "step": ckpt.state.step,
                                 "verified": verified_by_this_rank,

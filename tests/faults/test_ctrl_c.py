@@ -27,7 +27,7 @@ from tests.faults.conftest import (
     worker_pids,
 )
 from tests.faults.test_kill_during_save import _strike_during_save
-from trainrun.checkpoint.store import verify_checkpoint
+from trainrun.checkpoint.layout import verify_checkpoint
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

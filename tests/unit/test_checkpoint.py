@@ -20,23 +20,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from trainrun.checkpoint.checkpointer import (
-    Checkpointer,
-    changed_settings,
-    check_model_compatible,
-    config_hash,
-)
+from trainrun.checkpoint.checkpointer import Checkpointer, changed_settings, config_hash
+from trainrun.checkpoint.dcp_io import load_tensors
 from trainrun.checkpoint.exit_controller import ExitController
+from trainrun.checkpoint.layout import LATEST_FILE, MANIFEST_FILE, META_FILE, read_meta, verify_checkpoint
 from trainrun.checkpoint.policy import SaveContext, SaveKind, build_policy
-from trainrun.checkpoint.store import (
-    LATEST_FILE,
-    MANIFEST_FILE,
-    META_FILE,
-    CheckpointError,
-    CheckpointStore,
-    verify_checkpoint,
-)
-from trainrun.config.errors import ConfigError
+from trainrun.checkpoint.resume import ResumeChooser, check_model_compatible
+from trainrun.checkpoint.store import CheckpointError, CheckpointStore
 from trainrun.config.schema import (
     CheckpointConfig,
     ModelConfig,
@@ -44,6 +34,7 @@ from trainrun.config.schema import (
     TrainRunConfig,
 )
 from trainrun.distributed.env import DistEnv
+from trainrun.errors import ConfigError
 from trainrun.optim import build_lr_scheduler
 from trainrun.state import TrainState
 from trainrun.train.executors import lr_as_tensor
@@ -112,7 +103,7 @@ def test_commit_writes_complete_checkpoint_and_latest(tmp_path):
     assert path == tmp_path / "step_3"
     assert (tmp_path / LATEST_FILE).read_text().strip() == "step_3"
     assert not list(tmp_path.glob(".tmp_*"))
-    meta = CheckpointStore.read_meta(path)
+    meta = read_meta(path)
     assert meta["step"] == 3
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     assert all("sha256" in entry and entry["size"] > 0 for entry in manifest.values())
@@ -120,7 +111,7 @@ def test_commit_writes_complete_checkpoint_and_latest(tmp_path):
     assert set(manifest) == on_disk and {".metadata", META_FILE} <= on_disk  # every file, trainrun.json too
     assert verify_checkpoint(path, "sha256") is None
     loaded = {"model": {"w": torch.zeros(64, 64), "b": torch.zeros(8)}}
-    CheckpointStore.load_tensors(path, loaded)
+    load_tensors(path, loaded)
     assert torch.equal(loaded["model"]["w"], _tensors(3)["model"]["w"])
 
 
@@ -129,7 +120,7 @@ def test_stale_tmp_dir_is_never_read_and_is_cleaned(tmp_path):
     _save(store, 2)
     (tmp_path / ".tmp_step_4").mkdir()  # a save killed half way
     (tmp_path / ".tmp_step_4" / "__0_0.distcp").write_bytes(b"partial")
-    assert store.find_latest() == tmp_path / "step_2"
+    assert store.directory.find_latest() == tmp_path / "step_2"
     _save(store, 6)
     assert not (tmp_path / ".tmp_step_4").exists()
 
@@ -154,8 +145,8 @@ def test_damaged_newest_falls_back_with_warning(tmp_path, caplog, damage):
         (newest / META_FILE).write_text(json.dumps({**meta, "step": 40}))
     else:
         (newest / META_FILE).unlink()
-    with caplog.at_level(logging.WARNING, logger="trainrun.checkpoint.store"):
-        assert store.find_latest() == tmp_path / "step_2"
+    with caplog.at_level(logging.WARNING, logger="trainrun.checkpoint.layout"):
+        assert store.directory.find_latest() == tmp_path / "step_2"
     assert f"skipping checkpoint {newest}" in caplog.text
     assert "falling back to" in caplog.text
 
@@ -177,8 +168,8 @@ def test_missing_latest_scans_with_warning(tmp_path, caplog):
     _save(store, 2)
     _save(store, 5)
     (tmp_path / LATEST_FILE).unlink()
-    with caplog.at_level(logging.WARNING, logger="trainrun.checkpoint.store"):
-        assert store.find_latest() == tmp_path / "step_5"
+    with caplog.at_level(logging.WARNING, logger="trainrun.checkpoint.layout"):
+        assert store.directory.find_latest() == tmp_path / "step_5"
     assert "is missing; scanning" in caplog.text
 
 
@@ -189,16 +180,16 @@ def test_newer_complete_checkpoint_than_latest_is_used(tmp_path, caplog):
     _save(store, 4)
     (tmp_path / LATEST_FILE).write_text("step_2\n")
     with caplog.at_level(logging.WARNING):
-        assert store.find_latest() == tmp_path / "step_4"
+        assert store.directory.find_latest() == tmp_path / "step_4"
     assert "newer" in caplog.text
 
 
 def test_nothing_usable(tmp_path):
     store = _store(tmp_path)
-    assert store.find_latest() is None
+    assert store.directory.find_latest() is None
     path = _save(store, 1)
     (path / ".metadata").unlink()
-    assert store.find_latest() is None
+    assert store.directory.find_latest() is None
 
 
 def test_keep_last_never_prunes_protected(tmp_path):
@@ -207,9 +198,9 @@ def test_keep_last_never_prunes_protected(tmp_path):
     resumed = _save(store, 2)
     for step in range(3, 8):
         _save(store, step, protect={best, resumed})
-    assert [p.name for p in store.checkpoints()] == ["step_1", "step_2", "step_6", "step_7"]
+    assert [p.name for p in store.directory.checkpoints()] == ["step_1", "step_2", "step_6", "step_7"]
     _save(store, 8)  # nothing protected any more
-    assert [p.name for p in store.checkpoints()] == ["step_7", "step_8"]
+    assert [p.name for p in store.directory.checkpoints()] == ["step_7", "step_8"]
 
 
 def test_keep_last_protection_survives_async_saves(tmp_path):
@@ -218,7 +209,7 @@ def test_keep_last_protection_survives_async_saves(tmp_path):
     for step in range(2, 6):
         store.save_async(step, _tensors(step), {"step": step}, protect={best})
     store.close(protect={best})
-    assert [p.name for p in store.checkpoints()] == ["step_1", "step_5"]
+    assert [p.name for p in store.directory.checkpoints()] == ["step_1", "step_5"]
 
 
 def test_async_save_commits_on_finalize(tmp_path):
@@ -231,7 +222,7 @@ def test_async_save_commits_on_finalize(tmp_path):
     assert store.finalize(blocking=True) == tmp_path / "step_7"
     assert store.pending is None
     loaded = {"model": {"w": torch.zeros(64, 64), "b": torch.zeros(8)}}
-    CheckpointStore.load_tensors(tmp_path / "step_7", loaded)
+    load_tensors(tmp_path / "step_7", loaded)
     assert torch.equal(loaded["model"]["w"], torch.full((64, 64), 7.0))
     store.close()
 
@@ -247,7 +238,7 @@ def test_failed_save_leaves_previous_intact(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="No space left"):
         _save(store, 4)
     assert not list(tmp_path.glob(".tmp_*"))
-    assert store.find_latest() == tmp_path / "step_2"
+    assert store.directory.find_latest() == tmp_path / "step_2"
     assert (tmp_path / LATEST_FILE).read_text().strip() == "step_2"
 
 
@@ -282,7 +273,7 @@ def test_dcp_checkpoint_exception_is_reported_concisely(tmp_path, monkeypatch, m
             store.finalize(blocking=True)
         store.close()
     assert not list(tmp_path.glob(".tmp_*"))
-    assert store.find_latest() == tmp_path / "step_2"
+    assert store.directory.find_latest() == tmp_path / "step_2"
 
 
 def test_resave_same_step_replaces_it(tmp_path):
@@ -290,7 +281,7 @@ def test_resave_same_step_replaces_it(tmp_path):
     _save(store, 3)
     store.save(3, _tensors(30), {"step": 3})
     loaded = {"model": {"w": torch.zeros(64, 64), "b": torch.zeros(8)}}
-    CheckpointStore.load_tensors(tmp_path / "step_3", loaded)
+    load_tensors(tmp_path / "step_3", loaded)
     assert loaded["model"]["w"][0, 0].item() == 30.0
     assert not list(tmp_path.glob(".old_*"))
 
@@ -312,7 +303,7 @@ def test_metadata_pickle_with_code_is_rejected(tmp_path):
     (path / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
     loaded = {"model": {"w": torch.zeros(64, 64), "b": torch.zeros(8)}}
     with pytest.raises(CheckpointError, match=r"posix\.system|os\.system"):
-        CheckpointStore.load_tensors(path, loaded)
+        load_tensors(path, loaded)
     assert not marker.exists()
 
 
@@ -322,13 +313,13 @@ def test_foreign_entries_are_rejected(tmp_path):
     dcp.save({"model": {"w": torch.ones(2), "note": {"x": [1, 2]}}}, checkpoint_id=str(bytes_path))
     for path in (tensor_path, bytes_path):
         with pytest.raises(CheckpointError, match="unexpected entries"):
-            CheckpointStore.load_tensors(path, {"model": {"w": torch.zeros(2)}})
+            load_tensors(path, {"model": {"w": torch.zeros(2)}})
 
 
 def test_missing_entries_are_reported(tmp_path):
     path = _save(_store(tmp_path), 1)
     with pytest.raises(CheckpointError, match="lacks 1 entries"):
-        CheckpointStore.load_tensors(path, {"model": {"w": torch.zeros(64, 64), "b": torch.zeros(8),
+        load_tensors(path, {"model": {"w": torch.zeros(64, 64), "b": torch.zeros(8),
                                                       "extra": torch.zeros(1)}})
 
 
@@ -406,7 +397,7 @@ def test_metadata_carries_what_the_issue_lists(tmp_path):
     ckpt = _checkpointer(tmp_path)
     _train_steps(ckpt, 3)
     path = ckpt.save()
-    meta = CheckpointStore.read_meta(path)
+    meta = read_meta(path)
     assert meta["step"] == 3 and meta["consumed_tokens"] == 384
     assert meta["config_hash"] == config_hash(ckpt.cfg)
     assert meta["layout"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": 1}
@@ -431,7 +422,7 @@ def test_resume_restores_everything_and_weights_only(tmp_path):
     assert weights_only.state.step == 0 and weights_only.train_iter.position == 0
     assert not weights_only.optimizers[0].state  # a fresh optimizer, as for fine-tuning
     stored = {"model": {k: torch.zeros_like(v) for k, v in weights_only.model_parts[0].state_dict().items()}}
-    CheckpointStore.load_tensors(tmp_path / "ckpt" / "step_3", stored)
+    load_tensors(tmp_path / "ckpt" / "step_3", stored)
     for name, value in weights_only.model_parts[0].state_dict().items():
         assert torch.equal(value, stored["model"][name])
 
@@ -444,7 +435,7 @@ def test_a_tensor_lr_saves_as_a_float_and_resume_keeps_this_runs_optimizer_flags
     _train_steps(saved, 3)
     saved.optimizers[0].param_groups[0]["capturable"] = True  # as make_capturable leaves it (a CPU cannot step so)
     path = saved.save()
-    meta = CheckpointStore.read_meta(path)
+    meta = read_meta(path)
     json.dumps(meta)
     assert meta["scheduler"]["_last_lr"] == [pytest.approx(saved.scheduler.get_last_lr()[0].item())]
     lrs = {k: v for k, v in meta["optim_values"].items() if k.endswith(".lr")}
@@ -473,7 +464,7 @@ def test_changed_model_shape_is_refused_before_loading(tmp_path, monkeypatch):
     saved = _checkpointer(tmp_path)
     saved.save()
     loads = []
-    monkeypatch.setattr(CheckpointStore, "load_tensors", staticmethod(lambda *a: loads.append(a)))
+    monkeypatch.setattr("trainrun.checkpoint.checkpointer.load_tensors", lambda *a: loads.append(a))
     with pytest.raises(ConfigError, match=r"model\.d_model.*has model\.d_model=8"):
         _checkpointer(tmp_path, d_model=16).resume()
     assert not loads
@@ -502,13 +493,18 @@ def test_newer_non_persistent_checkpoint_wins(tmp_path):
     for _ in range(3):
         _train_steps(ckpt, 1)
         ckpt.save(SaveKind.NON_PERSISTENT)
-    assert [p.name for p in ckpt.local_store.checkpoints()] == ["step_5"]  # newest only
+    assert [p.name for p in ckpt.local_store.directory.checkpoints()] == ["step_5"]  # newest only
     fresh = _checkpointer(tmp_path, non_persistent_interval=1, non_persistent_dir=str(tmp_path / "local"))
     fresh.local_store = CheckpointStore(tmp_path / "local", 1, True, lambda: None)
-    assert fresh.resolve_resume_path() == tmp_path / "local" / "step_5"
+
+    def first_candidate() -> Path:  # what a resume of ``fresh`` would load first
+        return next(ResumeChooser(fresh.cfg.checkpoint, [fresh.store.directory, fresh.local_store.directory])
+                    .candidates()).path
+
+    assert first_candidate() == tmp_path / "local" / "step_5"
     _train_steps(ckpt, 1)
     ckpt.save(SaveKind.PERSISTENT)
-    assert fresh.resolve_resume_path() == tmp_path / "ckpt" / "step_6"
+    assert first_candidate() == tmp_path / "ckpt" / "step_6"
 
 
 def test_checkpointer_protects_best_and_resumed(tmp_path):
@@ -524,7 +520,7 @@ def test_checkpointer_protects_best_and_resumed(tmp_path):
         ckpt.save()  # async
         ckpt.wait_for_staging()
     ckpt.close()
-    assert [p.name for p in ckpt.store.checkpoints()] == ["step_1", "step_2", "step_5"]
+    assert [p.name for p in ckpt.store.directory.checkpoints()] == ["step_1", "step_2", "step_5"]
 
 
 def _stack_global_payload(module: str, name: str, *args: str) -> bytes:
@@ -636,9 +632,9 @@ def test_rollback_branch_wins_resume_and_retention_and_requeue(tmp_path):
     assert rolled.resumed_from == step_2 and rolled.state.step == 2
     _train_steps(rolled, 1)
     rolled.save()  # step 3 on the new branch: newer than step 6 although its step is lower
-    assert [p.name for p in rolled.store.in_commit_order()][:2] == ["step_3", "step_6"]
+    assert [p.name for p in rolled.store.directory.in_commit_order()][:2] == ["step_3", "step_6"]
     # Retention keeps the current branch (and the resumed-from step 2); the abandoned step 4 goes first.
-    assert sorted(p.name for p in rolled.store.checkpoints()) == ["step_2", "step_3", "step_6"]
+    assert sorted(p.name for p in rolled.store.directory.checkpoints()) == ["step_2", "step_3", "step_6"]
     # A requeue with the same command line continues the branch; it does not go back to step 2 forever.
     requeued = _resume_fresh(tmp_path, keep_last=2, resume=str(step_2))
     assert requeued.resumed_from == tmp_path / "ckpt" / "step_3" and requeued.state.step == 3
@@ -670,7 +666,7 @@ def test_weights_only_resume_applies_to_the_first_start_only(tmp_path):
     assert requeued.resumed_from == tmp_path / "ckpt" / "step_1"
     assert requeued.state.step == 1 and requeued.train_iter.position == 4
     assert requeued.optimizers[0].state  # optimizer moments restored
-    assert CheckpointStore.read_meta(tmp_path / "ckpt" / "step_1")["origin"] == {"resume": "auto",
+    assert read_meta(tmp_path / "ckpt" / "step_1")["origin"] == {"resume": "auto",
                                                                                  "load_optimizer": False}
 
 
@@ -699,7 +695,7 @@ def test_resave_killed_between_its_renames_is_recovered(tmp_path):
     # A re-save of step 3 moved the old copy aside and was killed before the new copy took its name.
     os.replace(tmp_path / "step_3", tmp_path / ".old_step_3")
     (tmp_path / ".tmp_step_3").mkdir()
-    store.recover()
+    store.directory.recover()
     assert (tmp_path / "step_3").is_dir() and not (tmp_path / ".old_step_3").exists()
     assert verify_checkpoint(tmp_path / "step_3", "sha256") is None
     # The next save cleans temp dirs but never the only copy of a step.
@@ -707,6 +703,16 @@ def test_resave_killed_between_its_renames_is_recovered(tmp_path):
     _save(store, 7)
     assert verify_checkpoint(tmp_path / "step_3", "sha256") is None
     assert not (tmp_path / ".tmp_step_3").exists()
+
+
+def test_resume_recovers_a_resave_killed_between_its_renames(tmp_path):
+    saved = _checkpointer(tmp_path)
+    for _ in range(2):
+        _train_steps(saved, 2)
+        saved.save()
+    step_4 = tmp_path / "ckpt" / "step_4"
+    os.replace(step_4, tmp_path / "ckpt" / ".old_step_4")  # the newest step's only copy, mid re-save
+    assert _resume_fresh(tmp_path).resumed_from == step_4
 
 
 def test_best_checkpoint_is_set_on_commit_and_stays_protected_when_a_better_save_fails(tmp_path, monkeypatch):
@@ -727,7 +733,7 @@ def test_best_checkpoint_is_set_on_commit_and_stays_protected_when_a_better_save
     for _ in range(2):
         _train_steps(ckpt, 1)
         ckpt.save()
-    assert [p.name for p in ckpt.store.checkpoints()] == ["step_1", "step_4"]  # the best survives keep_last=1
+    assert [p.name for p in ckpt.store.directory.checkpoints()] == ["step_1", "step_4"]  # the best survives keep_last=1
 
 
 def test_async_best_becomes_best_when_committed(tmp_path):
@@ -737,12 +743,12 @@ def test_async_best_becomes_best_when_committed(tmp_path):
     assert ckpt.state.best_checkpoint_step is None  # not committed yet
     ckpt.close()
     assert ckpt.state.best_checkpoint_step == 1
-    assert CheckpointStore.read_meta(tmp_path / "ckpt" / "step_1")["train_state"]["best_checkpoint_step"] == 1
+    assert read_meta(tmp_path / "ckpt" / "step_1")["train_state"]["best_checkpoint_step"] == 1
 
 
 @pytest.mark.parametrize("local", ["same", "inside"])
 def test_non_persistent_dir_inside_the_persistent_one_is_refused(tmp_path, local):
-    from trainrun.checkpoint.checkpointer import check_non_persistent_dir
+    from trainrun.checkpoint.paths import check_non_persistent_dir
 
     persistent = tmp_path / "ckpt"
     with pytest.raises(ConfigError, match="checkpoint.non_persistent_dir"):
@@ -802,12 +808,12 @@ def test_an_intact_checkpoint_of_another_shape_is_a_config_error_not_a_fallback(
     saved.save()
     _train_steps(saved, 2)
     saved.save()
-    monkeypatch.setattr("trainrun.checkpoint.checkpointer.SHAPE_KEYS", ())  # as for a plugin model's own field
+    monkeypatch.setattr("trainrun.checkpoint.resume.SHAPE_KEYS", ())  # as for a plugin model's own field
     other = _checkpointer(tmp_path, d_model=16)
     with pytest.raises(ConfigError, match=r"model\.d_model.*other shapes.*d_model=8"):
         other.resume()
     assert other.state.step == 0
-    assert sorted(p.name for p in other.store.checkpoints()) == ["step_2", "step_4"]
+    assert sorted(p.name for p in other.store.directory.checkpoints()) == ["step_2", "step_4"]
 
 
 def test_learned_position_table_length_is_part_of_the_shape():
@@ -827,11 +833,11 @@ def test_a_run_never_starts_from_scratch_over_checkpoints_it_cannot_use(tmp_path
     fresh = _checkpointer(tmp_path)
     with pytest.raises(CheckpointError, match="2 checkpoint.* could not be used.*refusing to train from scratch"):
         fresh.resume()
-    assert sorted(p.name for p in fresh.store.checkpoints()) == ["step_2", "step_4"]
+    assert sorted(p.name for p in fresh.store.directory.checkpoints()) == ["step_2", "step_4"]
 
 
 def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path):
-    from trainrun.checkpoint.resume_check import check_checkpoints_before_build
+    from trainrun.checkpoint.resume import check_checkpoints_before_build
 
     saved = _checkpointer(tmp_path)
     _train_steps(saved, 2)
@@ -844,7 +850,7 @@ def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path):
 
 
 def test_shape_refusal_comes_before_the_model_is_built(tmp_path):
-    from trainrun.checkpoint.resume_check import check_checkpoints_before_build
+    from trainrun.checkpoint.resume import check_checkpoints_before_build
 
     saved = _checkpointer(tmp_path)
     saved.save()

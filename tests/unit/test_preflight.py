@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from trainrun import orchestrator, preflight
-from trainrun.checkpoint.checkpointer import non_persistent_dir
+from trainrun.checkpoint.paths import non_persistent_dir
 from trainrun.config.schema import CheckpointConfig, DataConfig, LoggingConfig, RunConfig, TrainRunConfig, WandbConfig
 from trainrun.data import corpus
 from trainrun.errors import RunEnvironmentError

@@ -7,12 +7,10 @@ hyper-parameters, LR schedule, data position, TrainState, config) goes to JSON m
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,31 +24,19 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import trainrun
+from trainrun.checkpoint.dcp_io import CheckpointMismatch, load_tensors
+from trainrun.checkpoint.layout import META_FILE, read_meta
 from trainrun.checkpoint.policy import SaveKind
-from trainrun.checkpoint.store import (
-    LATEST_FILE,
-    CheckpointError,
-    CheckpointMismatch,
-    CheckpointStore,
-    verify_checkpoint,
-)
+from trainrun.checkpoint.resume import NEW_RUN_FIX, ResumeChooser, check_model_compatible, origin_request
+from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config.choices import OptimizerImpl
 from trainrun.config.errors import ConfigError
-from trainrun.config.schema import ModelConfig, TrainRunConfig
+from trainrun.config.schema import TrainRunConfig
+from trainrun.errors import CheckpointError
 from trainrun.optim.schedules import schedule_state
 from trainrun.state import TrainState
 
 logger = logging.getLogger(__name__)
-
-SHAPE_KEYS = ("name", "n_layers", "n_heads", "d_model", "ffn_hidden", "vocab_size", "norm", "position", "mlp",
-              "tie_embeddings", "bias")
-"""Model fields that change parameter shapes or meaning; a resume that changes them is refused. (The
-loader also compares every tensor's shape with the checkpoint's, for models with fields of their own.)"""
-
-SHAPE_KEYS_LEARNED_POSITIONS = ("max_seq_len",)
-"""Fields that size a parameter only with ``model.position=learned`` (the position table)."""
-
-NEW_RUN_FIX = "train that model in a new run directory (hydra.run.dir=...)"
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -58,22 +44,6 @@ _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 def config_hash(cfg: TrainRunConfig) -> str:
     """Short stable hash of the whole config (for the checkpoint's metadata)."""
     return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def shape_keys(model: ModelConfig) -> tuple[str, ...]:
-    """The model fields that decide parameter shapes for this configuration."""
-    learned = str(getattr(model.position, "value", model.position)) == "learned"
-    return SHAPE_KEYS + (SHAPE_KEYS_LEARNED_POSITIONS if learned else ())
-
-
-def check_model_compatible(saved: dict, current: ModelConfig, path: Path) -> None:
-    """Refuse, before loading anything, a checkpoint whose model shape differs from the config."""
-    for key in shape_keys(current):
-        if key in saved and saved[key] != getattr(current, key):
-            raise ConfigError(
-                f"model.{key}", getattr(current, key),
-                f"checkpoint {path} has model.{key}={saved[key]!r}; set it back, or {NEW_RUN_FIX}",
-            )
 
 
 def _state_layout_fields(cfg: TrainRunConfig) -> dict[str, object]:
@@ -108,33 +78,6 @@ def changed_settings(saved: dict, current: dict, prefix: str = "") -> list[str]:
         elif key in saved and old != value:
             changed.append(f"{name}: {old!r} -> {value!r}")
     return changed
-
-
-def non_persistent_dir(cfg: TrainRunConfig, run_dir: Path) -> Path:
-    """checkpoint.non_persistent_dir, or a per-run folder under the system temp dir."""
-    if cfg.checkpoint.non_persistent_dir:
-        return Path(cfg.checkpoint.non_persistent_dir)
-    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / "trainrun-nonpersistent" / digest
-
-
-def check_non_persistent_dir(local_dir: Path, persistent_dir: Path, nodes: int) -> None:
-    """Refuse non-persistent checkpoints where they cannot be correct.
-
-    Rank 0 alone creates, renames and verifies checkpoint directories, which is right for a
-    shared filesystem; a node-local directory on several nodes would miss the other nodes' shards.
-    And a non-persistent directory equal to or inside the persistent one would be pruned, listed
-    and resumed as persistent checkpoints.
-    """
-    if nodes > 1:
-        raise ConfigError("checkpoint.non_persistent_interval", "> 0",
-                          f"non-persistent (node-local) checkpoints need a single node, this job has {nodes}; "
-                          "use checkpoint.non_persistent_interval=0 and persistent checkpoints on shared storage")
-    local, persistent = local_dir.resolve(), persistent_dir.resolve()
-    if local == persistent or persistent in local.parents:
-        raise ConfigError("checkpoint.non_persistent_dir", str(local_dir),
-                          f"it is (inside) the persistent checkpoint directory {persistent_dir}; "
-                          "use a separate, preferably node-local, directory")
 
 
 def _split_tensors(flat: dict) -> tuple[dict, dict]:
@@ -181,7 +124,7 @@ class Checkpointer:
         self.last_persistent_save_time = time.monotonic()
         """When the last persistent save started (or the run): the time policy counts from it."""
         self.share, self.is_rank0, self.all_true = share, store.is_rank0, store.all_true
-        self.origin = self._origin_request()
+        self.origin = origin_request(cfg.checkpoint)
         """The first-start request (explicit path, weights only) that began this branch; saved in its checkpoints."""
         self._pending_best: int | None = None
         self._clock_before_pending = self.last_persistent_save_time
@@ -305,145 +248,25 @@ class Checkpointer:
             self.store.close(protect=self._protected())
 
     # ---- resuming -------------------------------------------------------------------------
-    def _origin_request(self) -> dict | None:
-        """What a first start asked for that a requeue must not repeat: an explicit path or weights only."""
-        c = self.cfg.checkpoint
-        if c.resume == "never" or (c.resume == "auto" and c.load_optimizer):
-            return None
-        return {"resume": c.resume, "load_optimizer": c.load_optimizer}
-
-    def _own_checkpoints(self) -> Iterator[Path]:
-        """This run's verified checkpoints (persistent and non-persistent), the one committed last first.
-
-        The two stores are merged by commit time; a tie goes to the persistent one.
-        """
-        sources = [s.verified() for s in (self.store, self.local_store) if s is not None]
-
-        def head(source: Iterator[Path]) -> tuple[Path, float] | None:
-            path = next(source, None)
-            return None if path is None else (path, CheckpointStore.read_meta(path).get("committed_unix", 0.0))
-
-        heads = [head(src) for src in sources]
-        while any(h is not None for h in heads):
-            index = max((i for i, h in enumerate(heads) if h is not None), key=lambda i: (heads[i][1], -i))
-            yield heads[index][0]
-            heads[index] = head(sources[index])
-
-    def _resume_candidates(self) -> Iterator[tuple[Path, bool, bool, dict | None]]:
-        """(checkpoint, restore the full state?, may fall back to the next candidate?, branch origin) in
-        order (rank 0); origin None: keep the checkpoint's own.
-
-        ``checkpoint.resume=<path>`` and weights-only resumes apply to the first start only: once this
-        run committed a checkpoint on the branch they started (its ``origin`` records the request),
-        every later start (a requeue) continues from this run's own newest checkpoint with its full
-        state, instead of going back to the starting point forever.
-        """
-        c = self.cfg.checkpoint
-        if c.resume == "never":
-            return
-        origin = self._origin_request()
-        own = self._own_checkpoints()
-        if origin is not None:
-            newest = next(own, None)
-            if newest is not None and CheckpointStore.read_meta(newest).get("origin") == origin:
-                logger.info("continuing the branch this run started from %s (%s): resuming its newest checkpoint",
-                            c.resume, "weights only" if not c.load_optimizer else "full state")
-                yield from ((path, True, True, origin) for path in itertools.chain([newest], own))
-                return
-            if c.resume != "auto":
-                yield self._explicit_path(Path(c.resume)), c.load_optimizer, False, origin
-                return
-            own = itertools.chain([] if newest is None else [newest], own)  # verified once, not again
-        yield from ((path, c.load_optimizer, True, origin) for path in own)
-
-    def resolve_resume_path(self) -> Path | None:
-        """The checkpoint a resume would load first (this process's view; verifies it)."""
-        return next((candidate[0] for candidate in self._resume_candidates()), None)
-
-    def _explicit_path(self, path: Path) -> Path:
-        """``checkpoint.resume=<path>``: a checkpoint, or a checkpoint dir (its newest good checkpoint)."""
-        if (path / LATEST_FILE).is_file() or (path.is_dir() and any(path.glob("step_*"))):
-            found = CheckpointStore(path, 0, True, lambda: None, self.cfg.checkpoint.verify).find_latest()
-            if found is None:
-                raise ConfigError("checkpoint.resume", str(path),
-                                  "this checkpoint directory holds no complete checkpoint")
-            return found
-        problem = verify_checkpoint(path, self.cfg.checkpoint.verify)
-        if problem is not None:
-            raise ConfigError("checkpoint.resume", str(path), f"not a complete trainrun checkpoint: {problem}")
-        return path
-
-    def _next_choice(self, candidates: Iterator[tuple[Path, bool, bool, dict | None]] | None) -> dict:
-        """Rank 0 picks (and verifies) the next candidate; every rank gets the same answer."""
-        choice: dict = {"path": None}
-        if candidates is not None:
-            try:
-                found = next(candidates, None)
-                if found is not None:
-                    choice = {"path": str(found[0]), "full": found[1], "fallback": found[2], "origin": found[3]}
-            except ConfigError as err:
-                choice = {"error": [err.field, err.value, err.fix]}
-        return self.share(choice)
-
-    def _unusable_checkpoints(self) -> list[Path]:
-        """Committed checkpoints of this run's stores (rank 0's view); any of them means work exists here."""
-        return [p for s in (self.store, self.local_store) if s is not None for p in s.checkpoints()]
-
     def resume(self) -> Path | None:
-        """Restore from the configured checkpoint, if any; return its path.
+        """Restore from the checkpoint the :class:`~trainrun.checkpoint.resume.ResumeChooser` picks; return its path.
 
-        Rank 0 alone lists and verifies checkpoints (once, not world-size times) and every rank loads
-        the one it names, so all ranks resume the same step. A checkpoint that verifies but fails to
-        load (a bit flip that size-only verification misses, damaged DCP metadata) is reported and the
-        previous good one is tried, as for corrupt ones. An intact checkpoint that does not fit this
-        run (a changed model shape, changed data) is a configuration error (exit 2), never a reason to
-        fall back. And a run never starts from scratch over checkpoints it could not use: that would
-        rank its new checkpoints as the newest and let retention delete the real ones.
+        Every rank loads the checkpoint rank 0 chose, so all ranks resume the same step; None if
+        there is nothing to resume.
         """
-        candidates = self._resume_candidates() if self.is_rank0 else None
-        failures: list[str] = []
-        while True:
-            choice = self._next_choice(candidates)
-            if "error" in choice:
-                raise ConfigError(*choice["error"])
-            if choice["path"] is None:
-                self._refuse_fresh_start_over(failures)
-                return None
-            path = Path(choice["path"])
-            problem = None
-            try:
-                self._load(path, choice["full"], choice["origin"])
-            except CheckpointError as err:
-                problem = str(err)
-            if self.all_true(problem is None):
-                self.resumed_from = path
-                return path
-            problem = problem or "loading failed on another rank"
-            if not choice["fallback"]:
-                raise ConfigError("checkpoint.resume", str(path), f"{problem}; use another checkpoint or resume=never")
-            failures.append(f"{path.name}: {problem}")
-            logger.warning("checkpoint %s verified but failed to load (%s); falling back to the previous one",
-                           path, problem)
-
-    def _refuse_fresh_start_over(self, failures: list[str]) -> None:
-        """With ``resume`` other than never and nothing loaded: refuse if this run's stores hold checkpoints."""
-        if self.cfg.checkpoint.resume == "never":
-            return
-        found = self.share([str(p) for p in self._unusable_checkpoints()] if self.is_rank0 else None)
-        if not found:
-            return
-        why = "; ".join(failures) if failures else "none verifies (see the warnings above)"
-        raise CheckpointError(
-            f"{len(found)} checkpoint(s) in {Path(found[0]).parent} could not be used ({why}); refusing to train "
-            "from scratch over them. Repair or move them away, resume from a good copy with checkpoint.resume=<path>, "
-            "or start in a new run directory (hydra.run.dir=...)")
+        dirs = [s.directory for s in (self.store, self.local_store) if s is not None]
+        chooser = ResumeChooser(self.cfg.checkpoint, dirs, self.is_rank0, self.share, self.all_true)
+        path = chooser.resume(self._load)
+        if path is not None:
+            self.resumed_from = path
+        return path
 
     def _load(self, path: Path, full: bool, origin: dict | None) -> None:
         """Load ``path`` into the model (and, ``full``, optimizer, schedule, data position, RNG, TrainState)."""
         try:
-            meta = CheckpointStore.read_meta(path)
+            meta = read_meta(path)
         except (OSError, ValueError) as err:
-            raise CheckpointError(f"its {path / 'trainrun.json'} is unreadable ({err})") from err
+            raise CheckpointError(f"its {path / META_FILE} is unreadable ({err})") from err
         check_model_compatible(meta["model"], self.cfg.model, path)
         if full:  # a weights-only resume (fine-tuning) is meant for other data
             self._check_data_unchanged(meta, path)
@@ -452,7 +275,7 @@ class Checkpointer:
         if full and "torch_cuda" in tensors["rng"] and meta["config"]["run"]["device"] == "cpu":
             tensors["rng"].pop("torch_cuda")
         try:
-            CheckpointStore.load_tensors(path, tensors)
+            load_tensors(path, tensors)
         except CheckpointMismatch as err:  # intact but not this model: no fallback (see resume)
             raise mismatch_error(err, meta.get("config", {"model": meta["model"]}), self.cfg, path) from err
         optim_flat = {**tensors.get("optim", {}), **meta.get("optim_values", {})} if full else {}
@@ -472,7 +295,7 @@ class Checkpointer:
             self.scheduler.load_state_dict(meta["scheduler"])
             self.train_iter.load_state_dict(meta["data"])
             self.state.load_state_dict(meta["train_state"])
-        # Checkpoints of this branch carry the request that started it (see _resume_candidates).
+        # Checkpoints of this branch carry the request that started it (see ResumeChooser.candidates).
         self.origin = origin if origin is not None else meta.get("origin")
         logger.info("resumed from %s (step %d%s)", path, meta["step"], "" if full else ", weights only")
 

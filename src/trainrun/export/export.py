@@ -29,11 +29,13 @@ from pathlib import Path
 
 import torch
 
-from trainrun.checkpoint.safe_reader import SafeFileSystemReader
-from trainrun.checkpoint.store import LATEST_FILE, META_FILE, CheckpointError, CheckpointStore, verify_checkpoint
+from trainrun.checkpoint.dcp_io import load_tensors, read_tensor_metadata
+from trainrun.checkpoint.layout import META_FILE, read_meta
+from trainrun.checkpoint.paths import CheckpointNotFound, find_checkpoint
 from trainrun.config.choices import Verify
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig
+from trainrun.errors import CheckpointError
 from trainrun.export.hf_mapping import (
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX,
@@ -70,46 +72,21 @@ def parse_size(text: str) -> int:
 def resolve_checkpoint(path: Path, step: int | None, verify: str) -> Path:
     """The step directory to export: ``path`` itself, its ``step_<step>``, or its newest committed checkpoint.
 
-    ``path`` may be a run directory (holding ``checkpoints/``), a checkpoint directory (holding
-    ``step_<N>/`` and ``latest``) or a step directory. The chosen checkpoint must verify against its
+    ``path`` may be a run directory, a checkpoint directory or a step directory
+    (:func:`trainrun.checkpoint.paths.find_checkpoint`). The chosen checkpoint must verify against its
     manifest; a broken one is refused, not silently replaced by an older one.
     """
-    if not path.exists():
-        raise ExportError(f"{path} does not exist; give a run directory, a checkpoint directory or a step_<N> "
-                          "directory")
-    if (path / META_FILE).is_file():
-        if step is not None and path.name != f"step_{step}":
-            raise ExportError(f"{path} is a single checkpoint; --step {step} needs its parent checkpoint directory")
-        chosen = path
-    else:
-        directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        store = CheckpointStore(directory, 0, True, lambda: None, verify)
-        steps = store.checkpoints()
-        if not steps:
-            raise ExportError(f"{path} holds no checkpoints (no step_<N> directories in {directory})")
-        if step is not None:
-            chosen = store.step_dir(step)
-            if not chosen.is_dir():
-                available = ", ".join(p.name.removeprefix("step_") for p in steps)
-                raise ExportError(f"{directory} has no checkpoint of step {step} (steps: {available})")
-        else:
-            committed = [p for p in store.in_commit_order() if (p / META_FILE).is_file()]
-            if not committed:
-                raise ExportError(f"{directory} holds no committed checkpoint (none has {META_FILE})")
-            chosen = committed[0]
-            named = (directory / LATEST_FILE).read_text().strip() if (directory / LATEST_FILE).is_file() else None
-            if named and named != chosen.name:
-                logger.warning("%s names %s, but %s was committed after it; exporting %s",
-                               directory / LATEST_FILE, named, chosen.name, chosen.name)
-    problem = verify_checkpoint(chosen, verify)
-    if problem is not None:
-        raise ExportError(f"checkpoint {chosen} is broken: {problem}; pass --step N to export another one")
-    return chosen
+    try:
+        return find_checkpoint(path, verify, step, fall_back=False)
+    except CheckpointNotFound as err:
+        hint = "give a run directory, a checkpoint directory or a step_<N> directory" if not path.exists() else \
+            "pass --step N to export another one"
+        raise ExportError(f"{err}; {hint}") from None
 
 
 def read_checkpoint_meta(step_dir: Path) -> tuple[ModelConfig, dict]:
     """The checkpoint's model config (architecture only: ``init_from`` is not followed) and its metadata."""
-    meta = CheckpointStore.read_meta(step_dir)
+    meta = read_meta(step_dir)
     saved = meta.get("model")
     if not isinstance(saved, dict):
         raise ExportError(f"{step_dir / META_FILE} has no model section; is this a trainrun checkpoint?")
@@ -127,9 +104,9 @@ def checkpoint_shapes(step_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        stored = SafeFileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
-    except Exception as err:  # noqa: BLE001 - UnsafeCheckpointError, truncated or garbage pickle: one message
-        raise ExportError(f"checkpoint {step_dir} has unusable DCP metadata: {err}") from None
+        stored = read_tensor_metadata(step_dir)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
     return {key.removeprefix("model."): (tuple(meta.size), meta.properties.dtype)
             for key, meta in stored.items()
             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
@@ -140,7 +117,7 @@ def load_model_tensors(step_dir: Path, names: list[str],
     """Full tensors ``names`` of the checkpoint's model, read and resharded by DCP in this one process."""
     tensors = {name: torch.empty(shapes[name][0], dtype=shapes[name][1]) for name in names}
     try:
-        CheckpointStore.load_tensors(step_dir, {"model": tensors})
+        load_tensors(step_dir, {"model": tensors})
     except CheckpointError as err:
         raise ExportError(str(err)) from None
     return tensors
