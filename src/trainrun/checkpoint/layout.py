@@ -157,10 +157,14 @@ class CheckpointDir:
         """Final directory of the checkpoint of ``step``."""
         return self.path / f"step_{step}"
 
+    def tmp_dir(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` is written before it commits."""
+        return self.path / f".tmp_step_{step}"
+
     # ---- committing ---------------------------------------------------------------------------
     def prepare_tmp(self, step: int) -> Path:
         """Recover, remove temp dirs of killed saves, and create the empty temp dir the save of ``step`` writes."""
-        tmp = self.path / f".tmp_step_{step}"
+        tmp = self.tmp_dir(step)
         self.path.mkdir(parents=True, exist_ok=True)
         self.recover()
         for stale in self.path.glob(".tmp_step_*"):

@@ -53,10 +53,10 @@ class CheckpointStore:
         return self.directory.step_dir(step)
 
     def _prepare_tmp(self, step: int) -> Path:
-        tmp, error = self.directory.path / f".tmp_step_{step}", None
+        tmp, error = self.directory.tmp_dir(step), None
         if self.is_rank0:
             try:
-                tmp = self.directory.prepare_tmp(step)
+                self.directory.prepare_tmp(step)
             except OSError as err:
                 error = err
         if not self.all_true(error is None):
