@@ -32,6 +32,7 @@ from trainrun.distributed.pipeline import Pipeline, pipeline_eval_loss
 from trainrun.dry_run import dry_run_report
 from trainrun.eval.sample import sample_text
 from trainrun.exit_codes import ExitCode
+from trainrun.export.hf_mapping import resolve_init_from
 from trainrun.model import allocate, flops_per_token, materialize
 from trainrun.model.float8 import convert_to_float8
 from trainrun.observe import build_metric_logger, peak_flops_per_device, setup_logging
@@ -162,10 +163,23 @@ def build_checkpointer(cfg: TrainRunConfig, env: DistEnv, run_dir: Path, model_p
                         extra_meta=extra_meta, local_store=local, share=env.broadcast_object)
 
 
+def prepare_config(cfg: TrainRunConfig | DictConfig, world_size: int | None = None) -> TrainRunConfig:
+    """The typed config, completed from the files it names, then validated: the first step of every run.
+
+    The config layer reads no file, so what a setting points at is read here, before validation
+    checks what depends on it: ``model.init_from``'s config.json sets the model's shape.
+    ``world_size``: as for :func:`~trainrun.config.validate_config` (a sweep's pre-flight passes the jobs').
+    """
+    cfg = to_dataclass(cfg)
+    if cfg.model.init_from is not None:
+        cfg = dataclasses.replace(cfg, model=resolve_init_from(cfg.model))
+    validate_config(cfg, world_size)
+    return cfg
+
+
 def run(cfg: TrainRunConfig | DictConfig, run_dir: Path | None = None) -> RunResult:
     """Validate ``cfg`` and run training (or the dry run) in this process; return what happened."""
-    cfg = to_dataclass(cfg)
-    validate_config(cfg)
+    cfg = prepare_config(cfg)
     # On every rank and before the process group: a refusal here can leave no peer waiting.
     check_environment(cfg, run_dir)
     run_dir = resolve_run_dir(cfg, run_dir)

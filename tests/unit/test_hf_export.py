@@ -34,16 +34,17 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from tests.conftest import TINY, run_cli  # noqa: E402
 from trainrun.checkpoint.store import CheckpointStore  # noqa: E402
-from trainrun.config.errors import ConfigError  # noqa: E402
 from trainrun.config.schema import ModelConfig, TrainRunConfig  # noqa: E402
 from trainrun.data.prepare import main as prepare_main  # noqa: E402
 from trainrun.data.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402
 from trainrun.distributed.env import DistEnv  # noqa: E402
+from trainrun.errors import ConfigError  # noqa: E402
 from trainrun.export.export import load_trainrun_model  # noqa: E402
 from trainrun.export.export import main as export_main  # noqa: E402
+from trainrun.export.hf_mapping import resolve_init_from  # noqa: E402
 from trainrun.export.import_hf import load_hf_weights  # noqa: E402
 from trainrun.model import GPT, generate  # noqa: E402
-from trainrun.orchestrator import build_model_and_optimizer  # noqa: E402
+from trainrun.orchestrator import build_model_and_optimizer, prepare_config  # noqa: E402
 
 LOGIT_ATOL = 1e-5
 SMALL = dict(n_layers=2, d_model=32, n_heads=4, max_seq_len=64, vocab_size=257)
@@ -154,7 +155,7 @@ def test_export_matches_transformers(name, tmp_path):
     assert max_logit_diff(reloaded, hf_model, cfg.vocab_size) < LOGIT_ATOL
 
     # export -> import -> export: identical tensors and config.
-    imported = ModelConfig(init_from=str(tmp_path / "hf"))
+    imported = resolve_init_from(ModelConfig(init_from=str(tmp_path / "hf")))
     again = GPT(imported).eval()
     load_hf_weights([again], imported)
     assert max_logit_diff(again, hf_model, cfg.vocab_size) < LOGIT_ATOL
@@ -286,7 +287,8 @@ def _save_random(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_init_from_transformers_model(arch, tmp_path):
     hf_model = (hf_llama if arch == "llama" else hf_gpt2)(tmp_path / "hf")
-    cfg = ModelConfig(n_layers=7, d_model=512, init_from=str(tmp_path / "hf"))  # the shape comes from config.json
+    # The shape comes from config.json.
+    cfg = resolve_init_from(ModelConfig(n_layers=7, d_model=512, init_from=str(tmp_path / "hf")))
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.vocab_size) == (2, 32, 4, 257)
     cfg.validate()
     model = GPT(cfg).eval()
@@ -314,7 +316,7 @@ def test_init_from_draws_no_random_weights(arch, tmp_path, monkeypatch):
             raise AssertionError("init_weights ran although every parameter comes from model.init_from")
 
     monkeypatch.setattr(GPT, "init_weights", no_random_init)
-    cfg = TrainRunConfig(model=ModelConfig(init_from=str(tmp_path / "hf")))
+    cfg = TrainRunConfig(model=resolve_init_from(ModelConfig(init_from=str(tmp_path / "hf"))))
     built = build_model_and_optimizer(cfg, DistEnv(0, 0, 1, torch.device("cpu"), None, "single"))
     model = built.parts[0]
     assert max_logit_diff(model.eval(), hf_model, 257) < LOGIT_ATOL
@@ -328,7 +330,7 @@ def test_init_from_original_gpt2_names(tmp_path):
     renamed = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     renamed["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
     safetensors_torch.save_file(renamed, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
-    cfg = ModelConfig(init_from=str(tmp_path / "hf"))
+    cfg = resolve_init_from(ModelConfig(init_from=str(tmp_path / "hf")))
     model = GPT(cfg).eval()
     load_hf_weights([model], cfg)
     assert max_logit_diff(model, hf_model, 257) < LOGIT_ATOL
@@ -345,31 +347,40 @@ def test_init_from_original_gpt2_names(tmp_path):
 def test_init_from_refuses_what_does_not_map(make, overrides, needle, tmp_path):
     (hf_llama if make == "llama" else hf_gpt2)(tmp_path / "hf", **overrides)
     with pytest.raises(ConfigError, match="model.init_from") as err:
-        ModelConfig(init_from=str(tmp_path / "hf"))
+        resolve_init_from(ModelConfig(init_from=str(tmp_path / "hf")))
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_model_config_with_init_from_reads_no_file(tmp_path):
+    """Turning a config into its dataclass touches no disk: the orchestrator resolves init_from, then validates."""
+    cfg = ModelConfig(n_layers=7, init_from=str(tmp_path / "missing"))
+    cfg.validate()
+    assert cfg.n_layers == 7
+    with pytest.raises(ConfigError, match="no such directory"):
+        prepare_config(TrainRunConfig(model=cfg))
 
 
 def test_init_from_refuses_broken_directories(tmp_path):
     with pytest.raises(ConfigError, match="no such directory"):
-        ModelConfig(init_from=str(tmp_path / "missing"))
+        resolve_init_from(ModelConfig(init_from=str(tmp_path / "missing")))
     hf_llama(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
     with pytest.raises(ConfigError, match="model_type='mistral'"):
-        ModelConfig(init_from=str(tmp_path / "other"))
+        resolve_init_from(ModelConfig(init_from=str(tmp_path / "other")))
     (tmp_path / "no_config").mkdir()
     (tmp_path / "no_config" / "model.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
     with pytest.raises(ConfigError, match="config.json is missing"):
-        ModelConfig(init_from=str(tmp_path / "no_config"))
+        resolve_init_from(ModelConfig(init_from=str(tmp_path / "no_config")))
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "config.json").write_text(json.dumps(config))
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ConfigError, match="pickle"):
-        ModelConfig(init_from=str(tmp_path / "pickled")).validate()
+        resolve_init_from(ModelConfig(init_from=str(tmp_path / "pickled")))
     # A config.json that does not describe its weights: caught before anything is copied.
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
-    cfg = ModelConfig(init_from=str(tmp_path / "hf"))
+    cfg = resolve_init_from(ModelConfig(init_from=str(tmp_path / "hf")))
     with pytest.raises(ConfigError, match="gate_proj.weight has shape"):
         load_hf_weights([GPT(cfg)], cfg)
 

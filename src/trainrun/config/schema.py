@@ -101,32 +101,11 @@ class ModelConfig:
     """Local Hugging Face model directory (Llama- or GPT-2-style config.json + safetensors, e.g. from
     save_pretrained or trainrun-export) whose weights initialise the model; its config.json sets n_layers,
     n_heads, d_model, ffn_hidden, vocab_size, max_seq_len, norm, norm_eps, position, rope_theta, mlp,
-    tie_embeddings and bias, replacing the values given here. null: random init from run.seed."""
+    tie_embeddings and bias, replacing the values given here (the orchestrator reads it before validation:
+    turning a config into this dataclass reads no file). null: random init from run.seed."""
 
     def __post_init__(self) -> None:
-        if self.init_from:
-            self._take_architecture_from_hf()
         coerce_choices(self, "model")
-
-    def _take_architecture_from_hf(self) -> None:
-        """Replace the architecture fields with those of ``init_from``'s config.json (raises ConfigError).
-
-        Here rather than at build time so that every later check (TP divisibility, seq_len, the dry
-        run's estimates, a resume's shape check) sees the shape of the model that will be built.
-        """
-        # The mapping lives beside its inverse (the exporter); it imports nothing but trainrun.config.
-        from trainrun.export.hf_mapping import model_fields_from_hf
-
-        if not isinstance(self.init_from, str):
-            raise ConfigError("model.init_from", self.init_from, "must be a directory path or null")
-        fields = model_fields_from_hf(self.init_from)
-        changed = [f"{k}={fields[k]!r}" for k in fields if str(getattr(self, k)) != str(fields[k])]
-        if changed:
-            import logging
-
-            logging.getLogger(__name__).info("model.init_from=%s sets %s", self.init_from, ", ".join(changed))
-        for key, value in fields.items():
-            setattr(self, key, value)
 
     @property
     def head_dim(self) -> int:
@@ -146,7 +125,7 @@ class ModelConfig:
         return 4 * self.d_model
 
     def validate(self) -> None:
-        """Positive sizes, heads that divide the width, an even RoPE head size; init_from: safetensors for gpt."""
+        """Positive sizes, heads that divide the width, an even RoPE head size; init_from only for model.name=gpt."""
         for name in ("n_layers", "n_heads", "d_model", "max_seq_len"):
             positive(f"model.{name}", getattr(self, name))
         if self.d_model % self.n_heads:
@@ -160,13 +139,9 @@ class ModelConfig:
         positive("model.norm_eps", self.norm_eps)
         positive("model.rope_theta", self.rope_theta)
         positive("model.init_std", self.init_std)
-        if self.init_from is not None:
-            if self.name != "gpt":
-                raise ConfigError("model.init_from", self.init_from, "loads into trainrun's own model "
-                                  f"(model.name=gpt), not {self.name!r}; unset one of them")
-            from trainrun.export.hf_mapping import weight_files
-
-            weight_files(self.init_from)  # before any process starts: the weights are there, as safetensors
+        if self.init_from is not None and self.name != "gpt":
+            raise ConfigError("model.init_from", self.init_from, "loads into trainrun's own model "
+                              f"(model.name=gpt), not {self.name!r}; unset one of them")
 
 
 @dataclass

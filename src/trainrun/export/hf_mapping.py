@@ -1,8 +1,9 @@
 """How trainrun's GPT maps onto Hugging Face transformers' Llama and GPT-2, in both directions.
 
-Pure data and ``config.json`` logic, no torch: ``trainrun.config`` imports this module (lazily,
-only when ``model.init_from`` is set) to take a model's architecture from its ``config.json``,
-and this module imports nothing but ``trainrun.config``.
+Pure data and ``config.json`` logic, no torch: the orchestrator's start-up calls
+:func:`resolve_init_from` to take a model's architecture from its ``config.json`` (the config layer
+itself reads no file), and this module imports nothing of trainrun's but ``trainrun.config`` and
+``trainrun.errors``.
 
 ================================================  ======================  ====================
 trainrun ``model.*``                              transformers class      ``model_type``
@@ -23,15 +24,19 @@ same table backwards, so export -> import -> export gives back identical tensors
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainrun.config.choices import Mlp, Norm, Position
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig
+from trainrun.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 EXPORTABLE = {
     (Position.rope, Mlp.swiglu, Norm.rmsnorm): ("llama", "LlamaForCausalLM"),
@@ -275,6 +280,26 @@ def model_fields_from_hf(directory: str | Path) -> dict[str, Any]:
         return _gpt2_fields(hf, where)
     raise ConfigError("model.init_from", where, f"config.json has model_type={model_type!r}; trainrun initialises "
                       "from 'llama' (LlamaForCausalLM) and 'gpt2' (GPT2LMHeadModel) models")
+
+
+def resolve_init_from(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with the architecture of ``model.init_from``'s ``config.json`` (``cfg`` itself when it is null).
+
+    A step of the run's start-up, before validation, so that every later check (TP divisibility,
+    seq_len, the dry run's estimates, a resume's shape check) sees the shape of the model that will
+    be built. Also checks that the weights are there, as safetensors, before any process starts.
+    Raises ConfigError naming ``model.init_from``.
+    """
+    if cfg.init_from is None:
+        return cfg
+    if not isinstance(cfg.init_from, str) or not cfg.init_from:
+        raise ConfigError("model.init_from", cfg.init_from, "must be a directory path or null")
+    fields = model_fields_from_hf(cfg.init_from)
+    changed = [f"{k}={fields[k]!r}" for k in fields if str(getattr(cfg, k)) != str(fields[k])]
+    if changed:
+        logger.info("model.init_from=%s sets %s", cfg.init_from, ", ".join(changed))
+    weight_files(cfg.init_from)
+    return dataclasses.replace(cfg, **fields)
 
 
 SAFETENSORS_FILE = "model.safetensors"

@@ -96,16 +96,14 @@ def check_point(config: DictConfig, overrides: list[str], world_size: int) -> tu
     point and the field."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from trainrun.config.convert import to_dataclass
-    from trainrun.config.validate import validate_config
+    from trainrun.orchestrator import prepare_config  # the job's own first step, replayed here
 
     composed = GlobalHydra.instance().config_loader().load_sweep_config(config, overrides)
     point = point_id(str(composed.hydra.job.override_dirname))  # the run directory the job will use
     with open_dict(composed):
         del composed["hydra"]
     try:
-        cfg = to_dataclass(composed)
-        validate_config(cfg, world_size=world_size)
+        cfg = prepare_config(composed, world_size=world_size)
         check_memory(cfg)
     except (ConfigError, DataError) as err:
         kind = DataError if isinstance(err, DataError) else ConfigError
