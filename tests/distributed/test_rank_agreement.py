@@ -23,9 +23,9 @@ from trainrun.config.schema import CheckpointConfig, TrainRunConfig
 from trainrun.distributed.env import DistEnv
 from trainrun.state import TrainState
 from trainrun.train.executors import finite_flag_on_all_ranks
-from trainrun.train.loop import KIND_OF_RANK, SAVE_RANK
+from trainrun.train.save_and_exit import KIND_OF_PRIORITY, SAVE_PRIORITY
 
-pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 WORLD = 2
 
@@ -82,12 +82,13 @@ def _policy_worker(rank: int, tmp_path: Path) -> None:
         # Rank 0's clock says 6 minutes since the last save, rank 1's says 4: only rank 0 wants to save.
         minutes = 6.0 if rank == 0 else 4.0
         wish = policy.decide(SaveContext(TrainState(step=7), False, False, minutes))
-        reason, agreed = controller.agree(7, SAVE_RANK[wish])
-        answers["time_policy"] = [reason, getattr(KIND_OF_RANK[agreed], "value", None), getattr(wish, "value", None)]
+        reason, agreed = controller.agree(7, SAVE_PRIORITY[wish])
+        answers["time_policy"] = [reason, getattr(KIND_OF_PRIORITY[agreed], "value", None),
+                                  getattr(wish, "value", None)]
         # Step 9: non-persistent everywhere, persistent (time) on rank 1 only: persistent wins everywhere.
         wish = policy.decide(SaveContext(TrainState(step=9), False, False, 6.0 if rank == 1 else 0.0))
-        reason, agreed = controller.agree(9, SAVE_RANK[wish])
-        answers["mixed"] = [reason, KIND_OF_RANK[agreed].value]
+        reason, agreed = controller.agree(9, SAVE_PRIORITY[wish])
+        answers["mixed"] = [reason, KIND_OF_PRIORITY[agreed].value]
         # A signal seen by rank 1 only stops both.
         if rank == 1:
             controller.received = __import__("signal").SIGTERM

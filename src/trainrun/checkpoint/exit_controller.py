@@ -99,13 +99,13 @@ class ExitController:
         """The reason to stop now, agreed by all ranks (a MAX all-reduce), or None."""
         return self.agree(step)[0]
 
-    def agree(self, step: int, save_rank: int = 0) -> tuple[str | None, int]:
+    def agree(self, step: int, save_priority: int = 0) -> tuple[str | None, int]:
         """One MAX all-reduce of this rank's exit flags and its wish to save; every rank gets the same answer.
 
-        ``save_rank`` orders the checkpoint kinds a rank's policies ask for (0: none; higher wins).
+        ``save_priority`` orders the checkpoint kinds a rank's policies ask for (0: none; higher wins).
         Policies may read rank-local state (the time policy reads this rank's clock): deciding on the
         maximum keeps every rank entering the save's collectives together, or none.
         """
-        values = self.env.host_all_reduce_max([*self.local_flags(step), float(save_rank)])
+        values = self.env.host_all_reduce_max([*self.local_flags(step), float(save_priority)])
         hits = [reason for reason, flag in zip(REASONS, values[:-1], strict=True) if flag > 0]
         return (hits[0] if hits else None), int(values[-1])

@@ -14,18 +14,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import TrainRunConfig
 from trainrun.config.validate import resolve_device_type
 from trainrun.distributed.env import DistEnv
+from trainrun.errors import ConfigError
 from trainrun.registry import INITIALIZERS
 
 logger = logging.getLogger(__name__)
 
 
-def seed_everything(seed: int, rank: int) -> None:
-    """Seed python, numpy and torch; ranks share the seed so that replicated weights start equal."""
-    del rank  # model init must be identical on every rank; per-rank randomness derives from it explicitly
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch with the run seed, the same on every rank: model init must be identical
+    on every rank (replicated weights start equal); per-rank randomness derives from it explicitly."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -53,7 +53,7 @@ def _layout(cfg: TrainRunConfig) -> str:
 def init_single(cfg: TrainRunConfig) -> DistEnv:
     """One process, no process group."""
     _configure_determinism(cfg)
-    seed_everything(cfg.run.seed, 0)
+    seed_everything(cfg.run.seed)
     return DistEnv(0, 0, 1, _device(cfg, 0), None, "single", _layout(cfg))
 
 
@@ -67,7 +67,7 @@ def _init_process_group(cfg: TrainRunConfig, rank: int, local_rank: int, world_s
             timeout=timedelta(minutes=cfg.parallel.timeout_min),
             device_id=device if device.type == "cuda" else None,
         )
-    seed_everything(cfg.run.seed, rank)
+    seed_everything(cfg.run.seed)
     # Host-side agreements (exit flags, save wishes) go over gloo with CPU tensors: on NCCL they would
     # wait for the GPU queue every step.
     host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
