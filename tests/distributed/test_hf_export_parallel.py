@@ -28,7 +28,7 @@ from tests.distributed.test_parallel import single, torchrun  # noqa: E402
 from trainrun.export.export import load_trainrun_model  # noqa: E402
 from trainrun.export.export import main as export_main  # noqa: E402
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 LOGIT_ATOL = 1e-5
 LAYOUT_ATOL = 1e-4

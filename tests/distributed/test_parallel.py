@@ -21,7 +21,7 @@ import torch
 
 from tests.conftest import cli_env, read_metrics, start_ranks, train_losses
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 TINY_PARALLEL = [
     "model.n_layers=4", "model.d_model=32", "model.n_heads=4", "model.tie_embeddings=false",

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import TINY, read_metrics, run_cli, train_losses
 from tests.wandb_records import history_rows, read_finished_wandb_file
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [

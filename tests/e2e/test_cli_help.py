@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import cli_env, run_cli
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("trainrun")
 """The ``trainrun`` console script next to this interpreter (``pip install -e .`` puts it there)."""

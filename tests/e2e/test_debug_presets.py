@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import read_metrics, run_cli, train_losses
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SMALL = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "data.seq_len=32", "data.max_documents=400",
          "train.progress_bar=false"]

@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import TINY, execute_notebook, run_cli
 from trainrun.observe.analysis import load_metrics, summarize
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_notebook_analyses_a_run(tmp_path, corpus_cache, monkeypatch):

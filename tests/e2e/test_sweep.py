@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO, TINY, cli_env, run_cli
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _points(sweep_dir: Path) -> dict[str, dict]:

@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import TINY, execute_notebook, run_cli
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_sweep_notebook_analyses_a_sweep(tmp_path, corpus_cache, monkeypatch):

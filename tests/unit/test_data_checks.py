@@ -257,6 +257,7 @@ def test_malformed_meta_values_name_meta_json(tmp_path: Path, changes: dict, mat
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_cli_reports_a_corrupt_bin_in_one_line_with_exit_2(tmp_path: Path) -> None:
     directory = _dataset_dir(tmp_path)
     with open(directory / "train.bin", "ab") as f:

@@ -401,6 +401,7 @@ def hf_tokenizer_file(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # the three CLIs in subprocesses
 def test_cli_prepare_hf_tokenizer_init_from_train_export(tmp_path, capsys):
     tokenizer = hf_tokenizer_file(tmp_path / "tokenizer.json")
     texts = tmp_path / "texts"

@@ -47,6 +47,7 @@ def _hold_lock(run_dir: Path) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow  # the holder is another process
 def test_a_run_directory_is_locked_while_a_run_writes_to_it(tmp_path: Path):
     holder = _hold_lock(tmp_path)
     try:

@@ -92,6 +92,7 @@ def plugin_site(tmp_path_factory) -> Path:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_plugin_entry_point_adds_components(plugin_site, tmp_path, corpus_cache):
     env = cli_env()
     env["PYTHONPATH"] = f"{plugin_site}:{env['PYTHONPATH']}"
@@ -106,6 +107,7 @@ def test_plugin_entry_point_adds_components(plugin_site, tmp_path, corpus_cache)
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_plugin_without_it_is_an_unknown_name(tmp_path):
     proc = run_cli(["optim.schedule=half", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 2
