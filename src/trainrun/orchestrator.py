@@ -32,7 +32,7 @@ from trainrun.distributed.pipeline import Pipeline, pipeline_eval_loss
 from trainrun.dry_run import dry_run_report
 from trainrun.eval.sample import sample_text
 from trainrun.exit_codes import ExitCode
-from trainrun.export.hf_mapping import resolve_init_from
+from trainrun.hf.config import resolve_init_from
 from trainrun.model import allocate, flops_per_token, materialize
 from trainrun.model.float8 import convert_to_float8
 from trainrun.observe import build_metric_logger, peak_flops_per_device, setup_logging
@@ -125,7 +125,7 @@ def build_model_and_optimizer(cfg: TrainRunConfig, env: DistEnv, dims: ParallelD
         n_params = sum(p.numel() for p in model.parameters())
         parts, pipeline = [model], None
     if cfg.model.init_from:  # after parallelising: each rank reads only its own shards
-        from trainrun.export.import_hf import load_hf_weights
+        from trainrun.hf.import_weights import load_hf_weights
 
         load_hf_weights(parts, cfg.model)
     optimizers = [registry.OPTIMIZERS.get(cfg.optim.name)(part, cfg.optim, env.device.type) for part in parts]

@@ -25,8 +25,8 @@ transformers = pytest.importorskip("transformers")
 
 from tests.conftest import train_losses  # noqa: E402
 from tests.distributed.test_parallel import single, torchrun  # noqa: E402
-from trainrun.export.export import load_trainrun_model  # noqa: E402
-from trainrun.export.export import main as export_main  # noqa: E402
+from tests.unit.test_hf_export import load_trainrun_model  # noqa: E402
+from trainrun.hf.export import main as export_main  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -28,7 +28,7 @@ def test_trained_run_survives_export_and_prepare_aimed_at_it(tmp_path, corpus_ca
     texts.mkdir()
     for i in range(4):
         (texts / f"{i}.txt").write_text(f"text {i}\n" * 10)
-    attempts = [("trainrun.export.export", [str(run), "--output", str(out), "--force"])
+    attempts = [("trainrun.hf.export", [str(run), "--output", str(out), "--force"])
                 for out in (run, run.parent, run / "checkpoints", run / "hf")]
     attempts.append(("trainrun.data.prepare", [str(texts), "--output", str(run), "--force"]))
     for module, args in attempts:
@@ -37,7 +37,7 @@ def test_trained_run_survives_export_and_prepare_aimed_at_it(tmp_path, corpus_ca
         assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr, refused.stderr
         assert "--output" in refused.stderr
     assert files_of(tmp_path / "runs") == before
-    exported = run_cli([str(run), "--output", str(tmp_path / "hf")], cwd=tmp_path, module="trainrun.export.export",
+    exported = run_cli([str(run), "--output", str(tmp_path / "hf")], cwd=tmp_path, module="trainrun.hf.export",
                        timeout=120)
     assert exported.returncode == 0, exported.stderr
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / ".trainrun-export.json").is_file()

@@ -39,11 +39,11 @@ from trainrun.data.prepare import main as prepare_main  # noqa: E402
 from trainrun.data.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402
 from trainrun.distributed.env import DistEnv  # noqa: E402
 from trainrun.errors import ConfigError  # noqa: E402
-from trainrun.export.export import load_trainrun_model  # noqa: E402
-from trainrun.export.export import main as export_main  # noqa: E402
-from trainrun.export.hf_mapping import resolve_init_from  # noqa: E402
-from trainrun.export.import_hf import load_hf_weights  # noqa: E402
-from trainrun.model import GPT, generate  # noqa: E402
+from trainrun.hf.config import resolve_init_from  # noqa: E402
+from trainrun.hf.export import checkpoint_shapes, load_model_tensors, read_checkpoint_meta  # noqa: E402
+from trainrun.hf.export import main as export_main  # noqa: E402
+from trainrun.hf.import_weights import load_hf_weights  # noqa: E402
+from trainrun.model import GPT, allocate, generate  # noqa: E402
 from trainrun.orchestrator import build_model_and_optimizer, prepare_config  # noqa: E402
 
 LOGIT_ATOL = 1e-5
@@ -62,6 +62,18 @@ MEASURED: dict[str, float] = {}
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
+
+
+def load_trainrun_model(step_dir: Path) -> tuple[torch.nn.Module, ModelConfig]:
+    """trainrun's own GPT with the checkpoint's weights, in one CPU process (eval mode), read as the exporter
+    reads them: to compare with the exported model."""
+    cfg, _ = read_checkpoint_meta(step_dir)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    allocate(model, "cpu")  # every parameter is loaded below; allocate keeps the output/embedding tie
+    names = [n for n, _ in model.named_parameters()]  # a tied output weight is named once, as the embedding
+    model.load_state_dict(load_model_tensors(step_dir, names, checkpoint_shapes(step_dir)), strict=False)
+    return model.eval(), cfg
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> GPT:
     """A GPT whose every parameter is random: norm weights != 1 and biases != 0, so no mis-mapping hides."""
@@ -477,8 +489,8 @@ def test_console_script_is_declared():
     import tomllib
 
     project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["trainrun-export"] == "trainrun.export.export:main"
-    assert "trainrun.export" in project["tool"]["setuptools"]["packages"]
+    assert project["project"]["scripts"]["trainrun-export"] == "trainrun.hf.export:main"
+    assert "trainrun.hf" in project["tool"]["setuptools"]["packages"]
 
 
 def teardown_module():

@@ -73,7 +73,7 @@ def refused(capsys: pytest.CaptureFixture, main, argv: list[str], *needles: str)
 
 
 def export_main(argv: list[str]) -> int:
-    from trainrun.export.export import main
+    from trainrun.hf.export import main
 
     return main(argv)
 
@@ -220,8 +220,8 @@ def test_prepare_skips_earlier_trainrun_outputs_inside_its_inputs(tmp_path, capl
 # ---- class 1: a replacement that fails midway keeps the earlier output ---------------------------------------
 
 def test_failed_export_keeps_the_earlier_one(tmp_path, capsys, monkeypatch):
-    import trainrun.export.export as export_module
-    from trainrun.export.hf_mapping import ExportError
+    import trainrun.hf.export as export_module
+    from trainrun.hf.mapping import ExportError
 
     run = make_run(tmp_path / "run")
     out = tmp_path / "hf"

@@ -36,15 +36,10 @@ from trainrun.config.choices import Verify
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig
 from trainrun.errors import CheckpointError
-from trainrun.export.hf_mapping import (
-    SAFETENSORS_FILE,
-    SAFETENSORS_INDEX,
-    ExportError,
-    Target,
-    export_targets,
-    hf_config,
-)
-from trainrun.export.hf_tokenizer import find_tokenizer, write_tokenizer
+from trainrun.hf.config import CONFIG_FILE, hf_config
+from trainrun.hf.mapping import ExportError, Target, export_targets
+from trainrun.hf.safetensors_io import save_shard, shard_names, write_index
+from trainrun.hf.tokenizer import find_tokenizer, write_tokenizer
 from trainrun.outputs import OutputError, check_output_dir, staged_output
 
 logger = logging.getLogger(__name__)
@@ -123,19 +118,6 @@ def load_model_tensors(step_dir: Path, names: list[str],
     return tensors
 
 
-def load_trainrun_model(step_dir: Path) -> tuple[torch.nn.Module, ModelConfig]:
-    """trainrun's own GPT with the checkpoint's weights, in one CPU process (eval mode); for comparisons."""
-    from trainrun.model import GPT, allocate
-
-    cfg, _ = read_checkpoint_meta(step_dir)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    allocate(model, "cpu")  # every parameter is loaded below; allocate keeps the output/embedding tie
-    names = [n for n, _ in model.named_parameters()]  # a tied output weight is named once, as the embedding
-    model.load_state_dict(load_model_tensors(step_dir, names, checkpoint_shapes(step_dir)), strict=False)
-    return model.eval(), cfg
-
-
 # ---- mapping and writing ----------------------------------------------------------------------------
 
 def _check_coverage(cfg: ModelConfig, targets: list[Target], shapes: dict) -> None:
@@ -184,17 +166,11 @@ def build_target(target: Target, tensors: dict[str, torch.Tensor], dtype: torch.
 
 def write_weights(step_dir: Path, cfg: ModelConfig, output: Path, dtype: torch.dtype, max_bytes: int) -> int:
     """Write the safetensors file(s) of ``cfg``'s transformers model; returns the number of files."""
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise ExportError("writing safetensors needs the safetensors package: pip install 'trainrun[export]'") from None
-
     targets = export_targets(cfg)
     shapes = checkpoint_shapes(step_dir)
     _check_coverage(cfg, targets, shapes)
     shards = plan_shards(targets, shapes, dtype, max_bytes)
-    names = [SAFETENSORS_FILE] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = shard_names(len(shards))
     weight_map, total = {}, 0
     for shard, file in zip(shards, names, strict=True):
         tensors = load_model_tensors(step_dir, sorted({n for t in shard for n in t.sources}), shapes)
@@ -204,11 +180,10 @@ def write_weights(step_dir: Path, cfg: ModelConfig, output: Path, dtype: torch.d
             total += out[target.hf_name].numel() * dtype.itemsize
             weight_map[target.hf_name] = file
         del tensors
-        save_file(out, str(output / file), metadata={"format": "pt"})
+        save_shard(out, output / file)
         del out
     if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (output / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_index(output, weight_map, total)
     return len(shards)
 
 
@@ -254,7 +229,7 @@ def export(path: Path, output: Path, step: int | None = None, dtype: str = "floa
     record = {"checkpoint": str(step_dir.resolve()), "dtype": dtype}
     with staged_output(output, EXPORT, record) as tmp:
         files = write_weights(step_dir, cfg, tmp, DTYPES[dtype], max_bytes)
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, eod, eod, dtype), indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(cfg, eod, eod, dtype), indent=2) + "\n")
         generation = {"bos_token_id": eod, "eos_token_id": eod, "pad_token_id": eod}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if source is not None:

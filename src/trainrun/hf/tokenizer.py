@@ -17,7 +17,7 @@ from pathlib import Path
 
 from trainrun.data.layout import read_meta
 from trainrun.data.tokenizer import EOD_TOKEN, TOKENIZER_FILE
-from trainrun.export.hf_mapping import ExportError
+from trainrun.hf.mapping import ExportError
 
 logger = logging.getLogger(__name__)
 

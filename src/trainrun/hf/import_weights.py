@@ -11,72 +11,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from contextlib import ExitStack
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig
-from trainrun.export.hf_mapping import Source, import_sources, weight_files
+from trainrun.errors import ConfigError
+from trainrun.hf.mapping import Source, import_sources
+from trainrun.hf.safetensors_io import HFWeights
 
 logger = logging.getLogger(__name__)
-
-_PREFIXES = ("transformer.", "model.")
-"""Prefixes some checkpoints omit (the original GPT-2 files name ``h.0...`` rather than ``transformer.h.0...``)."""
-
-
-class HFWeights:
-    """Read boxes of named tensors from a local transformers model's safetensors files, memory-mapped."""
-
-    def __init__(self, directory: str | Path, field: str = "model.init_from"):
-        try:
-            from safetensors import safe_open
-        except ImportError:
-            raise ConfigError(field, str(directory), "reading Hugging Face weights needs the safetensors package: "
-                              "pip install 'trainrun[export]'") from None
-        self.directory, self.field = str(directory), field
-        self._stack = ExitStack()
-        self._names: dict[str, object] = {}  # tensor name -> the open file holding it
-        for file in sorted(set(weight_files(directory, field).values())):
-            handle = self._stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                self._names[name] = handle
-
-    def close(self) -> None:
-        """Release the memory maps."""
-        self._stack.close()
-
-    def __enter__(self) -> HFWeights:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _handle(self, name: str):
-        for candidate in (name, *(name.removeprefix(p) for p in _PREFIXES if name.startswith(p))):
-            if candidate in self._names:
-                return self._names[candidate], candidate
-        raise ConfigError(self.field, self.directory, f"the safetensors weights lack {name}, which config.json's "
-                          "architecture needs")
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """Stored shape of tensor ``name``."""
-        handle, stored = self._handle(name)
-        return tuple(handle.get_slice(stored).get_shape())
-
-    def read(self, source: Source, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
-        """The box ``offsets``/``sizes`` (in trainrun's (out, in) coordinates) of the tensor ``source`` locates."""
-        handle, stored = self._handle(source.hf_name)
-        piece = handle.get_slice(stored)
-        box = [slice(o, o + n) for o, n in zip(offsets, sizes, strict=True)]
-        box[0] = slice(box[0].start + source.offset, box[0].stop + source.offset)
-        if not source.transpose:
-            return piece[tuple(box)]
-        return piece[tuple(reversed(box))].t()  # (in, out) on disk: read the transposed box
 
 
 def _check_shapes(weights: HFWeights, sources: dict[str, Source], shapes: dict[str, tuple[int, ...]]) -> None:
@@ -112,8 +58,8 @@ def _local_box(tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def load_hf_weights(parts: Iterable[nn.Module], cfg: ModelConfig) -> None:
     """Copy the weights of ``cfg.init_from`` into every parameter of ``parts`` (this rank's shards only).
 
-    ``cfg`` already carries the architecture of ``cfg.init_from`` (``ModelConfig`` takes it from its
-    config.json). Parameter names are the layout-independent ones of ``get_model_state_dict``, whose
+    ``cfg`` already carries the architecture of ``cfg.init_from`` (:func:`trainrun.hf.config.resolve_init_from`
+    took it from its config.json). Parameter names are the layout-independent ones of ``get_model_state_dict``, whose
     tensors share storage with the parameters, so the copy lands in the model in place.
     """
     sources = import_sources(cfg)
