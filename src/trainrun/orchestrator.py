@@ -1,6 +1,6 @@
 """Wires the configured components together and runs them; owns nothing else.
 
-The steps read like DESIGN.md's list: initialise the environment, build data, model and
+:func:`run` reads as the run's steps, in order: initialise the environment, build data, model and
 optimizer, restore a checkpoint, run the loop, then evaluate, save and sample at the end.
 """
 

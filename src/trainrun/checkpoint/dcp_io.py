@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -103,8 +104,12 @@ class DcpWriter:
         is done. ``then`` runs in a background thread after this rank's files are written.
         """
         if self._stager is None:
-            # No pinned/shared memory: they need CUDA; background staging overlaps forward/backward.
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+            # Pinned host buffers when the model lives on CUDA (torchtitan's async_with_pinned_mem): the copy out of
+            # the device is then a fast DMA; CPU tensors need none. No shared memory: the writer is a thread.
+            # Background staging overlaps forward/backward.
+            model = tensors.get("model", tensors)
+            pinned = torch.cuda.is_available() and any(getattr(t, "is_cuda", False) for t in model.values())
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False,
                                                         use_async_staging=True, use_non_blocking_copy=False))
         if self._async_pg is None and dist.is_initialized():
             # The writer thread runs collectives; a separate gloo group keeps them off the training group.

@@ -155,7 +155,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     """Final LR of decaying schedules as a fraction of lr."""
     weight_decay: float = 0.1
-    """Decoupled weight decay; never applied to norms, biases (or embeddings when disabled below)."""
+    """Decoupled weight decay of the matrices (linear and embedding weights); norm gains and biases never decay."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.95
@@ -163,13 +163,14 @@ class OptimConfig:
     eps: float = 1e-8
     """Adam epsilon."""
     schedule: str = "cosine"
-    """Registered LR schedule: cosine, linear, constant or wsd (warmup-stable-decay)."""
+    """Registered LR schedule: cosine, linear, constant, wsd (warmup-stable-decay, linear cooldown) or wsd_sqrt
+    (warmup-stable-decay, 1-sqrt cooldown)."""
     warmup_steps: int = 20
     """Linear warmup steps from ~0 to lr."""
     decay_steps: int | None = None
     """Steps over which to decay after warmup; null: train.max_steps - warmup_steps."""
     wsd_decay_fraction: float = 0.2
-    """wsd only: fraction of decay_steps spent in the final decay."""
+    """wsd and wsd_sqrt only: fraction of decay_steps spent in the final decay (the cooldown)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     implementation: OptimizerImpl = OptimizerImpl.auto

@@ -1,4 +1,6 @@
-"""Process environment initializers (and, later, DeviceMesh parallelism)."""
+"""Process environments (single, torchrun, Slurm initializers), the DeviceMesh (:mod:`.parallel_dims`) and the
+parallelisms applied to a model from outside: DDP / FSDP2 / HSDP, tensor + sequence parallel, pipeline stages and
+activation checkpointing."""
 
 from trainrun.distributed.env import DistEnv
 
