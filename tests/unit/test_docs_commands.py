@@ -4,7 +4,8 @@ A command (in a code block, or an inline code span that starts with one) is ``py
 ``trainrun ...``, ``torchrun ... -m trainrun ...`` or ``sbatch launchers/torchrun.sbatch ...``; its
 overrides go through what the CLI does before a run starts: the command-line check
 (:func:`trainrun.config.store.check_command_line`), Hydra's composition with the same overrides (what
-``--cfg job`` prints) and the conversion to the typed config. A sweep (``-m``) composes each of its
+``--cfg job`` prints), the conversion to the typed config and its validation for the processes the
+command starts. A sweep (``-m``) composes each of its
 points. ``trainrun-prepare`` and ``trainrun-export`` lines are parsed by their own argument parsers.
 Lines with placeholders (``<...>``, ``...``) or a user's own config directory are skipped with the
 reason shown (pytest's ``-ra`` summary lists them). README's Layout section names only paths that
@@ -25,9 +26,15 @@ from omegaconf import open_dict
 
 from trainrun.config.convert import config_dir, optional_group_options, to_dataclass
 from trainrun.config.store import check_command_line, normalize_overrides, register_configs
+from trainrun.config.validate import validate_config
+from trainrun.errors import ConfigError
+from trainrun.launch.sweep_callback import world_size_per_job
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+DEGREES = 0
+"""World size of a command whose launcher starts as many processes as the parallel degrees ask."""
 
 MAX_POINTS = 8
 """Points of a documented sweep composed at most (the first ones in Hydra's order)."""
@@ -47,6 +54,9 @@ class Command:
     text: str
     tool: str
     args: tuple[str, ...]
+    world_size: int | None = None
+    """Processes the command starts: torchrun's; :data:`DEGREES`: as many as the parallel degrees ask (sbatch);
+    None: one, or for a dry run the degrees' (the CLI's own rule)."""
 
 
 def code_block_lines(path: Path) -> list[tuple[int, str]]:
@@ -83,25 +93,33 @@ def _segments(tokens: list[str]) -> list[list[str]]:
     return [*segments, current]
 
 
-def _command(tokens: list[str]) -> tuple[str, list[str]] | None:
-    """The trainrun tool a segment runs and its arguments, or None."""
+def _torchrun_world_size(tokens: list[str]) -> int:
+    sizes = {"--nproc-per-node": 1, "--nproc_per_node": 1, "--nnodes": 1}
+    for flag, value in zip(tokens, tokens[1:], strict=False):
+        if flag in sizes and value.isdigit():
+            sizes[flag] = int(value)
+    return max(sizes["--nproc-per-node"], sizes["--nproc_per_node"]) * sizes["--nnodes"]
+
+
+def _command(tokens: list[str]) -> tuple[str, list[str], int | None] | None:
+    """The trainrun tool a segment runs, its arguments and its world size, or None."""
     while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", tokens[0]):  # VAR=value prefixes
         tokens = tokens[1:]
     if not tokens:
         return None
     head = Path(tokens[0]).name
     if head in {"python", "python3"} and tokens[1:3] == ["-m", "trainrun"]:
-        return "trainrun", tokens[3:]
+        return "trainrun", tokens[3:], None
     if head in {"trainrun", "trainrun-prepare", "trainrun-export", "trainrun-report"}:
-        return head, tokens[1:]
+        return head, tokens[1:], None
     if head == "torchrun" and "trainrun" in tokens:
         i = tokens.index("trainrun")
         if tokens[i - 1] == "-m":
-            return "trainrun", tokens[i + 1:]
+            return "trainrun", tokens[i + 1:], _torchrun_world_size(tokens[:i])
     if head == "sbatch":
         for i, token in enumerate(tokens):
             if token.endswith("torchrun.sbatch"):
-                return "trainrun", tokens[i + 1:]
+                return "trainrun", tokens[i + 1:], DEGREES
     return None
 
 
@@ -134,7 +152,7 @@ def documented_commands() -> list[Command]:
                 found = _command(segment)
                 if found:
                     where = f"{path.relative_to(REPO)}:{number}"
-                    commands.append(Command(where, line.strip(), found[0], tuple(found[1])))
+                    commands.append(Command(where, line.strip(), found[0], tuple(found[1]), found[2]))
     return commands
 
 
@@ -178,17 +196,28 @@ def _points(overrides: list[str]) -> list[list[str]]:
     return [list(point) for batch in batches for point in batch][:MAX_POINTS]
 
 
-def compose_like_the_cli(overrides: list[str]) -> None:
-    """What ``python -m trainrun <overrides> --cfg job`` does, then the conversion to the typed config."""
+def compose_like_the_cli(overrides: list[str], world_size: int | None) -> None:
+    """What ``python -m trainrun <overrides> --cfg job`` does, then what the job checks before it builds anything:
+    the typed config and its validation for ``world_size`` processes (a submitit launcher's: its nodes x tasks;
+    see :attr:`Command.world_size`). A dataset directory of the user's (``data.path=data/mine``) is not checked."""
     register_configs()
     overrides = normalize_overrides(overrides)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     GlobalHydra.instance().clear()
+    if "submitit" in str(cfg.hydra.launcher.get("_target_", "")):
+        world_size = world_size_per_job(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
-    to_dataclass(cfg)
+    typed = to_dataclass(cfg)
+    p = typed.parallel
+    try:
+        validate_config(typed, world_size=p.dp_replicate * p.dp_shard * p.tp * p.pp if world_size == DEGREES
+                        else world_size)
+    except ConfigError as err:
+        if err.field != "data.path" or (REPO / str(err.value)).exists():
+            raise
 
 
 @pytest.mark.filterwarnings("ignore:.*is validated against ConfigStore schema:UserWarning")
@@ -201,7 +230,7 @@ def test_documented_trainrun_command_composes(command: Command):
         pytest.skip(f"{why_not}: {command.text}")
     check_command_line(list(command.args), optional_group_options())
     for point in _points(overrides) if multirun else [overrides]:
-        compose_like_the_cli(point)
+        compose_like_the_cli(point, command.world_size)
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.tool in {"trainrun-prepare", "trainrun-export"}],
