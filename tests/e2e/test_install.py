@@ -187,3 +187,80 @@ def test_user_experiment_with_searchpath(installed, elsewhere, user_conf):
                                       "--cfg", "job"], cwd=elsewhere))
     composed = yaml.safe_load(proc.stdout)
     assert composed["model"]["n_layers"] == 2 and composed["model"]["d_model"] == 64
+
+
+# --- the core install: no extras ------------------------------------------------------------------
+
+EXTRA_MODULES = ("wandb", "tensorboard", "matplotlib", "optuna", "transformers", "safetensors", "submitit",
+                 "hydra_plugins.hydra_submitit_launcher")
+"""What the extras bring; none of it may be needed by the main job."""
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory) -> Installed:
+    """A venv with the README's first install command only (``pip install torch==2.13.0 -e .``): no extras, and
+    nothing of the dev environment. pip resolves the core dependencies as a user's would (a few minutes)."""
+    root = tmp_path_factory.mktemp("core")
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"}}
+    env.update({"OMP_NUM_THREADS": "2", "XDG_CACHE_HOME": str(root / "cache"),
+                "TRAINRUN_CACHE_DIR": str(root / "cache" / "trainrun"), "TRAINRUN_OUTPUT_DIR": str(root / "outputs"),
+                "TRAINRUN_DATA_DIR": str(root / "data")})
+    project = _copy_project(root / "project")
+    (project / "conf" / "local" / "default.yaml").unlink()  # an editable install reads conf/ in place
+    venv = root / "venv"
+    _check(subprocess.run([sys.executable, "-m", "venv", str(venv)], check=False, capture_output=True, text=True,
+                          timeout=300))
+    python = venv / "bin" / "python"
+    _check(subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "-e", str(project)], env=env,
+                          check=False, capture_output=True, text=True, timeout=1500))
+    env["PATH"] = os.pathsep.join([str(venv / "bin"), env.get("PATH", "")])
+    return Installed(root=root, python=python, wheel=project, env=env)
+
+
+def test_core_install_has_no_extra(core, elsewhere):
+    code = f"import importlib.util as u; print([m for m in {EXTRA_MODULES!r} if u.find_spec(m)])"
+    assert _check(core.run([str(core.python), "-c", code], cwd=elsewhere)).stdout.strip() == "[]"
+
+
+def test_core_install_runs_the_main_job(core, elsewhere):
+    run = core.root / "run_fast"
+    proc = _check(core.trainrun(["debug=fast", "data.max_documents=200", f"hydra.run.dir={run}"], cwd=elsewhere))
+    assert (run / "metrics.jsonl").is_file() and "run directory:" in proc.stdout
+
+
+@pytest.mark.parametrize(("args", "feature", "extra"), [
+    (["logging=[default,wandb]"], "logging.wandb.enabled=true", "wandb"),
+    (["logging=[default,tensorboard]"], "logging.tensorboard=true", "tensorboard"),
+    (["hparams_search=optuna_lr"], "hparams_search=optuna_lr", "optuna"),
+    (["hydra/launcher=submitit_local", "optim.lr=1e-3,2e-3"], "hydra/launcher=submitit_local", "slurm"),
+], ids=["wandb", "tensorboard", "optuna", "submitit"])
+def test_core_install_refuses_a_feature_without_its_extra(core, elsewhere, args, feature, extra):
+    """Exit 2 and one line naming the feature and the pip install, before anything is trained or launched."""
+    sweep = ["-m"] if extra in ("optuna", "slurm") else []
+    proc = core.trainrun([*sweep, "debug=fast", f"hydra.run.dir={core.root / 'refused'}",
+                          f"hydra.sweep.dir={core.root / 'refused_sweep'}", *args], cwd=elsewhere)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert feature in proc.stderr and f"pip install 'trainrun[{extra}]'" in proc.stderr, proc.stderr
+    assert not (core.root / "refused" / "metrics.jsonl").exists()
+    assert not list((core.root / "refused_sweep").glob("*/metrics.jsonl"))
+
+
+def test_core_install_report_without_matplotlib(core, elsewhere):
+    run = core.root / "run_report"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 1, "val_loss": 5.1}\n')
+    proc = core.run([str(core.root / "venv" / "bin" / "trainrun-report"), str(run)], cwd=elsewhere)
+    assert proc.returncode == 2 and "pip install 'trainrun[report]'" in proc.stderr, proc.stderr
+    proc = _check(core.run([str(core.root / "venv" / "bin" / "trainrun-report"), str(run), "--no-png",
+                            "--output", str(core.root / "report")], cwd=elsewhere))
+    assert (core.root / "report" / "report.csv").is_file() and not (core.root / "report" / "report.png").exists()
+
+
+def test_core_install_export_without_safetensors(core, elsewhere):
+    """trainrun-export refuses before reading any checkpoint (the path need not even exist)."""
+    proc = core.run([str(core.root / "venv" / "bin" / "trainrun-export"), str(core.root / "no_run"),
+                     "--output", str(core.root / "exported")], cwd=elsewhere)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "trainrun-export needs safetensors" in proc.stderr and "pip install 'trainrun[hf]'" in proc.stderr
+    assert not (core.root / "exported").exists()

@@ -36,6 +36,7 @@ from trainrun.config.choices import Verify
 from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig
 from trainrun.errors import CheckpointError
+from trainrun.extras import MissingExtraError, require
 from trainrun.hf.config import CONFIG_FILE, hf_config
 from trainrun.hf.mapping import ExportError, Target, export_targets
 from trainrun.hf.safetensors_io import save_shard, shard_names, write_index
@@ -270,9 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        require("safetensors", "hf", "trainrun-export")  # before any checkpoint is read
         step_dir = export(Path(args.checkpoint), Path(args.output), args.step, args.dtype, args.max_shard_size,
                           args.data, not args.no_tokenizer, args.verify, args.force)
-    except (ExportError, OutputError, OSError) as err:
+    except (ExportError, OutputError, OSError, MissingExtraError) as err:
         print(f"trainrun-export: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the output is built beside its place and only swapped in once complete

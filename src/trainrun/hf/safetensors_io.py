@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainrun.errors import ConfigError
-from trainrun.hf.mapping import ExportError, Source
+from trainrun.extras import require
+from trainrun.hf.mapping import Source
 
 if TYPE_CHECKING:
     import torch
@@ -54,10 +55,9 @@ def shard_names(count: int) -> list[str]:
 
 def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write one safetensors file (``format: pt`` metadata, as transformers writes it)."""
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise ExportError("writing safetensors needs the safetensors package: pip install 'trainrun[hf]'") from None
+    require("safetensors", "hf", "trainrun-export")
+    from safetensors.torch import save_file
+
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
@@ -75,11 +75,9 @@ class HFWeights:
     """Read boxes of named tensors from a local transformers model's safetensors files, memory-mapped."""
 
     def __init__(self, directory: str | Path, field: str = "model.init_from"):
-        try:
-            from safetensors import safe_open
-        except ImportError:
-            raise ConfigError(field, str(directory), "reading Hugging Face weights needs the safetensors package: "
-                              "pip install 'trainrun[hf]'") from None
+        require("safetensors", "hf", field)
+        from safetensors import safe_open
+
         self.directory, self.field = str(directory), field
         self._stack = ExitStack()
         self._names: dict[str, object] = {}  # tensor name -> the open file holding it
