@@ -57,7 +57,7 @@ def checkpoint_dirs(cfg: TrainRunConfig, run_dir: Path) -> list[Path]:
     return dirs
 
 
-def check_non_persistent_dir(local_dir: Path, persistent_dir: Path, nodes: int) -> None:
+def check_non_persistent_dir(local_dir: Path, persistent: Path, nodes: int) -> None:
     """Refuse non-persistent checkpoints where they cannot be correct.
 
     Rank 0 alone creates, renames and verifies checkpoint directories, which is right for a
@@ -69,10 +69,10 @@ def check_non_persistent_dir(local_dir: Path, persistent_dir: Path, nodes: int) 
         raise ConfigError("checkpoint.non_persistent_interval", "> 0",
                           f"non-persistent (node-local) checkpoints need a single node, this job has {nodes}; "
                           "use checkpoint.non_persistent_interval=0 and persistent checkpoints on shared storage")
-    local, persistent = local_dir.resolve(), persistent_dir.resolve()
-    if local == persistent or persistent in local.parents:
+    local, outer = local_dir.resolve(), persistent.resolve()
+    if local == outer or outer in local.parents:
         raise ConfigError("checkpoint.non_persistent_dir", str(local_dir),
-                          f"it is (inside) the persistent checkpoint directory {persistent_dir}; "
+                          f"it is (inside) the persistent checkpoint directory {persistent}; "
                           "use a separate, preferably node-local, directory")
 
 
