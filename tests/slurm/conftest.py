@@ -7,6 +7,7 @@ directory, and stopped at the end only if this session started it.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,6 +22,24 @@ from tests.conftest import REPO, cli_env
 START = REPO / "launchers" / "local_slurm" / "start.sh"
 STOP = REPO / "launchers" / "local_slurm" / "stop.sh"
 SCRATCH = Path(os.environ.get("TRAINRUN_SLURM_DIR", "/tmp/trainrun-slurm"))
+
+SLURM_PROGRAMS = ("slurmctld", "slurmd", "sinfo", "sbatch", "munged")
+"""What launchers/local_slurm/start.sh runs; .ci/run installs them (Debian's slurmctld, slurmd, slurm-client, munge)."""
+
+
+def missing_slurm_programs() -> list[str]:
+    """The Slurm programs this machine lacks (looked up on PATH and in the sbin folders where Debian puts daemons)."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    return [name for name in SLURM_PROGRAMS if shutil.which(name, path=path) is None]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _needs_slurm() -> None:
+    """Skip, saying why, where Slurm is not installed (a developer's machine); CI installs it and runs these."""
+    missing = missing_slurm_programs()
+    if missing:
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} not found): apt-get install slurmctld slurmd "
+                    "slurm-client munge, as .ci/run does")
 
 
 def _cluster_up(env: dict[str, str]) -> bool:
