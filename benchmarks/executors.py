@@ -35,8 +35,8 @@ COMMON = ["train.max_steps=100000", "train.log_interval=100000", "train.progress
           "checkpoint.resume=never", "data.max_documents=400"]
 EXECUTORS = {
     "eager": ["train.step_executor=eager"],
-    "compile_blocks": ["train.step_executor=compile", "train.compile_scope=blocks"],
-    "compile_model": ["train.step_executor=compile", "train.compile_scope=model"],
+    "compile_blocks": ["train.step_executor=compile", "train.compile.scope=blocks"],
+    "compile_model": ["train.step_executor=compile", "train.compile.scope=model"],
     "cuda_graph": ["train.step_executor=cuda_graph"],
 }
 

@@ -32,7 +32,7 @@ from trainrun.observe.throughput import peak_flops_per_device  # noqa: E402
 LAUNCH_BOUND = ["model=gpt_tiny", "data.seq_len=256", "train.micro_batch_size=4", "train.global_batch_size=4",
                 "train.precision=bf16"]
 GPT_1B = ["+experiment=gpt_1b", "model.vocab_size=50304", "data.seq_len=2048", "train.precision=bf16",
-          "train.step_executor=compile", "train.compile_scope=blocks", "optim.implementation=fused"]
+          "train.step_executor=compile", "train.compile.scope=blocks", "optim.implementation=fused"]
 
 
 def measure_1b(micro_batch: int, steps: int, warmup: int, root: Path) -> dict:

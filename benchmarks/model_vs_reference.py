@@ -133,7 +133,7 @@ def trainrun_executor_step(device: str, *overrides: str):
     return lambda x, y: executor.step([(x, y)])
 
 
-COMPILED_MODEL = ["train.step_executor=compile", "train.compile_scope=model"]
+COMPILED_MODEL = ["train.step_executor=compile", "train.compile.scope=model"]
 
 
 def best_executors(device: str) -> dict:
@@ -143,7 +143,7 @@ def best_executors(device: str) -> dict:
         "reference_fused": lambda: reference_trainer_step("fused", device),
         "trainrun_fused": lambda: trainrun_executor_step(device, *COMPILED_MODEL, "optim.implementation=fused"),
         "trainrun_compiled_optimizer": lambda: trainrun_executor_step(
-            device, *COMPILED_MODEL, "optim.implementation=foreach", "train.compile_optimizer=true"),
+            device, *COMPILED_MODEL, "optim.implementation=foreach", "train.compile.optimizer=true"),
     }
     if device == "cuda":  # the whole step as one graph: forward, backward, clipping, fused AdamW
         candidates["trainrun_cuda_graph"] = lambda: trainrun_executor_step(

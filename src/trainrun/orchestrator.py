@@ -21,7 +21,7 @@ from trainrun.checkpoint.paths import non_persistent_dir, persistent_dir
 from trainrun.checkpoint.policy import build_policy
 from trainrun.checkpoint.resume import check_checkpoints_before_build
 from trainrun.checkpoint.store import CheckpointStore
-from trainrun.config import ConfigError, TrainRunConfig, to_dataclass, validate_config
+from trainrun.config import TrainRunConfig, to_dataclass, validate_config
 from trainrun.config.choices import Precision
 from trainrun.data import TokenDataset, build_train_iterator
 from trainrun.distributed.env import DistEnv
@@ -30,6 +30,7 @@ from trainrun.distributed.parallel_dims import ParallelDims
 from trainrun.distributed.parallelize import parallelize
 from trainrun.distributed.pipeline import Pipeline, pipeline_eval_loss
 from trainrun.dry_run import dry_run_report
+from trainrun.errors import ConfigError, RunEnvironmentError
 from trainrun.eval.sample import sample_text
 from trainrun.exit_codes import ExitCode
 from trainrun.hf.config import resolve_init_from
@@ -39,10 +40,9 @@ from trainrun.observe import build_metric_logger, peak_flops_per_device, setup_l
 from trainrun.observe.profiler import StepProfiler
 from trainrun.optim import build_lr_scheduler, param_group_summary
 from trainrun.optim.schedules import SchedulerGroup
-from trainrun.preflight import RunEnvironmentError, check_environment, run_directory
+from trainrun.preflight import check_environment, run_directory
 from trainrun.state import TrainState
 from trainrun.train.debug_hooks import RepeatedBatches, install_nan_injection
-from trainrun.train.executors import PipelineExecutor
 from trainrun.train.loop import LoopComponents, TrainingLoop
 
 logger = logging.getLogger(__name__)
@@ -136,15 +136,18 @@ def build_model_and_optimizer(cfg: TrainRunConfig, env: DistEnv, dims: ParallelD
 
 
 def build_executor_and_eval_loss(cfg: TrainRunConfig, env: DistEnv, built: ModelAndOptimizer):
-    """The step executor for this layout, and the evaluator's forward+loss (None: the model's own)."""
+    """The configured step executor, and the evaluator's forward+loss (None: the model's own).
+
+    Under ``parallel.pp>1`` (where validation let only an executor that runs stages through, ``pipeline``)
+    the executor gets the ``Pipeline`` and one optimizer per stage; otherwise the model and its optimizer.
+    """
+    build = registry.STEP_EXECUTORS.get(cfg.train.step_executor)
     if built.pipeline is None:
-        executor = registry.STEP_EXECUTORS.get(cfg.train.step_executor)(
-            built.parts[0], built.optimizers[0], built.scheduler, cfg, env.device)
-        return executor, None
+        return build(built.parts[0], built.optimizers[0], built.scheduler, cfg, env.device), None
     pipe = built.pipeline
     # (B, T/tp, C) under SP
     hidden = (cfg.train.micro_batch_size, cfg.data.seq_len // cfg.parallel.tp, cfg.model.d_model)
-    return (PipelineExecutor(pipe, built.optimizers, built.scheduler, cfg, env.device),
+    return (build(pipe, built.optimizers, built.scheduler, cfg, env.device),
             lambda x, y: pipeline_eval_loss(pipe, x, y, hidden, env.device))
 
 

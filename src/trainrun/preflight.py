@@ -85,38 +85,15 @@ def checkpoint_directories(cfg: TrainRunConfig, run_dir: Path) -> list[tuple[Pat
 
 
 def check_data_cache(cfg: TrainRunConfig) -> None:
-    """For ``data.name=stdlib``: the corpus cache is writable, unless the corpus is already built there.
+    """The directories the configured dataset will write are writable (its registered ``writes`` hook).
 
-    An indexed dataset is only read; ``validate_config`` has already checked that its directory is complete.
+    The ``stdlib`` corpus names its cache unless the corpus is already built there; an indexed dataset is
+    only read (``validate_config`` has already checked that its directory is complete).
     """
-    if cfg.data.name != "stdlib":
-        return
-    from trainrun.data import corpus
+    from trainrun.registry import DATASETS
 
-    cache = Path(cfg.data.path).expanduser() if cfg.data.path else corpus.default_cache_root()
-    try:
-        check_writable_dir(cache, *_cache_option(cache))
-    except RunEnvironmentError:
-        if not _stdlib_corpus_built(cache, cfg):
-            raise
-
-
-def _cache_option(cache: Path) -> tuple[str, str]:
-    """The setting a user changes to move the corpus cache: TRAINRUN_CACHE_DIR when the path came from it."""
-    from_env = os.environ.get("TRAINRUN_CACHE_DIR")
-    if from_env and Path(from_env).expanduser() == cache:
-        return "TRAINRUN_CACHE_DIR", "the stdlib corpus cache, read as paths.cache_dir and data.path"
-    return "data.path", "the stdlib corpus cache"
-
-
-def _stdlib_corpus_built(cache: Path, cfg: TrainRunConfig) -> bool:
-    # A read-only shared cache is fine once the corpus build_stdlib_corpus would read is there.
-    from trainrun.data import corpus
-    from trainrun.data.layout import META_FILE
-
-    files = corpus.list_source_files(corpus.stdlib_root())
-    built = corpus.stdlib_corpus_dir(cache, files, cfg.data.val_fraction, cfg.data.max_documents)
-    return (built / META_FILE).is_file()
+    for path, option, note in DATASETS.written_dirs(cfg.data.name, cfg.data):
+        check_writable_dir(path, option, note)
 
 
 def check_wandb_credentials(cfg: WandbConfig) -> None:

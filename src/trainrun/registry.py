@@ -14,6 +14,7 @@ import importlib
 import logging
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from trainrun.errors import ConfigError, UserError
@@ -51,16 +52,21 @@ class Registry(Generic[T]):
         self._factories: dict[str, T] = {}
         self._switches: dict[str, str] = {}
         self._checks: dict[str, Callable] = {}
+        self._writes: dict[str, Callable] = {}
 
     def register(self, name: str, factory: T | None = None, *, override: bool = False, switch: str | None = None,
-                 check: Callable | None = None):
+                 check: Callable | None = None, writes: Callable | None = None):
         """Register ``factory`` under ``name``; usable as a decorator when ``factory`` is omitted.
 
         ``switch`` marks a built-in that its own config field turns on and off (e.g. the console
         sink's ``logging.console``): naming it in the list of extra components is refused, so
         each component has exactly one way to be switched. ``check`` is a cheap test of the
         component's config section (raising ``ConfigError``) that validation runs before anything
-        is built, e.g. that a dataset directory is complete.
+        is built, e.g. that a dataset directory is complete, or that a step executor can honour
+        the run's settings; what a kind's check receives is set by the caller (a dataset's gets
+        ``cfg.data``, a step executor's the whole run config). ``writes`` names the directories
+        the component will write, given the same section, as ``(path, option, note)`` triples;
+        the start-up checks (:mod:`trainrun.preflight`) probe each before anything is built.
         """
 
         def _add(fn: T) -> T:
@@ -71,6 +77,8 @@ class Registry(Generic[T]):
                 self._switches[name] = switch
             if check is not None:
                 self._checks[name] = check
+            if writes is not None:
+                self._writes[name] = writes
             return fn
 
         return _add(factory) if factory is not None else _add
@@ -96,6 +104,11 @@ class Registry(Generic[T]):
         self.get(name)
         if name in self._checks:
             self._checks[name](section)
+
+    def written_dirs(self, name: str, section: object) -> list[tuple[Path, str, str]]:
+        """The directories ``name`` will write for its config ``section``: (path, option setting it, note)."""
+        self.get(name)
+        return list(self._writes[name](section)) if name in self._writes else []
 
     def names(self) -> list[str]:
         """Sorted names of all registered components."""

@@ -114,17 +114,20 @@ def assert_same_losses(got: dict[int, float], expected: dict[int, float]) -> Non
         assert got[step] == pytest.approx(loss, rel=LOSS_RTOL, abs=0), f"step {step}"
 
 
+PIPELINE = ["parallel.pp=2", "train.step_executor=pipeline"]
+"""Two pipeline stages, run by the pipeline executor (no other executor accepts parallel.pp>1)."""
+
 LAYOUTS = {
     "ddp": (2, ["parallel.dp_replicate=2"]),
     "fsdp": (2, ["parallel.dp_shard=2"]),
     "tp_sp": (2, ["parallel.tp=2"]),
-    "pp_gpipe": (2, ["parallel.pp=2", "parallel.pp_schedule=GPipe"]),
-    "pp_1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1F1B", "parallel.pp_microbatches=4"]),
-    "pp_interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", "parallel.pp_stages_per_rank=2"]),
+    "pp_gpipe": (2, [*PIPELINE, "parallel.pp_schedule=GPipe"]),
+    "pp_1f1b": (2, [*PIPELINE, "parallel.pp_schedule=1F1B", "parallel.pp_microbatches=4"]),
+    "pp_interleaved": (2, [*PIPELINE, "parallel.pp_schedule=Interleaved1F1B", "parallel.pp_stages_per_rank=2"]),
     "hsdp": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
     "fsdp_x_tp": (4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.activation_checkpointing=full"]),
-    "pp_x_fsdp": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.activation_checkpointing=selective"]),
-    "pp_x_ddp": (4, ["parallel.pp=2", "parallel.dp_replicate=2"]),
+    "pp_x_fsdp": (4, [*PIPELINE, "parallel.dp_shard=2", "parallel.activation_checkpointing=selective"]),
+    "pp_x_ddp": (4, [*PIPELINE, "parallel.dp_replicate=2"]),
 }
 
 
@@ -149,7 +152,7 @@ def test_layout_matches_single_process(layout, reference, base_args, tmp_path):
 
 @pytest.mark.parametrize(("first", "second"), [
     ((4, ["parallel.dp_shard=4"]), (2, ["parallel.tp=2"])),
-    ((2, ["parallel.pp=2"]), (1, [])),
+    ((2, PIPELINE), (1, [])),
 ], ids=["dp_shard4_to_tp2", "pp2_to_single"])
 def test_resume_in_another_layout_continues_the_run(first, second, reference, base_args, tmp_path):
     run_dir = tmp_path / "run"

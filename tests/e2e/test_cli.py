@@ -70,7 +70,8 @@ def test_train_eval_checkpoint_sample(tmp_path, corpus_cache):
 @pytest.mark.parametrize("executor", [
     [],
     # the LR lives in a tensor in the optimizer's param groups: it must save and load like the float
-    pytest.param(["train.compile_optimizer=true"], marks=pytest.mark.slow, id="compiled-optimizer"),
+    pytest.param(["train.step_executor=compile", "train.compile.scope=none", "train.compile.optimizer=true"],
+                 marks=pytest.mark.slow, id="compiled-optimizer"),
 ])
 def test_resume_is_bit_exact(tmp_path, corpus_cache, executor):
     common = [*TINY, f"data.path={corpus_cache}", "train.max_steps=40", "train.log_interval=1", "eval.interval=0",

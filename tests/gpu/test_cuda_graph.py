@@ -16,7 +16,7 @@ from trainrun.orchestrator import build_training_loop, resolve_vocab
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-GRAPH = ["train.step_executor=cuda_graph", "train.cuda_graph_warmup_steps=3"]
+GRAPH = ["train.step_executor=cuda_graph", "train.cuda_graph.warmup_steps=3"]
 
 
 def _loop(tmp_path: Path, corpus: Path, *overrides: str):
@@ -35,8 +35,8 @@ def _losses(tmp_path: Path, corpus: Path, *overrides: str, steps: int = 20) -> l
     try:
         return [float(loop.train_step().loss) for _ in range(steps)]
     finally:
-        loop.parts.executor.close()
-        loop.parts.metrics.close()
+        loop.components.executor.close()
+        loop.components.metrics.close()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -51,8 +51,8 @@ def test_a_nan_step_inside_the_graph_is_skipped(tmp_path, corpus_cache):
     loop = _loop(tmp_path, corpus_cache, *GRAPH)
     for _ in range(5):  # warm-up, capture, replays
         loop.train_step()
-    assert loop.parts.executor.graph is not None
-    model = loop.parts.model_parts[0]
+    assert loop.components.executor.graph is not None
+    model = loop.components.model_parts[0]
     norm_weight = model.norm.weight
     saved = norm_weight.detach().clone()
     norm_weight.data.fill_(math.inf)  # in place: the captured graph reads this tensor
@@ -64,8 +64,8 @@ def test_a_nan_step_inside_the_graph_is_skipped(tmp_path, corpus_cache):
     assert bool(loop.train_step().finite)
     loop.sync_skips()
     assert loop.state.skipped_steps == 1
-    loop.parts.executor.close()
-    loop.parts.metrics.close()
+    loop.components.executor.close()
+    loop.components.metrics.close()
 
 
 def test_cuda_graph_run_resumes(tmp_path, corpus_cache):
@@ -88,19 +88,20 @@ def test_timers_use_cuda_events_and_mfu_uses_the_gpu_table(tmp_path, corpus_cach
     times = loop.timers.as_dict(steps=3)
     assert times["time_step"] > 0 and type(loop.timers("step")).__name__ == "CudaEventTimer"
     assert loop.peak_flops > 1e13  # a table entry or the documented unknown-GPU fallback, not the CPU's 1e12
-    loop.parts.metrics.close()
+    loop.components.metrics.close()
 
 
 def test_compiled_optimizer_on_cuda_matches_eager_without_recompiling(tmp_path, corpus_cache):
     """The fused CUDA AdamW, compiled, with its LR in a tensor that the warm-up schedule changes every step."""
     eager = _losses(tmp_path / "eager", corpus_cache, "optim.implementation=fused", steps=8)
     torch.manual_seed(0)  # as _losses does: the same initial weights
-    loop = _loop(tmp_path / "compiled", corpus_cache, "optim.implementation=fused", "train.compile_optimizer=true")
+    loop = _loop(tmp_path / "compiled", corpus_cache, "optim.implementation=fused", "train.step_executor=compile",
+                 "train.compile.scope=none", "train.compile.optimizer=true")
     try:
         compiled = [float(loop.train_step().loss) for _ in range(2)]  # compiles (then once more, with state)
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled += [float(loop.train_step().loss) for _ in range(6)]
     finally:
-        loop.parts.executor.close()
-        loop.parts.metrics.close()
+        loop.components.executor.close()
+        loop.components.metrics.close()
     assert compiled == pytest.approx(eager, rel=1e-4)

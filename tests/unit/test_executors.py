@@ -82,18 +82,49 @@ def test_cuda_only_settings_are_refused_on_cpu(override, says):
     (["optim.implementation=foreach"], "cannot skip a non-finite step inside the graph"),
     (["debug.inject_nan_at_steps=[1]"], "decides on the host per step"),
     (["parallel.activation_checkpointing=full"], "not captured"),
-    (["parallel.pp=2", "model.tie_embeddings=false"], "pipeline parallelism runs its own schedule"),
+    (["parallel.pp=2", "model.tie_embeddings=false"], "splits it into stages; use train.step_executor=pipeline"),
+    (["train.compile.optimizer=true"], "train.compile.optimizer=True: only train.step_executor=compile reads it"),
 ])
 def test_what_a_cuda_graph_cannot_capture_is_refused_up_front(monkeypatch, overrides, says):
-    """Checked with the device check passed, as on a GPU machine: the refusal is about the capture."""
-    from trainrun.config import validate as rules
+    """Checked as on a GPU machine (the executor's device check passes): the refusal is about the capture."""
+    from trainrun.train import executors
 
-    monkeypatch.setattr(rules, "CROSS_GROUP_RULES",
-                        tuple(rule for rule in rules.CROSS_GROUP_RULES if rule is not rules.check_device))
+    monkeypatch.setattr(executors, "resolve_device_type", lambda cfg: "cuda")
     cfg = compose_config(["train.step_executor=cuda_graph", "run.device=cpu", *overrides])
     world = 2 if any(o.startswith(("parallel.dp_replicate=2", "parallel.pp=2")) for o in overrides) else 1
     with pytest.raises(ConfigError, match=says):
         validate_config(cfg, world_size=world)
+
+
+@pytest.mark.parametrize(("overrides", "says"), [
+    (["train.compile.scope=model"], r"train.compile.scope='model': only train.step_executor=compile reads it, "
+                                    r"this run uses eager"),
+    (["train.compile.optimizer=true"], "train.compile.optimizer=True: only train.step_executor=compile"),
+    (["train.cuda_graph.warmup_steps=5"], "train.cuda_graph.warmup_steps=5: only train.step_executor=cuda_graph"),
+    (["train.step_executor=compile", "train.cuda_graph.compile_blocks=true"], "this run uses compile"),
+    (["parallel.pp=2", "model.tie_embeddings=false"],
+     "train.step_executor='eager': runs the whole model in each process, but parallel.pp=2 splits it"),
+    (["parallel.pp=2", "model.tie_embeddings=false", "train.step_executor=compile"],
+     "use train.step_executor=pipeline"),
+    (["train.step_executor=pipeline"], "parallel.pp=1 makes none"),
+    (["parallel.pp=2", "model.tie_embeddings=false", "train.step_executor=pipeline", "train.compile.scope=model"],
+     "this run uses pipeline"),
+])
+def test_each_executor_refuses_what_it_does_not_honour(overrides, says):
+    """A setting of another executor, or a layout the executor cannot run, is one line at start-up, never
+    ignored (train.compile.* used to be read by eager, dropped by the capture and by the pipeline) and never
+    a silent swap (eager used to become the pipeline executor under parallel.pp>1)."""
+    cfg = compose_config(overrides)
+    with pytest.raises(ConfigError, match=says):
+        validate_config(cfg, world_size=cfg.parallel.world_size)
+
+
+def test_each_executor_accepts_its_own_settings():
+    for overrides in (["train.step_executor=compile", "train.compile.scope=none", "train.compile.optimizer=true"],
+                      ["parallel.pp=2", "model.tie_embeddings=false", "train.step_executor=pipeline"],
+                      ["parallel=pp2_1f1b"]):
+        cfg = compose_config(overrides)
+        validate_config(cfg, world_size=cfg.parallel.world_size)
 
 
 def test_fused_adamw_skips_on_the_device_and_the_loop_learns_at_log_intervals(tmp_path, corpus_cache):
@@ -127,7 +158,7 @@ def test_fused_and_foreach_adamw_train_alike(tmp_path, corpus_cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [["train.compile_scope=model"], ["train.compile_optimizer=true"]])
+@pytest.mark.parametrize("overrides", [["train.compile.scope=model"], ["train.compile.optimizer=true"]])
 def test_other_compile_settings_match_eager(tmp_path, corpus_cache, overrides):
     eager = _losses(tmp_path, corpus_cache)
     compiled = _losses(tmp_path, corpus_cache, "train.step_executor=compile", *overrides)
@@ -138,7 +169,8 @@ def test_other_compile_settings_match_eager(tmp_path, corpus_cache, overrides):
 def test_compiled_optimizer_does_not_recompile_as_the_lr_changes(tmp_path, corpus_cache):
     """A float LR is a constant to dynamo: a warm-up schedule used to recompile the optimizer step at
     every step until the recompile limit, then fall back to eager. The LR is a tensor input instead."""
-    loop = _loop(tmp_path, corpus_cache, "train.compile_optimizer=true", "optim.warmup_steps=10")
+    loop = _loop(tmp_path, corpus_cache, "train.step_executor=compile", "train.compile.scope=none",
+                 "train.compile.optimizer=true", "optim.warmup_steps=10")
     try:
         loop.train_step()  # compiles (the optimizer state is created here)
         loop.train_step()  # may compile once more, now that the state exists
@@ -156,6 +188,6 @@ def test_compile_per_block_keeps_parameter_names(tmp_path, corpus_cache):
     """Blocks are compiled in place, so checkpoints of a compiled run load into an eager one and back."""
     eager = _loop(tmp_path, corpus_cache)
     compiled = _loop(tmp_path, corpus_cache, "train.step_executor=compile")
-    assert list(compiled.parts.model_parts[0].state_dict()) == list(eager.parts.model_parts[0].state_dict())
+    assert list(compiled.components.model_parts[0].state_dict()) == list(eager.components.model_parts[0].state_dict())
     for loop in (eager, compiled):
         loop.parts.metrics.close()

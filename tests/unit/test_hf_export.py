@@ -370,6 +370,8 @@ def test_a_model_config_with_init_from_reads_no_file(tmp_path):
     assert cfg.n_layers == 7
     with pytest.raises(ConfigError, match="no such directory"):
         prepare_config(TrainRunConfig(model=cfg))
+    with pytest.raises(ConfigError, match=r"model.init_from=.*loads into trainrun's own model \(model.name=gpt\)"):
+        prepare_config(TrainRunConfig(model=ModelConfig(name="mine", init_from=str(tmp_path / "missing"))))
 
 
 def test_init_from_refuses_broken_directories(tmp_path):

@@ -44,7 +44,9 @@ def test_pipeline_stage_placement_and_microbatches():
 @pytest.mark.parametrize(("parallel", "model", "train", "message"), [
     ({"pp": 2, "pp_microbatches": 3}, {"tie_embeddings": False}, {}, "must divide the per-data-parallel-rank batch"),
     ({"pp": 2, "pp_schedule": "Interleaved1F1B"}, {"tie_embeddings": False}, {}, "at least 2 virtual stages"),
-    ({"pp": 2}, {"tie_embeddings": False}, {"step_executor": "compile"}, "use eager"),
+    ({"pp": 2}, {"tie_embeddings": False}, {"step_executor": "compile"}, "use train.step_executor=pipeline"),
+    ({"pp": 2}, {"tie_embeddings": False}, {}, "eager.*splits it into stages"),
+    ({"pp": 1}, {}, {"step_executor": "pipeline"}, "parallel.pp=1 makes none"),
     ({"tp": 2}, {"ffn_hidden": 33}, {}, "must divide the MLP hidden size 33"),
     ({"tp": 2}, {"position": "learned"}, {}, "rope positions only"),
 ])

@@ -30,9 +30,8 @@ from trainrun.checkpoint.policy import SaveKind
 from trainrun.checkpoint.resume import NEW_RUN_FIX, ResumeChooser, check_model_compatible, origin_request
 from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config.choices import OptimizerImpl
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import TrainRunConfig
-from trainrun.errors import CheckpointError
+from trainrun.errors import CheckpointError, ConfigError
 from trainrun.optim.schedules import schedule_state
 from trainrun.state import TrainState
 

@@ -54,12 +54,14 @@ class Mlp(Choice):
 
 
 class CompileScope(Choice):
-    """What ``train.step_executor=compile`` compiles (``train.compile_scope``)."""
+    """What of the model ``train.step_executor=compile`` compiles (``train.compile.scope``)."""
 
     blocks = "blocks"
     """Each transformer block on its own (torchtitan's style): short compile times, FSDP-friendly."""
     model = "model"
     """Forward and loss as one graph."""
+    none = "none"
+    """Nothing of the model: only the optimizer step, with ``train.compile.optimizer=true``."""
 
 
 class OptimizerImpl(Choice):

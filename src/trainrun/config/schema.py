@@ -125,7 +125,7 @@ class ModelConfig:
         return 4 * self.d_model
 
     def validate(self) -> None:
-        """Positive sizes, heads that divide the width, an even RoPE head size; init_from only for model.name=gpt."""
+        """Positive sizes, heads that divide the width, an even RoPE head size."""
         for name in ("n_layers", "n_heads", "d_model", "max_seq_len"):
             positive(f"model.{name}", getattr(self, name))
         if self.d_model % self.n_heads:
@@ -139,9 +139,6 @@ class ModelConfig:
         positive("model.norm_eps", self.norm_eps)
         positive("model.rope_theta", self.rope_theta)
         positive("model.init_std", self.init_std)
-        if self.init_from is not None and self.name != "gpt":
-            raise ConfigError("model.init_from", self.init_from, "loads into trainrun's own model "
-                              f"(model.name=gpt), not {self.name!r}; unset one of them")
 
 
 @dataclass
@@ -224,6 +221,37 @@ class DataConfig:
 
 
 @dataclass
+class CompileConfig:
+    """What ``torch.compile`` compiles: read by ``train.step_executor=compile`` only; every other executor refuses
+    a value changed from its default at start-up."""
+
+    scope: CompileScope = CompileScope.blocks
+    """What of the model is compiled: blocks (each transformer block in place, torchtitan's style; parameter
+    names and checkpoints unchanged), model (forward and loss as one graph) or none (only the optimizer step)."""
+    optimizer: bool = False
+    """Also compile the optimizer step; its LR then lives in a tensor the schedule fills in place, so a changing
+    LR does not recompile it (checkpoints still store the float)."""
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "train.compile")
+
+
+@dataclass
+class CudaGraphConfig:
+    """The whole-step CUDA graph: read by ``train.step_executor=cuda_graph`` only; every other executor refuses a
+    value changed from its default at start-up."""
+
+    warmup_steps: int = 3
+    """Eager training steps on a side stream before the step is captured (they train)."""
+    compile_blocks: bool = False
+    """Compile each transformer block before capture (compile and CUDA graphs combined)."""
+
+    def validate(self) -> None:
+        """At least one warm-up step (cuBLAS, autograd and the optimizer state are set up in it)."""
+        positive("train.cuda_graph.warmup_steps", self.warmup_steps)
+
+
+@dataclass
 class TrainConfig:
     """Training loop."""
 
@@ -236,17 +264,14 @@ class TrainConfig:
     log_interval: int = 10
     """Steps between console lines / metrics.jsonl rows."""
     step_executor: str = "eager"
-    """Registered step executor: eager, compile (torch.compile) or cuda_graph (the whole step captured as one
-    CUDA graph: forward, backward, clipping, optimizer; one GPU)."""
-    compile_scope: CompileScope = CompileScope.blocks
-    """What the compile executor compiles: blocks (each transformer block, torchtitan's style) or model
-    (forward and loss as one graph)."""
-    compile_optimizer: bool = False
-    """Also compile the optimizer step (compile executor)."""
-    cuda_graph_warmup_steps: int = 3
-    """Eager training steps on a side stream before the cuda_graph executor captures the step (they train)."""
-    cuda_graph_compile_blocks: bool = False
-    """cuda_graph: compile each transformer block before capture (compile and CUDA graphs combined)."""
+    """Registered step executor: eager, compile (torch.compile, see train.compile), cuda_graph (the whole step
+    captured as one CUDA graph: forward, backward, clipping, optimizer; one GPU; see train.cuda_graph) or
+    pipeline (a pipeline schedule: the one executor for parallel.pp>1). Each refuses at start-up what it
+    cannot honour."""
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    """Settings of the compile executor."""
+    cuda_graph: CudaGraphConfig = field(default_factory=CudaGraphConfig)
+    """Settings of the cuda_graph executor."""
     precision: Precision = Precision.fp32
     """fp32, bf16 (autocast), fp16 (autocast + dynamic loss scaling, CUDA only) or fp8 (torchao float8 linears,
     CUDA with compute capability >= 8.9, e.g. H100)."""
@@ -264,10 +289,10 @@ class TrainConfig:
         coerce_choices(self, "train")
 
     def validate(self) -> None:
-        """Positive step counts and batch sizes, positive exit limits."""
+        """Positive step counts and batch sizes, positive exit limits, a CUDA-graph warm-up."""
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval", "max_skipped_steps"):
             positive(f"train.{name}", getattr(self, name))
-        positive("train.cuda_graph_warmup_steps", self.cuda_graph_warmup_steps)
+        self.cuda_graph.validate()
         optional_positive("train.exit_interval", self.exit_interval)
         optional_positive("train.exit_duration_min", self.exit_duration_min)
 

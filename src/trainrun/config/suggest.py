@@ -79,6 +79,11 @@ def _schema_paths(cls: type = TrainRunConfig, prefix: str = "") -> Iterator[str]
 
 MOVED_KEYS = {
     "run.output_dir": "hydra.run.dir",  # one run directory, resolved and locked once by the entry point
+    # Each executor's settings in its own section, which the other executors refuse.
+    "train.compile_scope": "train.compile.scope",
+    "train.compile_optimizer": "train.compile.optimizer",
+    "train.cuda_graph_warmup_steps": "train.cuda_graph.warmup_steps",
+    "train.cuda_graph_compile_blocks": "train.cuda_graph.compile_blocks",
 }
 """Settings that were removed, and where their job went (for a user's old command line)."""
 

@@ -1,16 +1,18 @@
 """Validation of a whole run config, before anything expensive: every error names the field and the fix.
 
 Each group checks its own fields (``<Group>Config.validate`` in ``schema.py``); this module runs
-those, then holds every rule that involves several groups, then checks registry-backed names.
-Nothing here imports trainrun's components: the registry resolves names, torch answers whether
-CUDA is there.
+those, then holds every rule that involves several groups, then checks registry-backed names and
+lets the chosen components check what they can honour (the registry's ``check`` hooks: a dataset
+its directory, a step executor the device, layout and settings it runs with). Nothing here imports
+trainrun's components or names one: the registry resolves names, torch answers whether CUDA is
+there, and a new executor or dataset needs no edit here.
 """
 
 from __future__ import annotations
 
 import os
 
-from trainrun.config.choices import ActivationCheckpointing, Device, OptimizerImpl, Position, Precision
+from trainrun.config.choices import Device, Position, Precision
 from trainrun.config.schema import TrainRunConfig
 from trainrun.errors import ConfigError
 
@@ -86,7 +88,10 @@ def check_tensor_parallel(cfg: TrainRunConfig) -> None:
 
 
 def check_pipeline(cfg: TrainRunConfig) -> None:
-    """Stages divide the layers, micro-batches divide the batch, and what a pipeline cannot do is refused."""
+    """Stages divide the layers, micro-batches divide the batch, and the model splits into stages.
+
+    Which step executor runs the stages is the executors' own check (registry ``check`` hooks).
+    """
     p, m = cfg.parallel, cfg.model
     if p.pp == 1:
         return
@@ -102,12 +107,6 @@ def check_pipeline(cfg: TrainRunConfig) -> None:
     if m.tie_embeddings:
         raise ConfigError("model.tie_embeddings", True,
                           "the embedding and output live on different pipeline stages; set it to false")
-    if cfg.train.step_executor != "eager":
-        raise ConfigError("train.step_executor", cfg.train.step_executor,
-                          "pipeline parallelism runs its own schedule; use eager")
-    if cfg.train.precision is Precision.fp16:
-        raise ConfigError("train.precision", "fp16",
-                          "the pipeline executor has no loss scaler; use bf16 or fp32 with parallel.pp>1")
 
 
 def check_device(cfg: TrainRunConfig) -> None:
@@ -120,9 +119,6 @@ def check_device(cfg: TrainRunConfig) -> None:
     on_cuda = resolve_device_type(cfg) == "cuda"
     if cfg.train.precision is Precision.fp16 and not on_cuda:
         raise ConfigError("train.precision", "fp16", "fp16 needs CUDA; use bf16 or fp32 on CPU")
-    if cfg.train.step_executor == "cuda_graph" and not on_cuda:
-        raise ConfigError("train.step_executor", "cuda_graph",
-                          "CUDA-graph capture needs a CUDA device; use eager or compile")
     if cfg.train.precision is Precision.fp8:
         check_fp8_available(on_cuda)
     if cfg.debug.memory_snapshot and not on_cuda:
@@ -147,28 +143,6 @@ def check_fp8_available(on_cuda: bool) -> None:
         raise ConfigError("train.precision", "fp8", "float8 training uses torchao: pip install torchao; or use bf16")
 
 
-def check_step_executor(cfg: TrainRunConfig) -> None:
-    """What the whole-step CUDA graph cannot capture is refused here, never silently run another way."""
-    if cfg.train.step_executor != "cuda_graph":
-        return
-    why = None
-    if cfg.parallel.world_size != 1:  # check_world_size ran before: the degrees match the launcher's world
-        why = ("one process only: collectives of DDP, FSDP and tensor parallelism are not captured by trainrun; "
-               "use compile for multi-GPU runs")
-    elif cfg.train.precision is Precision.fp16:
-        why = "fp16's dynamic loss scaler adjusts its scale on the host every step; use bf16"
-    elif cfg.optim.implementation not in (OptimizerImpl.auto, OptimizerImpl.fused):
-        why = (f"optim.implementation={cfg.optim.implementation} cannot skip a non-finite step inside the graph; "
-               "use auto or fused (the fused AdamW applies found_inf on the device)")
-    elif cfg.debug.inject_nan_at_steps:
-        why = "debug.inject_nan_at_steps decides on the host per step, which a captured graph cannot; use eager"
-    elif cfg.parallel.activation_checkpointing is not ActivationCheckpointing.none:
-        why = ("activation checkpointing's recomputation is not captured by trainrun; "
-               "use parallel.activation_checkpointing=none")
-    if why:
-        raise ConfigError("train.step_executor", "cuda_graph", why)
-
-
 def check_debug(cfg: TrainRunConfig) -> None:
     """NaN injection targets steps the run reaches."""
     late = [s for s in cfg.debug.inject_nan_at_steps if s > cfg.train.max_steps]
@@ -177,8 +151,7 @@ def check_debug(cfg: TrainRunConfig) -> None:
                           f"beyond train.max_steps={cfg.train.max_steps}; pick earlier steps")
 
 
-CROSS_GROUP_RULES = (check_sequence, check_batch, check_tensor_parallel, check_pipeline, check_device, check_debug,
-                     check_step_executor)
+CROSS_GROUP_RULES = (check_sequence, check_batch, check_tensor_parallel, check_pipeline, check_device, check_debug)
 """Every rule that reads more than one group, in the order they are checked."""
 
 
@@ -203,9 +176,11 @@ def check_registered_names(cfg: TrainRunConfig) -> None:
 
 
 def check_components(cfg: TrainRunConfig) -> None:
-    """The selected components' own cheap checks of their sections (e.g. the dataset directory)."""
+    """The selected components' own cheap checks: the step executor of the whole config (device, layout,
+    precision, its own train.<executor> settings), then the dataset of its section (e.g. its directory)."""
     from trainrun import registry as r
 
+    r.STEP_EXECUTORS.check(cfg.train.step_executor, cfg)
     r.DATASETS.check(cfg.data.name, cfg.data)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainrun.config.schema import DataConfig
 from trainrun.data.fsutil import publish_dir, staging_dir
 from trainrun.data.layout import META_FILE, DatasetDirWriter
 from trainrun.data.split import document_scores, validation_mask
@@ -89,6 +90,22 @@ def stdlib_corpus_dir(cache: Path, files: list, val_fraction: float, max_documen
     """The cache directory of the corpus built from ``files`` with these options (one per Python version)."""
     pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
     return cache / f"stdlib-{pyver}-{corpus_key(files, val_fraction, max_documents)}"
+
+
+def cache_dirs(cfg: DataConfig) -> list[tuple[Path, str, str]]:
+    """What building the corpus writes, for the start-up checks to probe: its cache directory, unless the
+    corpus is already built there (a read-only shared cache is fine once the corpus this config reads is in it).
+
+    Registered as the ``stdlib`` dataset's ``writes`` hook: (path, the setting that moves it, a note).
+    """
+    cache = Path(cfg.path).expanduser() if cfg.path else default_cache_root()
+    built = stdlib_corpus_dir(cache, list_source_files(stdlib_root()), cfg.val_fraction, cfg.max_documents)
+    if (built / META_FILE).is_file():
+        return []
+    from_env = os.environ.get("TRAINRUN_CACHE_DIR")
+    if from_env and Path(from_env).expanduser() == cache:  # name the setting the user actually changes
+        return [(cache, "TRAINRUN_CACHE_DIR", "the stdlib corpus cache, read as paths.cache_dir and data.path")]
+    return [(cache, "data.path", "the stdlib corpus cache")]
 
 
 def build_stdlib_corpus(cache_root: str | os.PathLike | None = None, val_fraction: float = 0.02,

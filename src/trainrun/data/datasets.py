@@ -9,7 +9,7 @@ from pathlib import Path
 
 from trainrun.config.schema import DataConfig
 from trainrun.data.checks import check_split
-from trainrun.data.corpus import build_stdlib_corpus
+from trainrun.data.corpus import build_stdlib_corpus, cache_dirs
 from trainrun.data.indexed import IndexedDataset, data_file_path, index_file_path
 from trainrun.data.layout import (
     META_FILE,
@@ -91,7 +91,7 @@ def _check_indexed_path(path: str | None) -> Path:
     return directory
 
 
-@DATASETS.register("stdlib")
+@DATASETS.register("stdlib", writes=cache_dirs)
 def build_stdlib(cfg: DataConfig) -> TokenDataset:
     """The bundled standard-library corpus (byte tokens), built once into the cache."""
     return open_dataset_dir(build_stdlib_corpus(cfg.path, cfg.val_fraction, cfg.max_documents))

@@ -160,6 +160,9 @@ def resolve_init_from(cfg: ModelConfig) -> ModelConfig:
         return cfg
     if not isinstance(cfg.init_from, str) or not cfg.init_from:
         raise ConfigError("model.init_from", cfg.init_from, "must be a directory path or null")
+    if cfg.name != "gpt":  # the mapping (mapping.py) is that of trainrun's GPT, not of a plugin's model
+        raise ConfigError("model.init_from", cfg.init_from, "loads into trainrun's own model "
+                          f"(model.name=gpt), not {cfg.name!r}; unset one of them")
     fields = model_fields_from_hf(cfg.init_from)
     changed = [f"{k}={fields[k]!r}" for k in fields if str(getattr(cfg, k)) != str(fields[k])]
     if changed:

@@ -33,9 +33,8 @@ from trainrun.checkpoint.dcp_io import load_tensors, read_tensor_metadata
 from trainrun.checkpoint.layout import META_FILE, read_meta
 from trainrun.checkpoint.paths import CheckpointNotFound, find_checkpoint
 from trainrun.config.choices import Verify
-from trainrun.config.errors import ConfigError
 from trainrun.config.schema import ModelConfig
-from trainrun.errors import CheckpointError
+from trainrun.errors import CheckpointError, ConfigError
 from trainrun.extras import MissingExtraError, require
 from trainrun.hf.config import CONFIG_FILE, hf_config
 from trainrun.hf.mapping import ExportError, Target, export_targets

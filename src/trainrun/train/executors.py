@@ -5,11 +5,17 @@ world-wide finite check, optimizer and LR step, zero grad) and differs only in h
 forward and backward:
 
 * ``eager``: the model as written, one micro-batch after the other (gradient accumulation);
-* ``compile``: ``torch.compile`` of each transformer block in place (``train.compile_scope=blocks``,
-  torchtitan's style) or of forward+loss as one graph (``model``), optionally of the optimizer step;
+* ``compile``: ``torch.compile`` of each transformer block in place (``train.compile.scope=blocks``,
+  torchtitan's style) or of forward+loss as one graph (``model``), optionally of the optimizer
+  step (``train.compile.optimizer``);
 * ``cuda_graph``: the whole step, forward and backward of every micro-batch, clipping, the finite
-  check and the fused optimizer step, captured once as a CUDA graph and replayed (one GPU);
-* the pipeline executor: a ``torch.distributed.pipelining`` schedule.
+  check and the fused optimizer step, captured once as a CUDA graph and replayed (one GPU;
+  ``train.cuda_graph``);
+* ``pipeline``: a ``torch.distributed.pipelining`` schedule, the one executor for ``parallel.pp>1``.
+
+Each executor's registry ``check`` refuses at start-up, in one line, what it cannot honour: a
+device, a layout, a precision, or a setting of another executor's ``train.<section>`` (which it
+would otherwise ignore). Nothing is silently run another way.
 
 **No host sync per step** where the optimizer allows it: a fused AdamW takes the finite check as
 a device tensor (``found_inf``) and skips the update on the device (its step counters too), so the
@@ -19,10 +25,12 @@ optimizers (foreach, for_loop) and fp16's loss scaler need the verdict on the ho
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 import torch
@@ -30,9 +38,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from trainrun.config.choices import CompileScope, Precision
-from trainrun.config.errors import ConfigError
+from trainrun.config.choices import ActivationCheckpointing, CompileScope, OptimizerImpl, Precision
 from trainrun.config.schema import TrainRunConfig
+from trainrun.config.validate import resolve_device_type
+from trainrun.errors import ConfigError
 from trainrun.model.loss import autocast_context, lm_loss
 from trainrun.optim.schedules import scheduled_lr
 from trainrun.registry import STEP_EXECUTORS
@@ -196,16 +205,20 @@ class UpdateTail:
 
 
 class EagerExecutor:
-    """Gradient accumulation over micro-batches in eager mode, then the shared update tail."""
+    """Gradient accumulation over micro-batches in eager mode, then the shared update tail.
+
+    ``compile_optimizer``: compile the update's optimizer step (the compile executor's
+    ``train.compile.optimizer``; eager itself never compiles).
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: TrainRunConfig,
-                 device: torch.device):
+                 device: torch.device, compile_optimizer: bool = False):
         self.model, self.optimizer, self.scheduler, self.device = model, optimizer, scheduler, device
         self.autocast = autocast_context(cfg.train.precision, device)
         scaler = torch.amp.GradScaler("cuda") if cfg.train.precision is Precision.fp16 else None
         self.loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss
         self.update = UpdateTail(model.parameters(), [optimizer], scheduler, cfg.optim.grad_clip, scaler=scaler,
-                                 compile_optimizer=cfg.train.compile_optimizer)
+                                 compile_optimizer=compile_optimizer)
 
     def forward_backward(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
         """Accumulate the gradients of the batch mean; return the mean loss (detached, on device)."""
@@ -230,60 +243,61 @@ class EagerExecutor:
         """Nothing to release."""
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's transformer blocks (``model.layers``, also under a DDP wrapper's ``module``)."""
+def transformer_blocks(model: nn.Module, field: str = "train.compile.scope") -> list[nn.Module]:
+    """The model's transformer blocks (``model.layers``, also under a DDP wrapper's ``module``); ``field``: the
+    setting that asked for them, named if the model has none."""
     inner = getattr(model, "module", model)
     blocks = getattr(inner, "layers", None)
     if blocks is None:
-        raise ConfigError("train.compile_scope", "blocks", f"{type(inner).__name__} has no .layers to compile one by "
-                          "one; use train.compile_scope=model")
+        raise ConfigError(field, "blocks" if field.endswith("scope") else True,
+                          f"{type(inner).__name__} has no .layers to compile one by one; change {field}")
     return list(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)
 
 
-def compile_blocks(model: nn.Module) -> None:
+def compile_blocks(model: nn.Module, field: str = "train.compile.scope") -> None:
     """Compile each block in place (``nn.Module.compile``): parameter names, and so checkpoints, stay as they are."""
-    for block in transformer_blocks(model):
+    for block in transformer_blocks(model, field):
         block.compile()
 
 
 class CompiledExecutor(EagerExecutor):
-    """The eager step with ``torch.compile``: per block (default) or forward+loss as one graph."""
+    """The eager step with ``torch.compile`` (``train.compile``): per block (default), forward+loss as one graph,
+    or none of the model; and the optimizer step if ``train.compile.optimizer``."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: TrainRunConfig,
                  device: torch.device):
-        super().__init__(model, optimizer, scheduler, cfg, device)
-        if cfg.train.compile_scope is CompileScope.blocks:
+        settings = cfg.train.compile
+        super().__init__(model, optimizer, scheduler, cfg, device, compile_optimizer=settings.optimizer)
+        if settings.scope is CompileScope.blocks:
             compile_blocks(self.model)
-        else:
+        elif settings.scope is CompileScope.model:
             self.loss_fn = torch.compile(lm_loss)
 
 
 class CUDAGraphExecutor(EagerExecutor):
     """The whole step as one CUDA graph: no kernel launch and no host sync per step.
 
-    ``train.cuda_graph_warmup_steps`` eager steps run on a side stream (they train; cuBLAS, autograd
+    ``train.cuda_graph.warmup_steps`` eager steps run on a side stream (they train; cuBLAS, autograd
     and the optimizer state are set up), then one step is captured with static input buffers:
     forward and backward of every micro-batch, global-norm clipping, the finite check, and the fused,
     capturable AdamW step masked by ``found_inf`` with its learning rate in a device tensor that the
     schedule updates between replays. Every later step copies its batch into the static buffers and
     replays. Parameters and optimizer state are the same tensors throughout, so evaluation,
     checkpoint saves and the schedule work unchanged; a resume happens before the executor exists.
-    What cannot be captured is refused at start-up (``config.validate.check_step_executor``).
+    What cannot be captured is refused at start-up (:func:`check_cuda_graph`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: TrainRunConfig,
                  device: torch.device):
-        if device.type != "cuda":
-            raise ConfigError("train.step_executor", "cuda_graph",
-                              "CUDA-graph capture needs a CUDA device; use eager or compile")
+        # The settings were checked at start-up; the optimizer object is known only now (a plugin's, say).
         if not skips_on_device([optimizer]):
-            raise ConfigError("optim.implementation", str(cfg.optim.implementation),
-                              "cuda_graph needs the fused AdamW (auto or fused)")
+            raise ConfigError("optim.name", cfg.optim.name, "cuda_graph needs an optimizer that skips a "
+                              "non-finite step on the device: the fused AdamW (optim.implementation=auto or fused)")
         make_capturable(optimizer, device)
         super().__init__(model, optimizer, scheduler, cfg, device)
-        if cfg.train.cuda_graph_compile_blocks:
-            compile_blocks(model)
-        self.warmup_left = cfg.train.cuda_graph_warmup_steps
+        if cfg.train.cuda_graph.compile_blocks:
+            compile_blocks(model, "train.cuda_graph.compile_blocks")
+        self.warmup_left = cfg.train.cuda_graph.warmup_steps
         self.graph: torch.cuda.CUDAGraph | None = None
         self._static: dict[str, torch.Tensor] = {}
 
@@ -396,19 +410,105 @@ class PipelineExecutor:
         """Nothing to release."""
 
 
-@STEP_EXECUTORS.register("eager")
+# --- start-up checks: what each executor honours, the rest refused in one line ------------------------
+
+EXECUTOR_SETTINGS = {"compile": "compile", "cuda_graph": "cuda_graph"}
+"""Each ``train.<section>`` of executor settings -> the one built-in executor that reads it."""
+
+
+def refuse_unread_settings(cfg: TrainRunConfig, reads: tuple[str, ...] = ()) -> None:
+    """Every ``train.<section>`` of executor settings but ``reads`` keeps its defaults: a setting the chosen
+    executor would ignore is refused, never silently dropped."""
+    executor = cfg.train.step_executor
+    for section, reader in EXECUTOR_SETTINGS.items():
+        if section in reads:
+            continue
+        settings, defaults = getattr(cfg.train, section), type(getattr(cfg.train, section))()
+        for f in dataclasses.fields(settings):
+            value = getattr(settings, f.name)
+            if value != getattr(defaults, f.name):
+                shown = value.value if isinstance(value, Enum) else value
+                raise ConfigError(f"train.{section}.{f.name}", shown,
+                                  f"only train.step_executor={reader} reads it, this run uses {executor}; "
+                                  f"remove it or use train.step_executor={reader}")
+
+
+def refuse_pipeline_parallel(cfg: TrainRunConfig) -> None:
+    """An executor that runs the whole model in each process refuses ``parallel.pp>1`` (no silent swap)."""
+    if cfg.parallel.pp > 1:
+        raise ConfigError("train.step_executor", cfg.train.step_executor,
+                          f"runs the whole model in each process, but parallel.pp={cfg.parallel.pp} splits it into "
+                          "stages; use train.step_executor=pipeline")
+
+
+def check_eager(cfg: TrainRunConfig) -> None:
+    """eager: one stage per process, and no other executor's settings."""
+    refuse_pipeline_parallel(cfg)
+    refuse_unread_settings(cfg)
+
+
+def check_compile(cfg: TrainRunConfig) -> None:
+    """compile: one stage per process; reads ``train.compile``."""
+    refuse_pipeline_parallel(cfg)
+    refuse_unread_settings(cfg, ("compile",))
+
+
+def check_cuda_graph(cfg: TrainRunConfig) -> None:
+    """cuda_graph: what the whole-step CUDA graph cannot capture is refused, never silently run another way."""
+    refuse_pipeline_parallel(cfg)
+    refuse_unread_settings(cfg, ("cuda_graph",))
+    if resolve_device_type(cfg) != "cuda":
+        raise ConfigError("train.step_executor", "cuda_graph",
+                          "CUDA-graph capture needs a CUDA device; use eager or compile")
+    why = None
+    if cfg.parallel.world_size != 1:  # check_world_size ran before: the degrees match the launcher's world
+        why = ("one process only: collectives of DDP, FSDP and tensor parallelism are not captured by trainrun; "
+               "use compile for multi-GPU runs")
+    elif cfg.train.precision is Precision.fp16:
+        why = "fp16's dynamic loss scaler adjusts its scale on the host every step; use bf16"
+    elif cfg.optim.implementation not in (OptimizerImpl.auto, OptimizerImpl.fused):
+        why = (f"optim.implementation={cfg.optim.implementation} cannot skip a non-finite step inside the graph; "
+               "use auto or fused (the fused AdamW applies found_inf on the device)")
+    elif cfg.debug.inject_nan_at_steps:
+        why = "debug.inject_nan_at_steps decides on the host per step, which a captured graph cannot; use eager"
+    elif cfg.parallel.activation_checkpointing is not ActivationCheckpointing.none:
+        why = ("activation checkpointing's recomputation is not captured by trainrun; "
+               "use parallel.activation_checkpointing=none")
+    if why:
+        raise ConfigError("train.step_executor", "cuda_graph", why)
+
+
+def check_pipeline(cfg: TrainRunConfig) -> None:
+    """pipeline: needs stages to run (``parallel.pp>1``); no loss scaler, no other executor's settings."""
+    if cfg.parallel.pp == 1:
+        raise ConfigError("train.step_executor", "pipeline",
+                          "runs pipeline stages and parallel.pp=1 makes none; set parallel.pp>1 or use eager")
+    refuse_unread_settings(cfg)
+    if cfg.train.precision is Precision.fp16:
+        raise ConfigError("train.precision", "fp16",
+                          "the pipeline executor has no loss scaler; use bf16 or fp32 with parallel.pp>1")
+
+
+@STEP_EXECUTORS.register("eager", check=check_eager)
 def build_eager(model, optimizer, scheduler, cfg: TrainRunConfig, device: torch.device) -> StepExecutor:
     """Plain PyTorch eager execution."""
     return EagerExecutor(model, optimizer, scheduler, cfg, device)
 
 
-@STEP_EXECUTORS.register("compile")
+@STEP_EXECUTORS.register("compile", check=check_compile)
 def build_compiled(model, optimizer, scheduler, cfg: TrainRunConfig, device: torch.device) -> StepExecutor:
-    """torch.compile per transformer block (train.compile_scope=blocks) or of forward+loss (model)."""
+    """torch.compile per transformer block, of forward+loss, or of neither, and optionally the optimizer step."""
     return CompiledExecutor(model, optimizer, scheduler, cfg, device)
 
 
-@STEP_EXECUTORS.register("cuda_graph")
+@STEP_EXECUTORS.register("cuda_graph", check=check_cuda_graph)
 def build_cuda_graph(model, optimizer, scheduler, cfg: TrainRunConfig, device: torch.device) -> StepExecutor:
     """The whole training step captured as one CUDA graph (one CUDA device)."""
     return CUDAGraphExecutor(model, optimizer, scheduler, cfg, device)
+
+
+@STEP_EXECUTORS.register("pipeline", check=check_pipeline)
+def build_pipeline(pipeline, optimizers, scheduler, cfg: TrainRunConfig, device: torch.device) -> StepExecutor:
+    """A pipeline schedule over this rank's stages (``parallel.pp>1``): it gets the ``Pipeline`` and one
+    optimizer per stage where the other executors get the model and its optimizer."""
+    return PipelineExecutor(pipeline, optimizers, scheduler, cfg, device)
