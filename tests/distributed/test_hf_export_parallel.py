@@ -23,8 +23,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # read by transformers when first imported: 
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 
-from tests.conftest import train_losses  # noqa: E402
 from tests.distributed.test_parallel import single, torchrun  # noqa: E402
+from tests.helpers.cli import train_losses  # noqa: E402
 from tests.unit.test_hf_export import load_trainrun_model  # noqa: E402
 from trainrun.hf.export import main as export_main  # noqa: E402
 

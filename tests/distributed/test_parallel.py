@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import cli_env, read_metrics, start_ranks, train_losses
+from tests.helpers.cli import cli_env, read_metrics, start_ranks, train_losses
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

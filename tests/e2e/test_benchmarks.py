@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, cli_env
+from tests.helpers.cli import REPO, cli_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

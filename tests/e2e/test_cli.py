@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, read_metrics, run_cli, train_losses
-from tests.wandb_records import history_rows, read_finished_wandb_file
+from tests.helpers.cli import TINY, read_metrics, run_cli, train_losses
+from tests.helpers.wandb_records import history_rows, read_finished_wandb_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_metrics, run_cli, train_losses
+from tests.helpers.cli import read_metrics, run_cli, train_losses
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers.cli import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

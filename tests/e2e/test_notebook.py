@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import TINY, execute_notebook, run_cli
+from tests.helpers.cli import TINY, execute_notebook, run_cli
 from trainrun.observe.analysis import load_metrics, summarize
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -10,8 +10,8 @@ import optuna
 import pytest
 import yaml
 
-from tests.conftest import TINY, run_cli
 from tests.e2e.test_sweep import CRASH_PLUGIN, plugin_env
+from tests.helpers.cli import TINY, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, run_cli
+from tests.helpers.cli import TINY, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

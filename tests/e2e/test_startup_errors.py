@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, cli_env, run_cli
+from tests.helpers.cli import TINY, cli_env, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, cli_env, run_cli, train_losses
+from tests.helpers.cli import TINY, cli_env, run_cli, train_losses
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

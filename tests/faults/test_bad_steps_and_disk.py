@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.faults.conftest import base_args, launch, losses, metric_rows, output
+from tests.helpers.faults import base_args, launch, losses, metric_rows, output
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import (
+from tests.faults.test_kill_during_save import _strike_during_save
+from tests.helpers.faults import (
     base_args,
     frozen,
     latest_step,
@@ -26,7 +27,6 @@ from tests.faults.conftest import (
     wait_for_rows,
     worker_pids,
 )
-from tests.faults.test_kill_during_save import _strike_during_save
 from trainrun.checkpoint.layout import verify_checkpoint
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]

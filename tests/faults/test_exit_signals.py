@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import start_ranks
-from tests.faults.conftest import (
+from tests.helpers.cli import start_ranks
+from tests.helpers.faults import (
     MAX_STEPS,
     base_args,
     count_loss_rows,

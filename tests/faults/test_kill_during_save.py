@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import (
+from tests.helpers.faults import (
     MAX_STEPS,
     base_args,
     fault_env,

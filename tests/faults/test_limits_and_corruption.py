@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from tests.faults.conftest import (
+from tests.helpers.faults import (
     base_args,
     fault_env,
     latest_step,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import (
+from tests.helpers.faults import (
     INTERVAL,
     MAX_STEPS,
     base_args,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY, read_metrics, run_cli
+from tests.helpers.cli import TINY, read_metrics, run_cli
 from trainrun import registry
 from trainrun.config import compose_config, validate_config
 from trainrun.distributed.initializers import init_single

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, read_metrics, run_cli, train_losses
-from tests.slurm.conftest import RequeueReleaser, squeue, start_sweep, sweep
+from tests.helpers.cli import TINY, read_metrics, run_cli, train_losses
+from tests.helpers.slurm import RequeueReleaser, squeue, start_sweep, sweep
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TINY, run_cli
+from tests.helpers.cli import TINY, run_cli
 from trainrun.data import checks
 from trainrun.data.datasets import open_dataset_dir
 from trainrun.data.indexed import HEADER_SIZE, DataFileError, IndexedDataset, IndexedDatasetWriter

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY
+from tests.helpers.cli import TINY
 from trainrun import registry
 from trainrun.config import ConfigError, compose_config, validate_config
 from trainrun.distributed.initializers import init_single

@@ -32,7 +32,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from tests.conftest import TINY, run_cli  # noqa: E402
+from tests.helpers.cli import TINY, run_cli  # noqa: E402
 from trainrun.checkpoint.store import CheckpointStore  # noqa: E402
 from trainrun.config.schema import ModelConfig, TrainRunConfig  # noqa: E402
 from trainrun.data.prepare import main as prepare_main  # noqa: E402

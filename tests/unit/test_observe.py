@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import trainrun.registry as registry
-from tests.wandb_records import (
+from tests.helpers.wandb_records import (
     history_rows,
     read_finished_wandb_file,
 )

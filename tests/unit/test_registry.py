@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, cli_env, read_metrics, run_cli
+from tests.helpers.cli import TINY, cli_env, read_metrics, run_cli
 from trainrun import registry
 from trainrun.registry import Registry, UnknownComponentError
 
