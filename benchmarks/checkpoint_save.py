@@ -50,7 +50,7 @@ class NoData:
 def build_cpu_model_and_optimizer(cfg):
     """trainrun's own model, optimizer and LR schedule for ``cfg`` in this process (seeded as a run is)."""
     built = build_model_and_optimizer(cfg, init_single(cfg))
-    return built.parts[0], built.optimizers[0], built.scheduler
+    return built.model_parts[0], built.optimizers[0], built.scheduler
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ def compare(names: list[str], overrides: list[str], device: str, steps: int, rou
         for name in names:
             samples[name].append(time_steps(loops[name], steps, device))
     for loop in loops.values():
-        loop.parts.metrics.close()
+        loop.components.metrics.close()
     base = statistics.median(samples[names[0]])
     return {name: {"s_per_step": statistics.median(s), "speedup_vs_" + names[0]: base / statistics.median(s),
                    "rounds": s} for name, s in samples.items()}

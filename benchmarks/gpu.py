@@ -46,7 +46,7 @@ def measure_1b(micro_batch: int, steps: int, warmup: int, root: Path) -> dict:
     tokens = micro_batch * cfg.data.seq_len
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak, note = peak_flops_per_device(torch.device("cuda"), None, cfg.train.precision)
-    loop.parts.metrics.close()
+    loop.components.metrics.close()
     return {"micro_batch": micro_batch, "seq_len": cfg.data.seq_len, "s_per_step": s_per_step,
             "tokens_per_s": tokens / s_per_step, "tflops": tokens * fpt / s_per_step / 1e12,
             "mfu": tokens * fpt / s_per_step / peak, "peak_note": note,

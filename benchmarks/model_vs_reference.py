@@ -129,7 +129,7 @@ def trainrun_executor_step(device: str, *overrides: str):
     env = init_single(cfg)
     built = build_model_and_optimizer(cfg, env)
     executor = registry.STEP_EXECUTORS.get(cfg.train.step_executor)(
-        built.parts[0], built.optimizers[0], built.scheduler, cfg, env.device)
+        built.model_parts[0], built.optimizers[0], built.scheduler, cfg, env.device)
     return lambda x, y: executor.step([(x, y)])
 
 

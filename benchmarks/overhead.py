@@ -108,7 +108,7 @@ def main() -> None:
         for _ in range(args.rounds):
             bare_times += time_block(bare.train_step, args.steps)
             trainrun_times += time_block(trainrun_step, args.steps)
-        loop.parts.metrics.close()
+        loop.components.metrics.close()
 
     bare_ms, trainrun_ms = statistics.median(bare_times) * 1e3, statistics.median(trainrun_times) * 1e3
     ratio = trainrun_ms / bare_ms

@@ -88,7 +88,8 @@ def resolve_vocab(cfg: TrainRunConfig, dataset: TokenDataset) -> TrainRunConfig:
 class ModelAndOptimizer:
     """This rank's model parts, one optimizer per part, their (shared) LR schedule, and the pipeline if any."""
 
-    parts: list[torch.nn.Module]
+    model_parts: list[torch.nn.Module]
+    """Pipeline stages of this rank (one: the whole, possibly sharded, model)."""
     optimizers: list[torch.optim.Optimizer]
     scheduler: object
     pipeline: Pipeline | None = None
@@ -119,7 +120,7 @@ def build_model_and_optimizer(cfg: TrainRunConfig, env: DistEnv, dims: ParallelD
         n_params = sum(p.numel() for p in model.parameters())
         built = parallelize(model, cfg, dims, env.device,
                             build_full=None if from_pretrained else lambda: build_on("cpu"))
-        parts, pipeline = built.parts, built.pipeline
+        parts, pipeline = built.model_parts, built.pipeline
     else:
         model = build_on(env.device)
         n_params = sum(p.numel() for p in model.parameters())
@@ -143,7 +144,7 @@ def build_executor_and_eval_loss(cfg: TrainRunConfig, env: DistEnv, built: Model
     """
     build = registry.STEP_EXECUTORS.get(cfg.train.step_executor)
     if built.pipeline is None:
-        return build(built.parts[0], built.optimizers[0], built.scheduler, cfg, env.device), None
+        return build(built.model_parts[0], built.optimizers[0], built.scheduler, cfg, env.device), None
     pipe = built.pipeline
     # (B, T/tp, C) under SP
     hidden = (cfg.train.micro_batch_size, cfg.data.seq_len // cfg.parallel.tp, cfg.model.d_model)
@@ -220,8 +221,8 @@ def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset
     if cfg.debug.overfit_batches:
         train_iter = RepeatedBatches(train_iter, cfg.debug.overfit_batches)
     state = TrainState()
-    install_nan_injection(built.parts, state, cfg.debug.inject_nan_at_steps)
-    checkpointer = build_checkpointer(cfg, env, run_dir, built.parts, built.optimizers, built.scheduler,
+    install_nan_injection(built.model_parts, state, cfg.debug.inject_nan_at_steps)
+    checkpointer = build_checkpointer(cfg, env, run_dir, built.model_parts, built.optimizers, built.scheduler,
                                       train_iter, state,
                                       extra_meta={"data_checksum": dataset.checksum, "world_size": env.world_size})
     checkpointer.resume()
@@ -230,10 +231,10 @@ def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset
     logger.info("MFU is relative to %.3g FLOP/s per device (%s)", peak, peak_note)
     executor, eval_loss = build_executor_and_eval_loss(cfg, env, built)
     parts = LoopComponents(
-        model_parts=built.parts,
+        model_parts=built.model_parts,
         executor=executor,
         train_iter=train_iter,
-        evaluator=registry.EVALUATORS.get(cfg.eval.name)(cfg, built.parts, dataset, env, dims.dp_rank, eval_loss),
+        evaluator=registry.EVALUATORS.get(cfg.eval.name)(cfg, built.model_parts, dataset, env, dims.dp_rank, eval_loss),
         checkpointer=checkpointer,
         policy=build_policy(cfg.checkpoint),
         metrics=metrics,
@@ -271,16 +272,17 @@ def _train(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Pa
         try:
             code = loop.run()
         finally:
-            loop.parts.metrics.close()
+            loop.components.metrics.close()
     state = loop.state
-    result = RunResult(code, run_dir, state, resumed_from=loop.parts.checkpointer.resumed_from, is_rank0=env.is_rank0)
+    result = RunResult(code, run_dir, state, resumed_from=loop.components.checkpointer.resumed_from,
+                       is_rank0=env.is_rank0)
     if code == ExitCode.FINISHED and state.last_val_loss is not None:
         result.final_eval = {"val_loss": state.last_val_loss}
     # Sampling runs on rank 0 alone, so only with an unsharded model (one process or pure DDP).
     p = cfg.parallel
     unsharded = p.dp_shard == 1 and p.tp == 1 and p.pp == 1
     if code == ExitCode.FINISHED and env.is_rank0 and cfg.eval.sample_tokens > 0 and unsharded:
-        result.sample = sample_text(loop.parts.model_parts[0], dataset.tokenizer, cfg.eval.sample_prompt,
+        result.sample = sample_text(loop.components.model_parts[0], dataset.tokenizer, cfg.eval.sample_prompt,
                                     cfg.eval.sample_tokens, cfg.eval.temperature, cfg.eval.top_k, cfg.run.seed,
                                     env.device)
     return result

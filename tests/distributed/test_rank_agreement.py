@@ -21,8 +21,8 @@ from trainrun.checkpoint.layout import CheckpointDir
 from trainrun.checkpoint.policy import SaveContext, SaveKind, build_policy
 from trainrun.config.schema import CheckpointConfig, TrainRunConfig
 from trainrun.distributed.env import DistEnv
+from trainrun.distributed.grad_norm import finite_flag_on_all_ranks
 from trainrun.state import TrainState
-from trainrun.train.executors import finite_flag_on_all_ranks
 from trainrun.train.save_and_exit import KIND_OF_PRIORITY, SAVE_PRIORITY
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]

@@ -36,8 +36,8 @@ from trainrun.config.schema import (
 from trainrun.distributed.env import DistEnv
 from trainrun.errors import ConfigError
 from trainrun.optim import build_lr_scheduler
+from trainrun.optim.tensor_state import lr_as_tensor
 from trainrun.state import TrainState
-from trainrun.train.executors import lr_as_tensor
 
 # DCP says it saves/loads in a single process without a process group: that is what these tests do.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")

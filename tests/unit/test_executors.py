@@ -28,7 +28,7 @@ def _losses(tmp_path: Path, corpus: Path, *overrides: str, steps: int = 3) -> li
     try:
         return [loop.train_step().loss.item() for _ in range(steps)]
     finally:
-        loop.parts.metrics.close()
+        loop.components.metrics.close()
 
 
 def test_eager_is_deterministic(tmp_path, corpus_cache):
@@ -53,15 +53,15 @@ def test_bf16_autocast_tracks_fp32(tmp_path, corpus_cache):
 
 def test_nan_step_is_skipped_and_parameters_unchanged(tmp_path, corpus_cache):
     loop = _loop(tmp_path, corpus_cache, "debug.inject_nan_at_steps=[2]")
-    model = loop.parts.model_parts[0]
+    model = loop.components.model_parts[0]
     assert not loop.train_step().skipped
     before = {k: v.clone() for k, v in model.state_dict().items()}
     poisoned = loop.train_step()
     assert poisoned.skipped and not torch.isfinite(poisoned.loss)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert loop.state.skipped_steps == 1 and loop.consecutive_skips == 1
-    assert not loop.train_step().skipped and loop.consecutive_skips == 0
-    loop.parts.metrics.close()
+    assert loop.state.skipped_steps == 1 and loop.skipped.consecutive == 1
+    assert not loop.train_step().skipped and loop.skipped.consecutive == 0
+    loop.components.metrics.close()
 
 
 @pytest.mark.parametrize(("override", "says"), [
@@ -133,22 +133,22 @@ def test_fused_adamw_skips_on_the_device_and_the_loop_learns_at_log_intervals(tm
     train.max_skipped_steps still stops the run within one log interval."""
     loop = _loop(tmp_path, corpus_cache, "optim.implementation=fused", "debug.inject_nan_at_steps=[2,5,6,7]",
                  "train.log_interval=4", "train.max_skipped_steps=3")
-    assert loop.parts.executor.update.on_device
-    model = loop.parts.model_parts[0]
+    assert loop.components.executor.update.on_device
+    model = loop.components.model_parts[0]
     first = loop.train_step()
     assert first.skipped is None and bool(first.finite)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    lr_before = loop.parts.executor.scheduler.last_epoch
+    lr_before = loop.components.executor.scheduler.last_epoch
     poisoned = loop.train_step()
     assert poisoned.skipped is None and not bool(poisoned.finite)  # the host was not asked
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # but nothing was applied
     assert loop.state.skipped_steps == 0  # not read yet
-    loop.sync_skips()
-    assert loop.state.skipped_steps == 1 and loop.consecutive_skips == 1
-    assert loop.parts.executor.scheduler.last_epoch == lr_before  # the skipped step does not count
+    loop.skipped.sync()
+    assert loop.state.skipped_steps == 1 and loop.skipped.consecutive == 1
+    assert loop.components.executor.scheduler.last_epoch == lr_before  # the skipped step does not count
     code = loop.run()  # steps 3..: 5, 6, 7 are poisoned; seen at the log of step 8
     assert code.name == "BAD_STEPS" and loop.state.step == 8 and loop.state.skipped_steps == 4
-    loop.parts.metrics.close()
+    loop.components.metrics.close()
 
 
 def test_fused_and_foreach_adamw_train_alike(tmp_path, corpus_cache):
@@ -174,14 +174,14 @@ def test_compiled_optimizer_does_not_recompile_as_the_lr_changes(tmp_path, corpu
     try:
         loop.train_step()  # compiles (the optimizer state is created here)
         loop.train_step()  # may compile once more, now that the state exists
-        lr = loop.parts.executor.optimizer.param_groups[0]["lr"]
+        lr = loop.components.executor.optimizer.param_groups[0]["lr"]
         assert isinstance(lr, torch.Tensor)
         with torch._dynamo.config.patch(error_on_recompile=True):
             results = [loop.train_step() for _ in range(4)]
         assert len({r.lr for r in results}) == 4  # the LR did change at every one of those steps
-        assert float(lr) == pytest.approx(loop.parts.executor.scheduler.get_last_lr()[0].item())
+        assert float(lr) == pytest.approx(loop.components.executor.scheduler.get_last_lr()[0].item())
     finally:
-        loop.parts.metrics.close()
+        loop.components.metrics.close()
 
 
 def test_compile_per_block_keeps_parameter_names(tmp_path, corpus_cache):
@@ -190,4 +190,4 @@ def test_compile_per_block_keeps_parameter_names(tmp_path, corpus_cache):
     compiled = _loop(tmp_path, corpus_cache, "train.step_executor=compile")
     assert list(compiled.components.model_parts[0].state_dict()) == list(eager.components.model_parts[0].state_dict())
     for loop in (eager, compiled):
-        loop.parts.metrics.close()
+        loop.components.metrics.close()

@@ -330,7 +330,7 @@ def test_init_from_draws_no_random_weights(arch, tmp_path, monkeypatch):
     monkeypatch.setattr(GPT, "init_weights", no_random_init)
     cfg = TrainRunConfig(model=resolve_init_from(ModelConfig(init_from=str(tmp_path / "hf"))))
     built = build_model_and_optimizer(cfg, DistEnv(0, 0, 1, torch.device("cpu"), None, "single"))
-    model = built.parts[0]
+    model = built.model_parts[0]
     assert max_logit_diff(model.eval(), hf_model, 257) < LOGIT_ATOL
     assert (model.output.weight is model.tok_embeddings.weight) == cfg.model.tie_embeddings == (arch == "gpt2")
 

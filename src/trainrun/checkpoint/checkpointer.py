@@ -83,7 +83,7 @@ def _split_tensors(flat: dict) -> tuple[dict, dict]:
     """A flattened optimizer state dict as (tensors for DCP, JSON values for trainrun.json).
 
     A param-group hyperparameter held in a tensor (the LR of a compiled or graph-captured optimizer,
-    see ``train.executors.lr_as_tensor``) is saved as its float, so the checkpoint does not depend on
+    see ``optim.tensor_state.lr_as_tensor``) is saved as its float, so the checkpoint does not depend on
     how the run held it.
     """
     tensors, values = {}, {}

@@ -35,7 +35,7 @@ class ValLossEvaluator:
 
     def __init__(self, cfg: TrainRunConfig, model: nn.Module | list[nn.Module], dataset: TokenDataset, env: DistEnv,
                  dp_rank: int | None = None, forward_loss: LossFn | None = None):
-        self.parts = model if isinstance(model, list) else [model]
+        self.model_parts = model if isinstance(model, list) else [model]
         self.env = env
         self.stream = build_val_stream(dataset, cfg.data.seq_len)
         self.micro_batch_size, self.iters = cfg.train.micro_batch_size, cfg.eval.iters
@@ -43,13 +43,13 @@ class ValLossEvaluator:
         if dp_rank is None:  # the mesh order decides which ranks are data-parallel peers
             dp_rank = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank).dp_rank
         self.dp_rank = dp_rank
-        self.forward_loss: LossFn = forward_loss or (lambda x, y: lm_loss(self.parts[0], x, y))
+        self.forward_loss: LossFn = forward_loss or (lambda x, y: lm_loss(self.model_parts[0], x, y))
         self.autocast = autocast_context(cfg.train.precision, env.device)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Return ``val_loss`` (nats/token) and ``val_ppl``; the model is left in train mode."""
-        for part in self.parts:
+        for part in self.model_parts:
             part.eval()
         total = torch.zeros((), device=self.env.device)
         batches = val_batches(self.stream, self.micro_batch_size, self.iters,
@@ -59,7 +59,7 @@ class ValLossEvaluator:
             with self.autocast():
                 total += self.forward_loss(inputs.to(self.env.device), targets.to(self.env.device))
             count += 1
-        for part in self.parts:
+        for part in self.model_parts:
             part.train()
         loss = self.env.all_reduce_mean(total / max(count, 1)).item()
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}

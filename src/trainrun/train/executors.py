@@ -36,14 +36,15 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from trainrun.config.choices import ActivationCheckpointing, CompileScope, OptimizerImpl, Precision
 from trainrun.config.schema import TrainRunConfig
 from trainrun.config.validate import resolve_device_type
+from trainrun.distributed.grad_norm import clip_grad_norm_global, finite_flag_on_all_ranks
 from trainrun.errors import ConfigError
 from trainrun.model.loss import autocast_context, lm_loss
 from trainrun.optim.schedules import scheduled_lr
+from trainrun.optim.tensor_state import lr_as_tensor, make_capturable
 from trainrun.registry import STEP_EXECUTORS
 
 logger = logging.getLogger(__name__)
@@ -69,65 +70,18 @@ class StepResult:
 
 
 class StepExecutor(Protocol):
-    """Runs forward, backward and the optimizer update for one global batch."""
+    """Runs forward, backward and the optimizer update for one global batch: what the loop needs of one."""
+
+    scheduler: object
+    """The LR schedule it steps (the loop rewinds it by steps found skipped on the device)."""
 
     def step(self, micro_batches: Sequence[Batch], before_update: Callable[[], None] | None = None) -> StepResult:
         """Run one step; call ``before_update`` (if given) right before parameters change."""
         ...
 
-
-@torch.no_grad()
-def global_grad_norm(parameters: Sequence[torch.Tensor], pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """L2 norm of all gradients of the whole model, however it is sharded (a plain fp32 scalar).
-
-    DTensor gradients (FSDP / TP) are grouped by mesh and placements, each group's norm is made
-    whole with ``full_tensor()`` (a sum of squares over the shards), and with pipeline parallelism
-    the squared norms of the stages are summed over ``pp_group``. Every rank returns the same value.
-    """
-    groups: dict[object, list[torch.Tensor]] = {}
-    for p in parameters:
-        if p.grad is not None:
-            g = p.grad
-            key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else g.device
-            groups.setdefault(key, []).append(g)
-    total_sq = torch.zeros((), dtype=torch.float32, device=_first_device(parameters))
-    for grads in groups.values():
-        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        total_sq += norm.float().to(total_sq.device) ** 2
-    if pp_group is not None:
-        dist.all_reduce(total_sq, group=pp_group)
-    return total_sq.sqrt()
-
-
-def _first_device(parameters: Sequence[torch.Tensor]) -> torch.device:
-    for p in parameters:
-        return p.device
-    return torch.device("cpu")
-
-
-def clip_grad_norm_global(parameters: Sequence[torch.Tensor], max_norm: float,
-                          pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Scale gradients so their global norm is at most ``max_norm`` (inf: measure only); return the norm."""
-    parameters = list(parameters)
-    total = global_grad_norm(parameters, pp_group)
-    if math.isfinite(max_norm):
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
-    return total
-
-
-def finite_flag_on_all_ranks(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-    """Device bool: the loss and the gradient norm are finite on every rank of the job. No host sync.
-
-    The loss is rank-local (each data-parallel rank has its own micro-batches): one rank with an
-    inf loss must make every replica skip the step, or the replicas diverge. One MAX all-reduce of
-    a one-element flag over the world group.
-    """
-    bad = (~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm.detach()))).float().reshape(1)
-    if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad[0] == 0
+    def close(self) -> None:
+        """Release what the executor holds (a CUDA graph's memory pool); called once when the loop ends."""
+        ...
 
 
 def skips_on_device(optimizers: Iterable[torch.optim.Optimizer]) -> bool:
@@ -345,34 +299,6 @@ class CUDAGraphExecutor(EagerExecutor):
         """Release the graph and its private memory pool."""
         self.graph, self._static = None, {}
         torch.cuda.empty_cache()
-
-
-def lr_as_tensor(optimizer: torch.optim.Optimizer, device: torch.device | str = "cpu") -> None:
-    """Hold each param group's learning rate in a 0-dim tensor that the LR schedule fills in place.
-
-    A compiled optimizer step guards on a float LR's value, so a schedule that changes it every step
-    recompiles every step until dynamo's recompile limit, then runs eagerly; a tensor LR is a graph
-    input instead. Captured CUDA graphs need it too (a float would be frozen at capture). AdamW's
-    foreach path refuses a tensor LR unless capturable, so an uncapturable foreach group switches to
-    the single-tensor path, which the compiler fuses as well as foreach.
-    """
-    for group in optimizer.param_groups:
-        if not isinstance(group["lr"], torch.Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), device=device)
-        if group.get("foreach") and not group.get("capturable"):
-            group["foreach"] = False
-
-
-def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Learning rates as device tensors and step counters on the device, so a captured step reads
-    the values the schedule writes between replays instead of constants frozen at capture."""
-    for group in optimizer.param_groups:
-        group["capturable"] = True
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            if "step" in state and state["step"].device != device:
-                state["step"] = state["step"].to(device, dtype=torch.float32)
-    lr_as_tensor(optimizer, device)  # after capturable: a capturable group keeps its foreach path
 
 
 class PipelineExecutor:
