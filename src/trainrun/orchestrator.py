@@ -118,9 +118,9 @@ def build_model_and_optimizer(cfg: TrainRunConfig, env: DistEnv, dims: ParallelD
     if dims is not None and dims.world_size > 1:
         model = build_on("meta")
         n_params = sum(p.numel() for p in model.parameters())
-        built = parallelize(model, cfg, dims, env.device,
-                            build_full=None if from_pretrained else lambda: build_on("cpu"))
-        parts, pipeline = built.model_parts, built.pipeline
+        parallel = parallelize(model, cfg, dims, env.device,
+                               build_full=None if from_pretrained else lambda: build_on("cpu"))
+        parts, pipeline = parallel.parts, parallel.pipeline
     else:
         model = build_on(env.device)
         n_params = sum(p.numel() for p in model.parameters())

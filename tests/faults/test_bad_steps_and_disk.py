@@ -43,10 +43,15 @@ def test_nan_steps_skipped_counted_and_persistent_nan_exits_4(tmp_path, corpus_c
 
     # Persistent NaN: three in a row (steps 3, 4, 5) exit 4; nothing is saved after step 2.
     assert code_persistent == 4, out_persistent[-3000:]
-    assert sorted(p.name for p in (persistent / "checkpoints").iterdir()) == ["latest", "step_2"]
+    assert _entries(persistent / "checkpoints") == ["latest", "step_2"]
     last = [row for row in metric_rows(persistent) if "loss" in row][-1]
     assert last["step"] == 5 and last["skipped_steps"] == 3
     assert "3 consecutive steps had a non-finite loss" in (persistent / "train.log").read_text()
+
+
+def _entries(ckpt_dir) -> list[str]:
+    """What a checkpoint directory holds, the run's lock file aside."""
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.name != ".trainrun.lock")
 
 
 def _mount_tmpfs(path, size: str) -> bool:
@@ -70,10 +75,12 @@ def test_full_disk_during_save_keeps_previous_checkpoint(tmp_path, corpus_cache,
                                    f"checkpoint.async_save={str(mode == 'async').lower()}"), run_dir)
         log = (run_dir / "train.log").read_text()
         # Periodic saves that fail are reported and training continues; the final save must land, so it fails the run.
-        assert "No space left on device" in log, out[-3000:]
+        # Which write meets the full disk decides the words: ENOSPC from a plain write, or torch's zip writer's
+        # "unexpected pos" (a short write inside torch.save); either way the free space is named.
+        assert "No space left on device" in log or "MiB free on" in log, out[-3000:]
         assert "training continues (previous checkpoints intact; " in log
         assert code == 1 and "trainrun: checkpoint error" in out
-        assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_2"]  # no temp dirs left behind
+        assert _entries(ckpt) == ["latest", "step_2"]  # no temp dirs left behind
         assert all(s in losses(run_dir) for s in range(1, 21))  # it trained to the end
         # The previous checkpoint is intact and loadable: resume from it elsewhere and finish exactly.
         resumed = tmp_path / "resumed"

@@ -175,8 +175,10 @@ class TrainingLoop:
     def _run_steps(self, bar) -> ExitCode:
         """Step until the end or an exit condition; the exit code says which."""
         max_steps, eval_interval = self.cfg.train.max_steps, self.cfg.eval.interval
-        if self.state.step < max_steps and (reason := self.exit_controller.check(self.state.step)):
-            # Asked to stop while the run was being set up: the state is the one resumed, nothing to save.
+        if self.state.step < max_steps and self.exit_controller.check(self.state.step) == "signal":
+            # Signalled while the run was being set up: the state is the one resumed, nothing to save.
+            # (Time and interval limits wait for a step: a set-up longer than the limit must still progress.)
+            reason = "signal"
             logger.info("stopping before step %d (%s arrived during set-up; nothing new to save); exit code %d "
                         "asks to be resumed", self.state.step + 1, reason, ExitCode.RESUME)
             return ExitCode.RESUME
