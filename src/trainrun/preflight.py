@@ -28,7 +28,7 @@ from pathlib import Path
 from trainrun.checkpoint.paths import RUN_CHECKPOINTS, checkpoint_dirs
 from trainrun.config.choices import WandbMode
 from trainrun.config.schema import TrainRunConfig, WandbConfig
-from trainrun.errors import RunEnvironmentError, first_line
+from trainrun.errors import ConfigError, RunEnvironmentError, first_line
 from trainrun.extras import check_run_extras
 
 
@@ -123,6 +123,20 @@ def check_wandb_credentials(cfg: WandbConfig) -> None:
                                   f"set WANDB_API_KEY or run `wandb login`, {WANDB_OFFLINE_FIX}")
 
 
+def check_paths_exist(cfg: TrainRunConfig) -> None:
+    """The paths a config reads from are of the right kind: ``data.path`` not a file, a resume path a directory.
+
+    Made here, not while the config is validated: turning a config into a dataclass touches no file.
+    """
+    if cfg.data.path is not None and Path(cfg.data.path).expanduser().is_file():
+        raise ConfigError("data.path", cfg.data.path, "is a file; it must be a dataset (or cache) directory")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        raise ConfigError("checkpoint.resume", resume,
+                          "use auto, never, or the path of an existing checkpoint, checkpoint directory or run "
+                          "directory")
+
+
 def check_environment(cfg: TrainRunConfig, run_dir: Path | None, wandb_credentials: bool = True,
                       run_dir_option: str = "hydra.run.dir") -> None:
     """Every start-up check of the environment, cheapest first; raise :class:`RunEnvironmentError` on the first problem.
@@ -133,6 +147,7 @@ def check_environment(cfg: TrainRunConfig, run_dir: Path | None, wandb_credentia
     lines give them credentials this process does not have). ``run_dir_option``: the setting a user
     changes to move ``run_dir`` (``hydra.sweep.dir`` for a sweep point, whose directory lies under it).
     """
+    check_paths_exist(cfg)
     path, option, note = run_directory(run_dir, run_dir_option)
     check_writable_dir(path, option, note)
     if not cfg.run.dry_run:

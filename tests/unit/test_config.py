@@ -232,7 +232,6 @@ def _bad(**groups) -> TrainRunConfig:
     ({"optim": {"schedule": "cyclic"}}, "optim.schedule"),
     ({"data": {"name": "indexed", "path": "/does/not/exist"}}, "data.path"),
     ({"parallel": {"tp": 2}}, "parallel"),
-    ({"checkpoint": {"resume": "/no/such/ckpt"}}, "checkpoint.resume"),
     ({"checkpoint": {"policies": ["best"]}}, "checkpoint.policies"),
     ({"logging": {"sinks": ["wandb"]}}, "logging.sinks"),
     ({"optim": {"warmup_steps": -1}}, "optim.warmup_steps"),

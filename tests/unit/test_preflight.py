@@ -14,7 +14,7 @@ from trainrun import orchestrator, preflight
 from trainrun.checkpoint.paths import non_persistent_dir
 from trainrun.config.schema import CheckpointConfig, DataConfig, LoggingConfig, RunConfig, TrainRunConfig, WandbConfig
 from trainrun.data import corpus
-from trainrun.errors import RunEnvironmentError
+from trainrun.errors import ConfigError, RunEnvironmentError
 
 
 @pytest.fixture
@@ -225,3 +225,17 @@ def test_wandb_init_error_becomes_one_environment_line(tmp_path, monkeypatch):
 def test_first_line():
     assert preflight.first_line(ValueError("\n  first\nsecond")) == "first"
     assert preflight.first_line(ValueError("")) == "ValueError"
+
+
+def test_paths_a_config_reads_are_checked_at_start_up_not_while_validating(tmp_path, blocker):
+    """Validation touches no file; the start-up checks refuse a resume path that is no directory and a data file."""
+    from trainrun.config import validate_config
+
+    missing = TrainRunConfig(checkpoint=CheckpointConfig(resume=str(tmp_path / "no_such_ckpt")))
+    validate_config(missing)  # the config layer does not look
+    with pytest.raises(ConfigError, match=r"checkpoint\.resume=.*use auto, never, or the path"):
+        preflight.check_environment(missing, tmp_path / "run")
+    data_file = TrainRunConfig(data=DataConfig(path=str(blocker)))
+    validate_config(data_file)
+    with pytest.raises(ConfigError, match=r"data\.path=.*is a file"):
+        preflight.check_environment(data_file, tmp_path / "run")

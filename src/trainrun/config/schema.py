@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from trainrun.config.checks import coerce_choices, in_range, optional_positive, positive
 from trainrun.config.choices import (
@@ -210,14 +209,12 @@ class DataConfig:
     """stdlib only: cap on the number of source files (null: all)."""
 
     def validate(self) -> None:
-        """Sequence length, split fraction and a path that is not a file (its contents are the dataset's to check)."""
+        """Sequence length and split fraction (what ``data.path`` holds is checked at start-up, see ``preflight``)."""
         positive("data.seq_len", self.seq_len)
         in_range("data.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         if self.max_documents is not None and self.max_documents < 2:
             raise ConfigError("data.max_documents", self.max_documents,
                               "need at least 2 documents (one for train, one for val); use null for all")
-        if self.path is not None and Path(self.path).expanduser().is_file():
-            raise ConfigError("data.path", self.path, "is a file; it must be a dataset (or cache) directory")
 
 
 @dataclass
@@ -458,16 +455,14 @@ class CheckpointConfig:
         coerce_choices(self, "checkpoint")
 
     def validate(self) -> None:
-        """Non-negative intervals and retention, a resume target that exists."""
+        """Non-negative intervals and retention (whether a resume path exists is checked at start-up, see
+        ``preflight``: turning a config into a dataclass touches no file)."""
         positive("checkpoint.interval", self.interval, allow_zero=True)
         positive("checkpoint.keep_last", self.keep_last, allow_zero=True)
         positive("checkpoint.non_persistent_interval", self.non_persistent_interval, allow_zero=True)
         positive("checkpoint.max_failed_saves", self.max_failed_saves, allow_zero=True)
         positive("checkpoint.exit_grace_s", self.exit_grace_s, allow_zero=True)
         optional_positive("checkpoint.time_interval_min", self.time_interval_min)
-        if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
-            raise ConfigError("checkpoint.resume", self.resume,
-                              "use auto, never, or the path of an existing checkpoint directory")
 
 
 @dataclass
