@@ -323,3 +323,11 @@ def test_config_source_names_no_component_package():
                 parts = name.split(".")
                 assert not (parts[0] == "trainrun" and len(parts) > 1 and parts[1] in ABOVE_CONFIG), \
                     f"{path.name}:{node.lineno} imports {name}"
+
+
+@pytest.mark.parametrize("setting", [{"pp_microbatches": 4}, {"pp_stages_per_rank": 2},
+                                     {"pp_schedule": "GPipe"}])
+def test_pipeline_settings_without_a_pipeline_are_refused(setting):
+    """Options with one meaning: a schedule setting nothing reads (parallel.pp=1) is refused, not ignored."""
+    with pytest.raises(ConfigError, match=r"read only with pipeline parallelism"):
+        validate_config(_bad(parallel=setting), world_size=1)

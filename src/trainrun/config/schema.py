@@ -380,6 +380,7 @@ class ParallelConfig:
         positive("parallel.timeout_min", self.timeout_min)
         optional_positive("parallel.pp_microbatches", self.pp_microbatches)
         if self.pp == 1:
+            self._refuse_pipeline_settings()
             return
         if self.interleaved and self.pp_stages_per_rank < 2:
             raise ConfigError("parallel.pp_stages_per_rank", self.pp_stages_per_rank,
@@ -393,6 +394,16 @@ class ParallelConfig:
                               f"{self.pp_schedule} needs at least pp={self.pp} micro-batches")
         if self.interleaved and n_mb % self.pp:
             raise ConfigError("parallel.pp_microbatches", n_mb, f"Interleaved1F1B needs a multiple of pp={self.pp}")
+
+
+    def _refuse_pipeline_settings(self) -> None:
+        """Without pipeline parallelism the schedule settings are read by nothing: refuse a changed one."""
+        defaults = ParallelConfig()
+        for name in ("pp_schedule", "pp_microbatches", "pp_stages_per_rank"):
+            if getattr(self, name) != getattr(defaults, name):
+                raise ConfigError(f"parallel.{name}", getattr(self, name),
+                                  "is read only with pipeline parallelism (parallel.pp>1); set parallel.pp or "
+                                  "leave it at its default")
 
 
 @dataclass
