@@ -41,15 +41,19 @@ class UserError(Exception):
         return f"trainrun: {self.kind} error: {' '.join(str(self).splitlines())}"
 
 
-class ConfigError(UserError, ValueError):
-    """A bad setting: names the field, the bad value and the fix, in one line."""
-
-    kind = "configuration"
-    exit_code = ExitCode.CONFIG_ERROR
+class _FieldError(UserError, ValueError):
+    """An error about what one option names: ``<field>=<value>: <fix>``."""
 
     def __init__(self, field: str, value: object, fix: str):
         self.field, self.value, self.fix = field, value, fix
         super().__init__(f"{field}={value!r}: {fix}")
+
+
+class ConfigError(_FieldError):
+    """A bad setting: names the field, the bad value and the fix, in one line."""
+
+    kind = "configuration"
+    exit_code = ExitCode.CONFIG_ERROR
 
 
 class RunEnvironmentError(UserError, RuntimeError):
@@ -63,15 +67,11 @@ class RunEnvironmentError(UserError, RuntimeError):
         super().__init__(f"{what}: {where}; {fix}")
 
 
-class DataError(UserError, ValueError):
+class DataError(_FieldError):
     """A dataset that is missing files, corrupt or inconsistent: the option naming it, its path, the problem and fix."""
 
     kind = "data"
     exit_code = ExitCode.CONFIG_ERROR
-
-    def __init__(self, field: str, value: object, fix: str):
-        self.field, self.value, self.fix = field, value, fix
-        super().__init__(f"{field}={value!r}: {fix}")
 
 
 class CheckpointError(UserError, RuntimeError):

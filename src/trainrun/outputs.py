@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -267,3 +268,22 @@ def staged_output(output: Path, command: str, record: dict | None = None, option
             raise OutputError(f"{option} {output} could not be written ({err.strerror or err}); free space or set "
                               f"{option} to a directory you can write to") from None
         raise
+
+
+def run_output_command(command: str, body: Callable[[], str], errors: tuple[type[BaseException], ...]) -> int:
+    """Run the body of a command that writes ``--output`` and return its exit status.
+
+    ``body`` returns the summary line printed on success (0). An error of ``errors`` (one a user can fix)
+    is one line on stderr, exit 2. Ctrl-C is one line, exit 130: :func:`staged_output` builds the output
+    beside its place and swaps it in only once complete, so an earlier output is left as it was.
+    """
+    try:
+        summary = body()
+    except errors as err:
+        print(f"{command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted (Ctrl-C); --output was left as it was", file=sys.stderr)
+        return 130
+    print(summary)
+    return 0

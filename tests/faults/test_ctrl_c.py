@@ -18,12 +18,12 @@ import pytest
 from tests.faults.test_kill_during_save import _strike_during_save
 from tests.helpers.faults import (
     base_args,
-    frozen,
     latest_step,
     launch,
     losses,
     output,
     run_to_end,
+    signal_again_during_exit_save,
     wait_for_rows,
     worker_pids,
 )
@@ -95,14 +95,8 @@ def test_second_ctrl_c_inside_the_exit_save_stops_at_once(tmp_path, corpus_cache
     assert before
     for _attempt in range(3):
         proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 60
-        while not (tmp := next(ckpt.glob(".tmp_step_*"), None)) and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        assert tmp is not None, output(proc)[-3000:]
-        with frozen(proc):
-            if tmp.exists():
-                proc.send_signal(signal.SIGINT)
-                break
+        if signal_again_during_exit_save(proc, ckpt, proc.pid, signal.SIGINT):
+            break
         # the exit save ended before the freeze: it exited 3; start again and try once more
         assert proc.wait(timeout=120) == 3, output(proc)[-3000:]
         proc = launch(args, run_dir)

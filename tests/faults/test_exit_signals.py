@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from tests.helpers.faults import (
     MAX_STEPS,
     base_args,
     count_loss_rows,
-    frozen,
     last_step,
     latest_step,
     launch,
@@ -34,6 +32,7 @@ from tests.helpers.faults import (
     losses,
     output,
     run_to_end,
+    signal_again_during_exit_save,
     wait_for_rows,
     worker_pids,
 )
@@ -58,7 +57,7 @@ def _signal_mid_run(args: list[str], run_dir: Path, sig: signal.Signals, nproc: 
         assert wait_for_rows(run_dir, rows + 1, proc), output(proc)[-3000:]
         pid = proc.pid if target == "main" else worker_pids(proc)[int(target)]
         os.kill(pid, sig)
-        if not twice or _second_signal_during_exit_save(proc, run_dir / "checkpoints", pid, sig):
+        if not twice or signal_again_during_exit_save(proc, run_dir / "checkpoints", pid, sig):
             break
         assert proc.wait(timeout=120) == 3, output(proc)[-3000:]
     else:
@@ -72,19 +71,6 @@ def _signal_mid_run(args: list[str], run_dir: Path, sig: signal.Signals, nproc: 
     assert latest_step(run_dir / "checkpoints") == step  # the checkpoint of the current step was saved
     assert last_step(run_dir) == step
     return proc, code, step
-
-
-def _second_signal_during_exit_save(proc, ckpt: Path, pid: int, sig: signal.Signals) -> bool:
-    """Send ``sig`` again while the exit save's temporary directory exists; False if the save was missed."""
-    deadline = time.monotonic() + 60
-    while not (tmp := next(ckpt.glob(".tmp_step_*"), None)) and time.monotonic() < deadline:
-        time.sleep(0.0005)
-    assert tmp is not None, "the exit save never started"
-    with frozen(proc):  # nothing runs between the check and the signal
-        if not tmp.exists():
-            return False
-        os.kill(pid, sig)
-        return True
 
 
 def test_sigterm_and_sigusr1_single_process(tmp_path, corpus_cache, reference_losses):

@@ -163,3 +163,16 @@ def frozen(proc: subprocess.Popen) -> Iterator[list[int]]:
 def _signal_if_alive(pid: int, sig: signal.Signals) -> None:
     with suppress(ProcessLookupError):
         os.kill(pid, sig)
+
+
+def signal_again_during_exit_save(proc: subprocess.Popen, ckpt: Path, pid: int, sig: signal.Signals) -> bool:
+    """Send ``sig`` again while the exit save's temporary directory exists; False if the save was missed."""
+    deadline = time.monotonic() + 60
+    while not (tmp := next(ckpt.glob(".tmp_step_*"), None)) and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    assert tmp is not None, "the exit save never started"
+    with frozen(proc):  # nothing runs between the check and the signal
+        if not tmp.exists():
+            return False
+        os.kill(pid, sig)
+        return True

@@ -34,7 +34,14 @@ from trainrun.data.layout import META_FILE, DatasetDirWriter
 from trainrun.data.split import document_scores, validation_mask
 from trainrun.data.tokenizer import BPETokenizer, ByteTokenizer, HFFastTokenizer, Tokenizer, train_bpe
 from trainrun.errors import ConfigError
-from trainrun.outputs import MARKER_GLOB, OutputError, check_not_input, check_output_dir, staged_output
+from trainrun.outputs import (
+    MARKER_GLOB,
+    OutputError,
+    check_not_input,
+    check_output_dir,
+    run_output_command,
+    staged_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -376,21 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse has printed its one-line error (or --help)
         return int(exit_.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    def run() -> str:
         meta = prepare(args.inputs, args.output, args.tokenizer, args.vocab_size, args.val_fraction,
                        args.seed, args.text_key, args.force, args.eod_token)
-    except (PrepareError, OutputError, OSError, UnicodeDecodeError) as err:
-        print(f"trainrun-prepare: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # the output is built beside its place and only swapped in once complete
-        print("trainrun-prepare: interrupted (Ctrl-C); --output was left as it was", file=sys.stderr)
-        return 130
-    docs, tokens = meta["num_documents"], meta["num_tokens"]
-    print(f"wrote {args.output}: {docs['train'] + docs['val']} documents (train {docs['train']}, val {docs['val']}), "
-          f"{tokens['train'] + tokens['val']} tokens (train {tokens['train']}, val {tokens['val']}), "
-          f"{meta['tokenizer']} vocab {meta['vocab_size']}, checksum {meta['checksum']}")
-    return 0
+        docs, tokens = meta["num_documents"], meta["num_tokens"]
+        return (f"wrote {args.output}: {docs['train'] + docs['val']} documents (train {docs['train']}, val "
+                f"{docs['val']}), {tokens['train'] + tokens['val']} tokens (train {tokens['train']}, val "
+                f"{tokens['val']}), {meta['tokenizer']} vocab {meta['vocab_size']}, checksum {meta['checksum']}")
 
+    return run_output_command("trainrun-prepare", run, (PrepareError, OutputError, OSError, UnicodeDecodeError))
 
 if __name__ == "__main__":
     sys.exit(main())

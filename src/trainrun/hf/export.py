@@ -40,7 +40,7 @@ from trainrun.hf.config import CONFIG_FILE, hf_config
 from trainrun.hf.mapping import ExportError, Target, export_targets
 from trainrun.hf.safetensors_io import save_shard, shard_names, write_index
 from trainrun.hf.tokenizer import find_tokenizer, write_tokenizer
-from trainrun.outputs import OutputError, check_output_dir, staged_output
+from trainrun.outputs import OutputError, check_output_dir, run_output_command, staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -269,18 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse printed its one-line error (or --help)
         return int(exit_.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def run() -> str:
         require("safetensors", "hf", "trainrun-export")  # before any checkpoint is read
         step_dir = export(Path(args.checkpoint), Path(args.output), args.step, args.dtype, args.max_shard_size,
                           args.data, not args.no_tokenizer, args.verify, args.force)
-    except (ExportError, OutputError, OSError, MissingExtraError) as err:
-        print(f"trainrun-export: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # the output is built beside its place and only swapped in once complete
-        print("trainrun-export: interrupted (Ctrl-C); --output was left as it was", file=sys.stderr)
-        return 130
-    print(f"exported {step_dir} to {args.output}")
-    return 0
+        return f"exported {step_dir} to {args.output}"
+
+    return run_output_command("trainrun-export", run, (ExportError, OutputError, OSError, MissingExtraError))
 
 
 if __name__ == "__main__":
