@@ -3,7 +3,8 @@
 Exit codes are those of :mod:`trainrun.exit_codes`. An error a user can fix (the kinds of
 :mod:`trainrun.errors`: configuration, including Hydra's own composition errors; environment;
 data; checkpoint) is one line on stderr, ``trainrun: <kind> error: ...``, with no traceback, and
-exits with its kind's code.
+exits with its kind's code. A lost peer (:func:`trainrun.distributed.health.is_peer_failure`) is one
+logged line, ``peer lost: <which rank and host>; ...``, and exit code 5.
 """
 
 from __future__ import annotations
@@ -52,14 +53,27 @@ def _report(err: UserError) -> int:
     return err.exit_code
 
 
+def _report_peer_loss(err: BaseException) -> int:
+    """Log the one line naming the lost peer (stderr on every rank, train.log on rank 0); return PEER_LOST."""
+    from trainrun.distributed.health import peer_lost_line
+
+    logging.getLogger("trainrun.distributed.health").error(peer_lost_line(err))
+    return ExitCode.PEER_LOST
+
+
 def _run_task(cfg, run_dir: Path) -> int:
     """Run one job; return its exit code (errors a user can fix become one line on stderr)."""
     from trainrun import orchestrator
+    from trainrun.distributed.health import is_peer_failure
 
     try:
         result = orchestrator.run(cfg, run_dir=run_dir)
-    except UserError as err:
-        return _report(err)
+    except Exception as err:
+        if is_peer_failure(err):  # before UserError: a save that failed because a peer died is a lost peer
+            return _report_peer_loss(err)
+        if isinstance(err, UserError):
+            return _report(err)
+        raise
     except KeyboardInterrupt:
         print("trainrun: interrupted (Ctrl-C): stopped without saving; checkpoints committed before are intact, "
               "run the same command again to resume from the newest", file=sys.stderr)

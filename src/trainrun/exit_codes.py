@@ -18,6 +18,13 @@ class ExitCode(IntEnum):
     """Stopped early on purpose (exit interval, signal, time limit) after saving: requeue to resume."""
     BAD_STEPS = 4
     """Too many consecutive non-finite steps (train.max_skipped_steps); nothing new was saved."""
+    PEER_LOST = 5
+    """A peer rank died or stopped answering (a collective or the rendezvous store failed); this rank names it
+    on stderr and in train.log. Nothing new was saved: requeue to resume from the last committed checkpoint."""
+    HUNG = 6
+    """The hang watchdog (parallel.hang_timeout_s) found a rank, the rendezvous store or every rank's progress
+    stuck; each live rank wrote its Python stacks to <run dir>/hang/. Nothing new was saved: requeue to resume
+    from the last committed checkpoint, and read the stacks if it repeats."""
     INTERRUPTED = 130
     """Stopped at once by a second Ctrl-C (or one before training was set up to save); the save in progress, if
     any, was dropped, checkpoints committed before it are intact: run the same command again to resume."""

@@ -25,6 +25,7 @@ from trainrun.config import TrainRunConfig, to_dataclass, validate_config
 from trainrun.config.choices import Precision
 from trainrun.data import TokenDataset, build_train_iterator
 from trainrun.distributed.env import DistEnv
+from trainrun.distributed.health import HealthMonitor, NoHealthMonitor
 from trainrun.distributed.initializers import describe
 from trainrun.distributed.parallel_dims import ParallelDims
 from trainrun.distributed.parallelize import parallelize
@@ -188,10 +189,11 @@ def run(cfg: TrainRunConfig | DictConfig, run_dir: Path | None = None) -> RunRes
     check_environment(cfg, run_dir)
     run_dir = resolve_run_dir(cfg, run_dir)
     env: DistEnv = registry.INITIALIZERS.get(cfg.parallel.initializer)(cfg)
-    clean = False
+    clean, health = False, NoHealthMonitor()
     try:
         setup_logging(cfg.logging.level, env.rank, cfg.logging.all_ranks, run_dir / "train.log")
         logger.info(describe(env))
+        health = HealthMonitor.start(cfg.parallel, env, run_dir)
         dataset: TokenDataset = registry.DATASETS.get(cfg.data.name)(cfg.data)
         logger.info("data: %s (vocab %d, checksum %s)", dataset.path, dataset.vocab_size, dataset.checksum[:16])
         cfg = resolve_vocab(cfg, dataset)
@@ -201,15 +203,22 @@ def run(cfg: TrainRunConfig | DictConfig, run_dir: Path | None = None) -> RunRes
             logger.info("dry run:\n%s", dry_run_report(cfg))
             result = RunResult(ExitCode.FINISHED, run_dir, is_rank0=env.is_rank0)
         else:
-            result = _train(cfg, env, dataset, run_dir)
+            result = _train(cfg, env, dataset, run_dir, health)
         clean = True
         return result
+    except Exception as err:
+        lost = health.explain(err)  # a lost peer: a PeerLostError naming it (None: another error)
+        if lost is None:
+            raise
+        raise lost from err
     finally:
+        health.stop("done" if clean else "failed")  # before the process group goes
         env.close(clean)
 
 
 def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Path,
-                        exit_controller: ExitController | None = None) -> TrainingLoop:
+                        exit_controller: ExitController | None = None,
+                        health: HealthMonitor | NoHealthMonitor | None = None) -> TrainingLoop:
     """Build model, optimizer, data iterator, evaluator, checkpointing and sinks; restore a checkpoint."""
     dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.rank)
     dims.build_mesh(env.device.type)
@@ -241,6 +250,7 @@ def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset
         state=state,
         profiler=StepProfiler(run_dir, cfg.debug.profile_steps, cfg.debug.profile_wait_steps, env.rank,
                               env.device.type, memory_snapshot=cfg.debug.memory_snapshot),
+        health=health or NoHealthMonitor(),
     )
     return TrainingLoop(cfg, env, parts, flops_per_token(cfg.model, cfg.data.seq_len), peak, exit_controller)
 
@@ -264,11 +274,12 @@ def build_metrics_on_every_rank(cfg: TrainRunConfig, env: DistEnv, run_dir: Path
     return metrics
 
 
-def _train(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Path) -> RunResult:
+def _train(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Path,
+           health: HealthMonitor | NoHealthMonitor) -> RunResult:
     # Stop signals are caught from here on, so one that arrives while the model is built or a
     # checkpoint is loaded stops the run at the first step boundary instead of half way through.
     with ExitController(cfg, env, start_step=0) as exit_controller:
-        loop = build_training_loop(cfg, env, dataset, run_dir, exit_controller)
+        loop = build_training_loop(cfg, env, dataset, run_dir, exit_controller, health)
         try:
             code = loop.run()
         finally:

@@ -336,8 +336,16 @@ class ParallelConfig:
     """Tensor (+sequence) parallel degree."""
     pp: int = 1
     """Pipeline parallel degree."""
-    timeout_min: float = 10.0
-    """Collective timeout in minutes."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective (or a wait on the rendezvous store) may block before it fails, instead of the
+    backends' 30 minutes: a lost peer then ends the run with exit code 5 (PEER_LOST) after at most this long.
+    It must exceed the longest time one rank may run ahead of the others (a save, an eval, a rank-0-only step)."""
+    hang_timeout_s: float = 600.0
+    """Hang watchdog (multi-process runs): exit with code 6 (HUNG), after writing every rank's Python stacks to
+    <run dir>/hang/, when a rank's heartbeat, the rendezvous store or every rank's progress (step, eval and save
+    boundaries) stalls this many seconds; longer than the slowest step, eval or save. 0 turns it off."""
+    heartbeat_interval_s: float = 5.0
+    """Seconds between a rank's heartbeats to the rendezvous store (what the hang watchdog reads)."""
     fsdp_reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like)."""
     pp_schedule: PipelineSchedule = PipelineSchedule["1F1B"]
@@ -374,10 +382,17 @@ class ParallelConfig:
         return self.pp * (2 if self.interleaved else 1)
 
     def validate(self) -> None:
-        """Positive degrees and timeout; a stage count per rank that fits the schedule."""
+        """Positive degrees and timeouts; a stage count per rank that fits the schedule."""
         for name in ("dp_replicate", "dp_shard", "tp", "pp", "pp_stages_per_rank"):
             positive(f"parallel.{name}", getattr(self, name))
-        positive("parallel.timeout_min", self.timeout_min)
+        positive("parallel.collective_timeout_s", self.collective_timeout_s)
+        positive("parallel.heartbeat_interval_s", self.heartbeat_interval_s)
+        positive("parallel.hang_timeout_s", self.hang_timeout_s, allow_zero=True)
+        if 0 < self.hang_timeout_s < 3 * self.heartbeat_interval_s:
+            raise ConfigError("parallel.hang_timeout_s", self.hang_timeout_s,
+                              f"must be at least 3 heartbeats (3 x parallel.heartbeat_interval_s="
+                              f"{3 * self.heartbeat_interval_s:g}) so one late heartbeat is not a hang; raise it, "
+                              "lower heartbeat_interval_s, or set 0 to turn the watchdog off")
         optional_positive("parallel.pp_microbatches", self.pp_microbatches)
         if self.pp == 1:
             self._refuse_pipeline_settings()
@@ -518,13 +533,19 @@ class LoggingConfig:
     """Peak TFLOP/s per device for MFU; null: a table value for known GPUs, a nominal 1.0 on CPU."""
     all_ranks: bool = False
     """Log from every rank with a [rank N] prefix (default: rank 0 only)."""
+    straggler_ratio: float = 1.5
+    """Multi-process runs: at each log interval, name the slowest and fastest rank (data + forward time per step,
+    gathered over ranks) in the log and metrics row when slowest/fastest exceeds this ratio; 0 turns it off."""
 
     def __post_init__(self) -> None:
         coerce_choices(self, "logging")
 
     def validate(self) -> None:
-        """A positive peak for MFU."""
+        """A positive peak for MFU; a straggler ratio above 1 (or 0: off)."""
         optional_positive("logging.peak_tflops", self.peak_tflops)
+        if self.straggler_ratio != 0 and not self.straggler_ratio > 1:
+            raise ConfigError("logging.straggler_ratio", self.straggler_ratio,
+                              "must be above 1 (slowest/fastest), or 0 to turn straggler detection off")
 
 
 @dataclass

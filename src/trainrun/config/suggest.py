@@ -84,6 +84,7 @@ MOVED_KEYS = {
     "train.compile_optimizer": "train.compile.optimizer",
     "train.cuda_graph_warmup_steps": "train.cuda_graph.warmup_steps",
     "train.cuda_graph_compile_blocks": "train.cuda_graph.compile_blocks",
+    "parallel.timeout_min": "parallel.collective_timeout_s (seconds, not minutes)",
 }
 """Settings that were removed, and where their job went (for a user's old command line)."""
 

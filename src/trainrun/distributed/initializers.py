@@ -64,7 +64,7 @@ def _init_process_group(cfg: TrainRunConfig, rank: int, local_rank: int, world_s
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend, init_method="env://", rank=rank, world_size=world_size,
-            timeout=timedelta(minutes=cfg.parallel.timeout_min),
+            timeout=timedelta(seconds=cfg.parallel.collective_timeout_s),
             device_id=device if device.type == "cuda" else None,
         )
     seed_everything(cfg.run.seed)

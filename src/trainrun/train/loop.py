@@ -20,10 +20,12 @@ from trainrun.checkpoint.exit_controller import ExitController
 from trainrun.checkpoint.policy import CheckpointPolicy
 from trainrun.config.schema import TrainRunConfig
 from trainrun.distributed.env import DistEnv
+from trainrun.distributed.health import NoHealthMonitor
 from trainrun.eval.evaluator import Evaluator
 from trainrun.exit_codes import ExitCode
 from trainrun.observe import Timers, measure_throughput, memory_stats, progress_bar
 from trainrun.observe.profiler import StepProfiler
+from trainrun.observe.stragglers import StragglerDetector, forward_is_eager
 from trainrun.state import TrainState
 from trainrun.train.executors import Batch, StepExecutor, StepResult
 from trainrun.train.save_and_exit import SaveAndExit
@@ -47,6 +49,8 @@ class LoopComponents:
     state: TrainState
     profiler: StepProfiler = field(default_factory=lambda: StepProfiler(Path("."), active_steps=0))
     """Traces a window of steps when ``debug.profile_steps`` > 0; a no-op otherwise."""
+    health: object = field(default_factory=NoHealthMonitor)
+    """The rank's health monitor (distributed.health): told of progress at step, eval and save boundaries."""
 
 
 class TrainingLoop:
@@ -67,6 +71,8 @@ class TrainingLoop:
         self.skipped = SkippedSteps(self.state, components.executor.scheduler)
         self.save_and_exit = SaveAndExit(cfg, components.checkpointer, components.policy, self.exit_controller,
                                          self.state, self.skipped, on_blocked=self._blocked_by_saving)
+        self.stragglers = StragglerDetector(env, cfg.logging.straggler_ratio, components.model_parts,
+                                            forward_is_eager(cfg))
         self.last_loss = float("nan")
         self._window_start = time.perf_counter()
         self._window_steps = 0
@@ -87,7 +93,7 @@ class TrainingLoop:
     def train_step(self) -> StepResult:
         """Fetch data and run one optimizer step; advance the counters."""
         batches = self.next_global_batch()
-        with self.timers.time("step"):
+        with self.timers.time("step"), self.stragglers.training_step():
             # An async save may still be copying parameters: wait for it before they change.
             result = self.components.executor.step(batches, before_update=self._wait_for_staging)
         self.state.step += 1
@@ -127,6 +133,7 @@ class TrainingLoop:
             "skipped_steps": self.state.skipped_steps,
         }
         row.update(self.timers.as_dict(prefix="time_", reset=True, steps=self._window_steps))
+        row.update(self.stragglers.check(row.get("time_data", 0.0), self._window_steps, self.state.step))
         if self._save_blocked_ms:
             row["time_ckpt_blocked_ms"] = self._save_blocked_ms
         row.update(memory_stats(self.env.device))
@@ -170,6 +177,7 @@ class TrainingLoop:
                     self.components.checkpointer.close()
             finally:
                 self.exit_controller.restore()
+                self.stragglers.close()
                 self.components.executor.close()  # e.g. a CUDA graph's private memory pool
 
     def _run_steps(self, bar) -> ExitCode:
@@ -182,8 +190,11 @@ class TrainingLoop:
             logger.info("stopping before step %d (%s arrived during set-up; nothing new to save); exit code %d "
                         "asks to be resumed", self.state.step + 1, reason, ExitCode.RESUME)
             return ExitCode.RESUME
+        health = self.components.health
+        health.mark_progress(self.state.step)  # training began: the watchdog now also watches progress
         while self.state.step < max_steps:
             result = self.train_step()
+            health.mark_progress(self.state.step)
             self.components.profiler.step()
             bar.update(1)
             last = self.state.step == max_steps
@@ -201,7 +212,9 @@ class TrainingLoop:
             improved = False
             if last or (eval_interval and self.state.step % eval_interval == 0):
                 improved = self.evaluate()
+                health.mark_progress(self.state.step)  # a long eval is no hang
             reason = self.save_and_exit.after_step(improved)
+            health.mark_progress(self.state.step)  # nor is a long save
             if reason is not None:
                 logger.info("stopping at step %d (%s); exit code %d asks to be resumed",
                             self.state.step, reason, ExitCode.RESUME)
