@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from trainrun import registry
 from trainrun.checkpoint.checkpointer import Checkpointer
 from trainrun.checkpoint.exit_controller import ExitController
+from trainrun.checkpoint.node_local import NodeLocalStore
 from trainrun.checkpoint.paths import non_persistent_dir, persistent_dir
 from trainrun.checkpoint.policy import build_policy
 from trainrun.checkpoint.resume import check_checkpoints_before_build
@@ -24,7 +25,7 @@ from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config import TrainRunConfig, to_dataclass, validate_config
 from trainrun.config.choices import Precision
 from trainrun.data import TokenDataset, build_train_iterator
-from trainrun.distributed.env import DistEnv
+from trainrun.distributed.env import DistEnv, nodes_in_job
 from trainrun.distributed.health import HealthMonitor, NoHealthMonitor
 from trainrun.distributed.initializers import describe
 from trainrun.distributed.parallel_dims import ParallelDims
@@ -155,15 +156,19 @@ def build_executor_and_eval_loss(cfg: TrainRunConfig, env: DistEnv, built: Model
 
 def build_checkpointer(cfg: TrainRunConfig, env: DistEnv, run_dir: Path, model_parts, optimizers, scheduler,
                        train_iter, state: TrainState, extra_meta: dict) -> Checkpointer:
-    """The persistent store (checkpoint.dir or <run dir>/checkpoints), the non-persistent one, and their
-    checkpointer."""
+    """The persistent store (checkpoint.dir or <run dir>/checkpoints), the non-persistent one (on several
+    nodes: each node's own directory), and their checkpointer."""
     c = cfg.checkpoint
 
     def store(directory: Path, keep_last: int) -> CheckpointStore:
         return CheckpointStore(directory, keep_last, env.is_rank0, env.barrier, c.verify, env.all_true)
 
     persistent = store(persistent_dir(cfg, run_dir), c.keep_last)
-    local = store(non_persistent_dir(cfg, run_dir), 1) if c.non_persistent_interval > 0 else None
+    local: CheckpointStore | NodeLocalStore | None = None
+    if c.non_persistent_interval > 0 and nodes_in_job() > 1:
+        local = NodeLocalStore(non_persistent_dir(cfg, run_dir), env, c.verify, c.local_replicas)
+    elif c.non_persistent_interval > 0:
+        local = store(non_persistent_dir(cfg, run_dir), 1)
     return Checkpointer(cfg, persistent, model_parts, optimizers, scheduler, train_iter, state, env.device,
                         extra_meta=extra_meta, local_store=local, share=env.broadcast_object)
 

@@ -26,8 +26,15 @@ from torch.distributed.checkpoint.state_dict import (
 import trainrun
 from trainrun.checkpoint.dcp_io import CheckpointMismatch, load_tensors
 from trainrun.checkpoint.layout import META_FILE, read_meta
+from trainrun.checkpoint.node_local import LocalPlan, NodeLocalStore
 from trainrun.checkpoint.policy import SaveKind
-from trainrun.checkpoint.resume import NEW_RUN_FIX, ResumeChooser, check_model_compatible, origin_request
+from trainrun.checkpoint.resume import (
+    NEW_RUN_FIX,
+    AgreedCheckpoint,
+    ResumeChooser,
+    check_model_compatible,
+    origin_request,
+)
 from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config.choices import OptimizerImpl
 from trainrun.config.schema import TrainRunConfig
@@ -112,9 +119,12 @@ class Checkpointer:
     def __init__(self, cfg: TrainRunConfig, store: CheckpointStore, model_parts: list[nn.Module],
                  optimizers: list[torch.optim.Optimizer], scheduler, train_iter, state: TrainState,
                  device: torch.device, extra_meta: dict | None = None,
-                 local_store: CheckpointStore | None = None, share: Callable[[object], object] = lambda obj: obj):
+                 local_store: CheckpointStore | NodeLocalStore | None = None,
+                 share: Callable[[object], object] = lambda obj: obj):
         """``model_parts[i]`` is trained by ``optimizers[i]`` (several parts: pipeline stages of this rank);
-        ``share`` gives every rank rank 0's value (a broadcast; identity in one process)."""
+        ``local_store``: the non-persistent checkpoints (one node: a directory like the persistent one; several:
+        each node's own, see :mod:`~trainrun.checkpoint.node_local`); ``share`` gives every rank rank 0's value
+        (a broadcast; identity in one process)."""
         self.cfg, self.store, self.local_store = cfg, store, local_store
         self.model_parts, self.optimizers, self.scheduler = model_parts, optimizers, scheduler
         self.train_iter, self.state, self.device = train_iter, state, device
@@ -125,6 +135,8 @@ class Checkpointer:
         self.share, self.is_rank0, self.all_true = share, store.is_rank0, store.all_true
         self.origin = origin_request(cfg.checkpoint)
         """The first-start request (explicit path, weights only) that began this branch; saved in its checkpoints."""
+        self._local_plan: LocalPlan | None = None
+        """The node-local step every rank agreed it can restore (several nodes), if any."""
         self._pending_best: int | None = None
         self._clock_before_pending = self.last_persistent_save_time
 
@@ -150,8 +162,11 @@ class Checkpointer:
                 tensors["rng"]["torch_cuda"] = torch.cuda.get_rng_state(self.device)
         return tensors, values
 
-    def _meta(self, optim_values: dict) -> dict:
+    def _layout(self) -> dict:
         p = self.cfg.parallel
+        return {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp, "pp": p.pp}
+
+    def _meta(self, optim_values: dict) -> dict:
         return {
             "format": 1,
             "step": self.state.step,
@@ -163,7 +178,7 @@ class Checkpointer:
             "model": asdict(self.cfg.model),
             "config": asdict(self.cfg),
             "config_hash": config_hash(self.cfg),
-            "layout": {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp, "pp": p.pp},
+            "layout": self._layout(),
             "versions": {"trainrun": trainrun.__version__, "torch": torch.__version__},
             "origin": self.origin,
             **self.extra_meta,
@@ -253,8 +268,16 @@ class Checkpointer:
         Every rank loads the checkpoint rank 0 chose, so all ranks resume the same step; None if
         there is nothing to resume.
         """
-        dirs = [s.directory for s in (self.store, self.local_store) if s is not None]
-        chooser = ResumeChooser(self.cfg.checkpoint, dirs, self.is_rank0, self.share, self.all_true)
+        agreed = None
+        if isinstance(self.local_store, NodeLocalStore):  # every rank says which node-local steps it can restore
+            dirs = [self.store.directory]
+            if self.cfg.checkpoint.resume != "never":
+                self._local_plan = self.local_store.agree(self._layout())
+            if self._local_plan is not None:
+                agreed = AgreedCheckpoint(self._local_plan.path, self._local_plan.committed, self._local_plan.meta)
+        else:
+            dirs = [s.directory for s in (self.store, self.local_store) if s is not None]
+        chooser = ResumeChooser(self.cfg.checkpoint, dirs, self.is_rank0, self.share, self.all_true, agreed)
         path = chooser.resume(self._load)
         if path is not None:
             self.resumed_from = path
@@ -262,8 +285,9 @@ class Checkpointer:
 
     def _load(self, path: Path, full: bool, origin: dict | None) -> None:
         """Load ``path`` into the model (and, ``full``, optimizer, schedule, data position, RNG, TrainState)."""
+        plan = self._local_plan if self._local_plan is not None and path == self._local_plan.path else None
         try:
-            meta = read_meta(path)
+            meta = plan.meta if plan is not None else read_meta(path)
         except (OSError, ValueError) as err:
             raise CheckpointError(f"its {path / META_FILE} is unreadable ({err})") from err
         check_model_compatible(meta["model"], self.cfg.model, path)
@@ -274,7 +298,10 @@ class Checkpointer:
         if full and "torch_cuda" in tensors["rng"] and meta["config"]["run"]["device"] == "cpu":
             tensors["rng"].pop("torch_cuda")
         try:
-            load_tensors(path, tensors)
+            if plan is not None:
+                self.local_store.load(plan, tensors)
+            else:
+                load_tensors(path, tensors)
         except CheckpointMismatch as err:  # intact but not this model: no fallback (see resume)
             raise mismatch_error(err, meta.get("config", {"model": meta["model"]}), self.cfg, path) from err
         optim_flat = {**tensors.get("optim", {}), **meta.get("optim_values", {})} if full else {}

@@ -45,7 +45,8 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _OLD_STEP_DIR = re.compile(r"^\.old_step_(\d+)$")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so the renames and new entries in it survive a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -61,7 +62,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _file_digest(path: Path, with_hash: bool) -> dict:
@@ -192,14 +193,14 @@ class CheckpointDir:
             else:  # built in the background before trainrun.json existed
                 manifest = {**manifest, META_FILE: _file_digest(tmp / META_FILE, self.verify == "sha256")}
             write_text_atomic(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             old = None
             if final.exists():  # a re-save of the same step: move the old copy aside, drop it after
                 old = final.with_name(f".old_{final.name}")
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
             os.replace(tmp, final)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
             write_text_atomic(self.path / LATEST_FILE, final.name + "\n")
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
@@ -228,7 +229,7 @@ class CheckpointDir:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(old, final)
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
                 logger.warning("restored %s from %s (a re-save of that step was interrupted)", final, old.name)
 
     def prune(self, keep_last: int, protect: set[Path]) -> None:

@@ -2,7 +2,7 @@
 
 * persistent: ``checkpoint.dir``, else ``checkpoints/`` in the run directory;
 * non-persistent: ``checkpoint.non_persistent_dir``, else a per-run folder under the system temp dir,
-  never the persistent directory nor inside it, and only on a single node;
+  never the persistent directory nor inside it; on several nodes each node's own disk at that path;
 * a path a user gives a tool (``checkpoint.resume``, ``trainrun-export``): a run directory stands
   for its ``checkpoints/``.
 
@@ -57,23 +57,22 @@ def checkpoint_dirs(cfg: TrainRunConfig, run_dir: Path) -> list[Path]:
     return dirs
 
 
-def check_non_persistent_dir(local_dir: Path, persistent: Path, nodes: int) -> None:
+def check_non_persistent_dir(local_dir: Path, persistent: Path, nodes: int, replicas: int = 0) -> None:
     """Refuse non-persistent checkpoints where they cannot be correct.
 
-    Rank 0 alone creates, renames and verifies checkpoint directories, which is right for a
-    shared filesystem; a node-local directory on several nodes would miss the other nodes' shards.
-    And a non-persistent directory equal to or inside the persistent one would be pruned, listed
-    and resumed as persistent checkpoints.
+    A non-persistent directory equal to or inside the persistent one would be pruned, listed and
+    resumed as persistent checkpoints. ``checkpoint.local_replicas`` copies each node's files to that
+    many other nodes, so it needs more nodes than that.
     """
-    if nodes > 1:
-        raise ConfigError("checkpoint.non_persistent_interval", "> 0",
-                          f"non-persistent (node-local) checkpoints need a single node, this job has {nodes}; "
-                          "use checkpoint.non_persistent_interval=0 and persistent checkpoints on shared storage")
     local, outer = local_dir.resolve(), persistent.resolve()
     if local == outer or outer in local.parents:
         raise ConfigError("checkpoint.non_persistent_dir", str(local_dir),
                           f"it is (inside) the persistent checkpoint directory {persistent}; "
                           "use a separate, preferably node-local, directory")
+    if replicas > nodes - 1:
+        raise ConfigError("checkpoint.local_replicas", replicas,
+                          f"each node's non-persistent checkpoint can be copied to at most the {nodes - 1} other "
+                          f"node(s) of this {nodes}-node job; set checkpoint.local_replicas<={nodes - 1}")
 
 
 def checkpoints_in(path: Path) -> Path:

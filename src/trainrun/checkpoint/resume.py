@@ -83,19 +83,31 @@ class Candidate(NamedTuple):
     """The branch's origin to record in its checkpoints; None: keep the checkpoint's own."""
 
 
+class AgreedCheckpoint(NamedTuple):
+    """A checkpoint outside ``dirs`` that every rank already agreed it can restore (a node-local step on
+    several nodes, see :mod:`~trainrun.checkpoint.node_local`): rank 0 may not hold its files."""
+
+    path: Path
+    committed_unix: float
+    meta: dict
+
+
 class ResumeChooser:
     """Chooses, on rank 0, the checkpoint every rank resumes from, and the next one when it fails to load.
 
-    ``dirs`` are this run's checkpoint directories (persistent first); ``share`` gives every rank
-    rank 0's value and ``all_true`` is true on every rank when it is true on all (both the identity in
-    one process).
+    ``dirs`` are this run's checkpoint directories (persistent first); ``agreed`` a node-local checkpoint,
+    merged with them by commit time; ``share`` gives every rank rank 0's value and ``all_true`` is true on
+    every rank when it is true on all (both the identity in one process).
     """
 
     def __init__(self, cfg: CheckpointConfig, dirs: list[CheckpointDir], is_rank0: bool = True,
                  share: Callable[[object], object] = lambda obj: obj,
-                 all_true: Callable[[bool], bool] = lambda flag: flag):
-        self.cfg, self.dirs = cfg, dirs
+                 all_true: Callable[[bool], bool] = lambda flag: flag, agreed: AgreedCheckpoint | None = None):
+        self.cfg, self.dirs, self.agreed = cfg, dirs, agreed
         self.is_rank0, self.share, self.all_true = is_rank0, share, all_true
+
+    def _meta(self, path: Path) -> dict:
+        return self.agreed.meta if self.agreed is not None and path == self.agreed.path else read_meta(path)
 
     def resume(self, load: Callable[[Path, bool, dict | None], None]) -> Path | None:
         """Call ``load(path, full, origin)`` on every rank for the first candidate that loads; return its path.
@@ -145,7 +157,7 @@ class ResumeChooser:
         own = self.own_checkpoints()
         if origin is not None:
             newest = next(own, None)
-            if newest is not None and read_meta(newest).get("origin") == origin:
+            if newest is not None and self._meta(newest).get("origin") == origin:
                 logger.info("continuing the branch this run started from %s (%s): resuming its newest checkpoint",
                             c.resume, "weights only" if not c.load_optimizer else "full state")
                 yield from (Candidate(path, True, True, origin) for path in itertools.chain([newest], own))
@@ -159,16 +171,22 @@ class ResumeChooser:
     def own_checkpoints(self) -> Iterator[Path]:
         """This run's verified checkpoints (persistent and non-persistent), the one committed last first.
 
-        The directories are merged by commit time; a tie goes to the one listed first (the persistent one).
-        A re-save killed between its two renames is undone first, or its step's only copy would be missed.
+        The directories (and the agreed node-local checkpoint) are merged by commit time; a tie goes to the
+        one listed first (the persistent one). A re-save killed between its two renames is undone first, or
+        its step's only copy would be missed.
         """
         for directory in self.dirs:
             directory.recover()
         sources = [directory.verified() for directory in self.dirs]
+        if self.agreed is not None:
+            sources.append(iter([self.agreed.path]))
 
         def head(source: Iterator[Path]) -> tuple[Path, float] | None:
             path = next(source, None)
-            return None if path is None else (path, read_meta(path).get("committed_unix", 0.0))
+            if path is None:
+                return None
+            agreed = self.agreed is not None and path == self.agreed.path
+            return path, self.agreed.committed_unix if agreed else read_meta(path).get("committed_unix", 0.0)
 
         heads = [head(src) for src in sources]
         while any(h is not None for h in heads):
@@ -221,7 +239,7 @@ def check_checkpoints_before_build(cfg: TrainRunConfig, run_dir: Path) -> None:
     """Refuse, with one line, a start that would overwrite other work or resume a checkpoint of another shape."""
     dirs = checkpoint_dirs(cfg, run_dir)
     if cfg.checkpoint.non_persistent_interval > 0:
-        check_non_persistent_dir(dirs[1], dirs[0], nodes_in_job())
+        check_non_persistent_dir(dirs[1], dirs[0], nodes_in_job(), cfg.checkpoint.local_replicas)
     if cfg.checkpoint.resume == "never":
         refuse_fresh_start_over_checkpoints(dirs)
         return

@@ -441,7 +441,11 @@ class CheckpointConfig:
     """non_persistent policy: every N steps save a fast checkpoint to non_persistent_dir, keeping only the newest;
     0 turns it off."""
     non_persistent_dir: str | None = None
-    """Directory of non-persistent checkpoints; null: <tmp>/trainrun-nonpersistent/<hash of the run dir>."""
+    """Directory of non-persistent checkpoints; null: <tmp>/trainrun-nonpersistent/<hash of the run dir>. On
+    several nodes: the same path on every node, each node's own (local) disk; each node keeps its ranks' files."""
+    local_replicas: int = 0
+    """On several nodes: how many peer nodes also keep a copy of each node's non-persistent checkpoint (ring
+    order), so that losing that many nodes' local disks loses no step; at most the number of nodes - 1."""
     policies: list[str] = field(default_factory=list)
     """Extra registered checkpoint policies by name (plugins); a checkpoint is saved when any policy asks."""
     keep_last: int = 3
@@ -487,6 +491,11 @@ class CheckpointConfig:
         positive("checkpoint.keep_last", self.keep_last, allow_zero=True)
         positive("checkpoint.non_persistent_interval", self.non_persistent_interval, allow_zero=True)
         positive("checkpoint.max_failed_saves", self.max_failed_saves, allow_zero=True)
+        positive("checkpoint.local_replicas", self.local_replicas, allow_zero=True)
+        if self.local_replicas and not self.non_persistent_interval:
+            raise ConfigError("checkpoint.local_replicas", self.local_replicas,
+                              "it copies non-persistent checkpoints, which are off; set "
+                              "checkpoint.non_persistent_interval>0 or leave local_replicas at 0")
         positive("checkpoint.exit_grace_s", self.exit_grace_s, allow_zero=True)
         optional_positive("checkpoint.time_interval_min", self.time_interval_min)
 

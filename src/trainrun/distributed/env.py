@@ -94,3 +94,14 @@ def nodes_in_job() -> int:
     if "LOCAL_WORLD_SIZE" in os.environ and "WORLD_SIZE" in os.environ:
         return max(1, int(os.environ["WORLD_SIZE"]) // max(1, int(os.environ["LOCAL_WORLD_SIZE"])))
     return int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+
+
+def node_index(rank: int) -> int:
+    """This process's node, as the launcher numbers nodes: torchrun's ``GROUP_RANK`` (its agent's index), else
+    Slurm's ``SLURM_NODEID`` (a task started by srun), else ``rank // LOCAL_WORLD_SIZE`` (ranks numbered node by
+    node), else 0. Node-local checkpoints group ranks by it; it need not stay the same across restarts."""
+    for name in ("GROUP_RANK", "SLURM_NODEID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    local_world = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return rank // int(local_world) if local_world.isdigit() and int(local_world) > 0 else 0
