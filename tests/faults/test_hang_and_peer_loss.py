@@ -8,7 +8,8 @@ is committed, then hurts one rank:
 * SIGSTOP rank 0, which hosts the rendezvous store (env:// without torchrun): rank 1 exits 6 naming rank 0;
 * SIGKILL rank 1: rank 0 exits 5 (PEER_LOST) naming rank 1, long before ``collective_timeout_s``; the
   committed checkpoints verify and a rerun resumes from the newest;
-* SIGSTOP rank 1 for a moment, again and again: a metrics row names rank 1 the slowest rank.
+* SIGSTOP rank 1 for 0.3 s, again until one lands in its data+forward: a metrics row names rank 1 the
+  slowest rank.
 """
 
 from __future__ import annotations
@@ -168,17 +169,21 @@ def test_killed_rank_is_a_lost_peer_and_the_run_resumes(corpus_cache, tmp_path):
 
 def test_briefly_stopped_rank_is_named_the_straggler(corpus_cache, tmp_path):
     run_dir = tmp_path / "run"
-    ranks = Ranks(_args(corpus_cache, run_dir, "train.log_interval=1", "logging.straggler_ratio=1.5"), run_dir)
+    # No saves: a stop then lands in rank 1's data+forward more often (about 1 in 10 in the recorded runs).
+    ranks = Ranks(_args(corpus_cache, run_dir, "train.log_interval=1", "logging.straggler_ratio=1.5",
+                        "checkpoint.interval=0", "checkpoint.save_final=false"), run_dir)
     try:
-        _wait_for_commit(run_dir, ranks)
+        deadline = time.monotonic() + 180
+        while len(metric_rows(run_dir)) < 20 and ranks.procs[0].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
         named, tries = [], 0
-        while tries < 40:  # a stop counts when it lands in rank 1's data+forward (about a third do)
+        while tries < 120:  # a stop counts only when it lands in rank 1's data+forward (about 1 in 10)
             tries += 1
             ranks.procs[1].send_signal(signal.SIGSTOP)
-            time.sleep(0.4)
+            time.sleep(0.3)
             ranks.procs[1].send_signal(signal.SIGCONT)
-            time.sleep(0.6)
-            named = [r for r in metric_rows(run_dir) if r.get("straggler_slowest_ms", 0) > 300]
+            time.sleep(0.5)
+            named = [r for r in metric_rows(run_dir) if r.get("straggler_slowest_ms", 0) > 200]
             if named:
                 break
     finally:
@@ -189,5 +194,5 @@ def test_briefly_stopped_rank_is_named_the_straggler(corpus_cache, tmp_path):
     assert row["straggler_slowdown"] > 1.5 and row["straggler_fastest_ms"] < row["straggler_slowest_ms"]
     assert re.search(rf"straggler at step {row['step']}: rank 1 \(host [^)]+\) [\d.]+ ms/step of data\+forward, "
                      r"fastest rank 0 \(host [^)]+\)", ranks.stderr(0))
-    print(f"straggler: rank 1 named slowest after {tries} stop(s) of 0.4s: {row['straggler_slowest_ms']:.0f} ms vs "
+    print(f"straggler: rank 1 named slowest after {tries} stop(s) of 0.3s: {row['straggler_slowest_ms']:.0f} ms vs "
           f"{row['straggler_fastest_ms']:.1f} ms")
