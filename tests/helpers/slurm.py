@@ -16,6 +16,12 @@ from tests.helpers.cli import REPO
 START = REPO / "launchers" / "local_slurm" / "start.sh"
 STOP = REPO / "launchers" / "local_slurm" / "stop.sh"
 SCRATCH = Path(os.environ.get("TRAINRUN_SLURM_DIR", "/tmp/trainrun-slurm"))
+"""The one-node cluster's scratch directory."""
+MULTINODE_SCRATCH = Path(os.environ.get("TRAINRUN_SLURM_MULTINODE_DIR", "/tmp/trainrun-slurm-2n"))
+"""The two-node cluster's (``start.sh --nodes 2``): its own slurmctld port, munged and namespaces."""
+MULTINODE_CTLD_PORT = "16827"
+MULTINODE_PROGRAMS = ("ip", "nsenter", "unshare")
+"""What ``start.sh --nodes N`` needs beyond Slurm: network namespaces and a bridge (iproute2, util-linux)."""
 
 SLURM_PROGRAMS = ("slurmctld", "slurmd", "sinfo", "sbatch", "munged")
 """What launchers/local_slurm/start.sh runs; .ci/run installs them (Debian's slurmctld, slurmd, slurm-client, munge)."""
@@ -27,10 +33,41 @@ def missing_slurm_programs() -> list[str]:
     return [name for name in SLURM_PROGRAMS if shutil.which(name, path=path) is None]
 
 
-def cluster_up(env: dict[str, str]) -> bool:
-    """The cluster of ``env`` (its SLURM_CONF) answers and has a usable node."""
-    proc = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, check=False)
-    return proc.returncode == 0 and any(s in proc.stdout for s in ("idle", "mixed", "allocated"))
+def cluster_up(env: dict[str, str], nodes: int = 1) -> bool:
+    """The cluster of ``env`` (its SLURM_CONF) answers and has ``nodes`` usable nodes."""
+    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True, check=False)
+    usable = [s for s in proc.stdout.split() if s.rstrip("*") in ("idle", "mixed", "allocated")]
+    return proc.returncode == 0 and len(usable) >= nodes
+
+
+def start_cluster(env: dict[str, str], nodes: int = 1) -> bool:
+    """Start the cluster of ``env`` (its TRAINRUN_SLURM_DIR) unless it is up; True when this call started it."""
+    if Path(env["SLURM_CONF"]).is_file() and cluster_up(env, nodes):
+        return False
+    proc = subprocess.run(["bash", str(START), "--nodes", str(nodes)], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    deadline = time.monotonic() + 60
+    while not cluster_up(env, nodes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cluster_up(env, nodes), subprocess.run(["sinfo", "-N"], env=env, capture_output=True, text=True).stdout
+    return True
+
+
+def node_pids(node: str, prefix: str = "trainrun", match: str = "trainrun") -> list[int]:
+    """Processes running on ``node`` of a ``start.sh --nodes N`` cluster (in its network namespace) whose
+    command line contains ``match``."""
+    out = subprocess.run(["ip", "netns", "pids", f"{prefix}-{node}"], capture_output=True, text=True,
+                         check=False).stdout
+    pids = []
+    for pid in map(int, out.split()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if match in cmdline and "python" in cmdline:
+            pids.append(pid)
+    return pids
 
 
 def squeue(env: dict[str, str]) -> list[tuple[str, str, str]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,8 @@ class DistEnv:
     """The mesh this run builds (parallel degrees), for the start-up log line."""
     host_group: object = None
     """A gloo group for small CPU-tensor agreements when the default group is NCCL; None: the default group."""
+    hosts: list[str] = field(default_factory=list)
+    """Host name of every rank, indexed by rank (gathered once at start-up), to name a rank's host in messages."""
 
     @property
     def is_rank0(self) -> bool:
@@ -34,6 +36,10 @@ class DistEnv:
     def distributed(self) -> bool:
         """True when a process group is initialised."""
         return self.backend is not None and dist.is_initialized()
+
+    def host_of(self, rank: int) -> str:
+        """The host ``rank`` runs on, or ``?`` when unknown."""
+        return self.hosts[rank] if 0 <= rank < len(self.hosts) else "?"
 
     def barrier(self) -> None:
         """Wait for every rank (no-op in a single process)."""

@@ -6,8 +6,9 @@ import logging
 import os
 import platform
 import random
-import re
+import shutil
 import socket
+import subprocess
 from datetime import timedelta
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from trainrun.config.schema import TrainRunConfig
 from trainrun.config.validate import resolve_device_type
 from trainrun.distributed.env import DistEnv
-from trainrun.errors import ConfigError
+from trainrun.errors import ConfigError, RunEnvironmentError
 from trainrun.registry import INITIALIZERS
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,10 @@ def _init_process_group(cfg: TrainRunConfig, rank: int, local_rank: int, world_s
     # Host-side agreements (exit flags, save wishes) go over gloo with CPU tensors: on NCCL they would
     # wait for the GPU queue every step.
     host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
-    return DistEnv(rank, local_rank, world_size, device, backend, name, _layout(cfg), host_group=host_group)
+    hosts: list[str] = [""] * world_size
+    dist.all_gather_object(hosts, socket.gethostname(), group=host_group)
+    return DistEnv(rank, local_rank, world_size, device, backend, name, _layout(cfg), host_group=host_group,
+                   hosts=hosts)
 
 
 def _require_env(names: tuple[str, ...], initializer: str) -> dict[str, str]:
@@ -92,23 +96,33 @@ def init_torchrun(cfg: TrainRunConfig) -> DistEnv:
     return _init_process_group(cfg, int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]), "torchrun")
 
 
-def first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm node list such as ``node[003-005,7],gpu1``."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
-    if not match:
-        return nodelist
-    prefix, ranges = match.group(1), match.group(2)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """The hosts of a Slurm node list such as ``node[003-005,7],gpu1``, expanded by Slurm itself
+    (``scontrol show hostnames``), in allocation order."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        raise RunEnvironmentError("scontrol", "PATH", "parallel.initializer=slurm reads the job's node list with "
+                                  "`scontrol show hostnames`; put Slurm's client tools on PATH in the job")
+    proc = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, check=False)
+    hosts = proc.stdout.split()
+    if proc.returncode != 0 or not hosts:
+        raise RunEnvironmentError(f"SLURM_JOB_NODELIST={nodelist}", "scontrol show hostnames",
+                                  f"Slurm could not expand it ({proc.stderr.strip() or 'no hosts'}); run inside "
+                                  "a Slurm allocation, or use parallel.initializer=torchrun")
+    return hosts
 
 
 @INITIALIZERS.register("slurm")
 def init_slurm(cfg: TrainRunConfig) -> DistEnv:
-    """Ranks from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; master = first host of SLURM_JOB_NODELIST."""
+    """Ranks from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; the rendezvous host is the job's first node.
+
+    Slurm puts task 0 on the first node of the allocation, and task 0 hosts the rendezvous store
+    (env://), so MASTER_ADDR is that node's name as the cluster resolves it; a MASTER_ADDR the job
+    already set wins.
+    """
     env = _require_env(("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST"), "slurm")
-    os.environ.setdefault("MASTER_ADDR", first_slurm_host(env["SLURM_JOB_NODELIST"]))
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = slurm_hostnames(env["SLURM_JOB_NODELIST"])[0]
     # A port derived from the job id keeps two jobs sharing a node from colliding.
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
     return _init_process_group(
@@ -127,9 +141,27 @@ def init_auto(cfg: TrainRunConfig) -> DistEnv:
 
 
 def describe(env: DistEnv) -> str:
-    """One line for the log: world, device and versions."""
-    return (
+    """One line for the log: world, device and versions; with several processes, the ranks on each host."""
+    line = (
         f"initializer={env.initializer} world_size={env.world_size} mesh=[{env.layout}] rank={env.rank} "
         f"device={env.device} backend={env.backend or 'none'} host={socket.gethostname()} "
         f"torch={torch.__version__} python={platform.python_version()}"
     )
+    if env.world_size > 1 and env.hosts:
+        line += " hosts: " + rank_hosts(env.hosts)
+    return line
+
+
+def rank_hosts(hosts: list[str]) -> str:
+    """``n1 (ranks 0-1), n2 (ranks 2-3)``: each host with the ranks on it, in rank order."""
+    by_host: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        by_host.setdefault(host, []).append(rank)
+
+    def ranks(numbers: list[int]) -> str:
+        contiguous = numbers == list(range(numbers[0], numbers[-1] + 1))
+        if len(numbers) == 1:
+            return f"rank {numbers[0]}"
+        return f"ranks {numbers[0]}-{numbers[-1]}" if contiguous else "ranks " + ",".join(map(str, numbers))
+
+    return ", ".join(f"{host} ({ranks(numbers)})" for host, numbers in by_host.items())

@@ -13,8 +13,12 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 
 logger = logging.getLogger(__name__)
+
+REQUEUE_TRIES = 3
+REQUEUE_RETRY_S = 2.0
 
 
 def slurm_job_id() -> str | None:
@@ -30,18 +34,31 @@ def in_submitit_job() -> bool:
     return "SUBMITIT_FOLDER" in os.environ or "SUBMITIT_EXECUTOR" in os.environ
 
 
-def requeue_this_job() -> bool:
-    """``scontrol requeue`` this job (only global rank 0 asks); True when Slurm accepted it."""
+def requeue_this_job(any_rank: bool = False) -> bool:
+    """``scontrol requeue`` this job; True when Slurm accepted it (or, on a rank that leaves it to rank 0, when
+    there is a job).
+
+    After a save every rank is alive and only global rank 0 asks. After a lost peer or a hang
+    (``any_rank``) rank 0 may be the one that is gone, so every surviving rank asks; Slurm takes the
+    first request and refuses the others (the job is already pending), which is fine.
+    """
     job = slurm_job_id()
-    if job is None or int(os.environ.get("SLURM_PROCID", "0")) != 0:
+    if job is None or (not any_rank and int(os.environ.get("SLURM_PROCID", "0")) != 0):
         return job is not None
     scontrol = shutil.which("scontrol")
     if scontrol is None:
         logger.error("cannot requeue Slurm job %s: scontrol is not on PATH", job)
         return False
-    proc = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        logger.error("scontrol requeue %s failed: %s", job, proc.stderr.strip())
-        return False
-    logger.info("requeued Slurm job %s; it resumes from the checkpoint just saved", job)
-    return True
+    for attempt in range(REQUEUE_TRIES):
+        proc = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, check=False)
+        if proc.returncode == 0:
+            logger.info("requeued Slurm job %s; it resumes from its newest committed checkpoint", job)
+            return True
+        if any_rank and "pending" in proc.stderr.lower():
+            return True  # another surviving rank's request came first
+        # A busy controller answers "Socket timed out" or "temporarily unavailable": ask again.
+        logger.warning("scontrol requeue %s failed (try %d of %d): %s", job, attempt + 1, REQUEUE_TRIES,
+                       proc.stderr.strip())
+        time.sleep(REQUEUE_RETRY_S)
+    logger.error("could not requeue Slurm job %s; launch the same command again to resume", job)
+    return False
