@@ -9,6 +9,7 @@ logged line, ``peer lost: <which rank and host>; ...``, and exit code 5.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -106,10 +107,15 @@ def run_in_dir(cfg: DictConfig, run_dir: Path, write_record: Callable[[], None] 
         with RunDirLock(writer_dirs(typed, run_dir)):
             write_record()
             code, started = ExitCode.FAILED, time.time()
-            try:
-                code = _run_task(typed, run_dir)
-            finally:
-                record_status(run_dir, ExitCode(code).name.lower(), int(code), started)
+
+            def record(final: ExitCode) -> None:
+                record_status(run_dir, final.name.lower(), int(final), started)
+
+            with _last_words(record):  # also when the hang watchdog ends the process
+                try:
+                    code = _run_task(typed, run_dir)
+                finally:
+                    record(ExitCode(code))
     except UserError as err:  # e.g. a directory locked by another run
         return _report(err)
     return code
@@ -135,12 +141,25 @@ def _hydra_record_writer(cfg: DictConfig, run_dir: Path) -> Callable[[], None]:
     return write
 
 
+@contextlib.contextmanager
+def _last_words(hook: Callable[[ExitCode], object]) -> Iterator[None]:
+    """While the block runs, ``hook`` also runs if the hang watchdog ends the process (``os._exit``, no
+    ``finally``): see :data:`trainrun.distributed.health.LAST_WORDS`."""
+    from trainrun.distributed.health import LAST_WORDS
+
+    LAST_WORDS.append(hook)
+    try:
+        yield
+    finally:
+        LAST_WORDS.remove(hook)
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def hydra_entry(cfg: DictConfig) -> int:
     """Run the composed config. A single run exits with its code; in a sweep (-m) each job returns
     its code to the launcher so one failing job does not end the others, a point that finished in
-    an earlier launch of the same sweep is skipped, and a submitit job that stopped early to be
-    resumed (code 3) is requeued instead of reported."""
+    an earlier launch of the same sweep is skipped, and a submitit job that asks to be resumed
+    (code 3 after saving, 5 after a lost peer, 6 after a hang) is requeued instead of reported."""
     from trainrun.launch.run_status import is_finished
     from trainrun.launch.slurm_requeue import in_submitit_job, requeue_this_job
 
@@ -153,17 +172,24 @@ def hydra_entry(cfg: DictConfig) -> int:
         print(f"trainrun: sweep point {run_dir.name} ({hydra_cfg.job.override_dirname or 'no overrides'}) "
               f"finished in an earlier launch; skipping it", file=sys.stderr)
         return ExitCode.FINISHED
-    code = run_in_dir(cfg, run_dir, _hydra_record_writer(cfg, run_dir))
+    with _last_words(_requeue_on_hang) if in_submitit_job() else contextlib.nullcontext():
+        code = run_in_dir(cfg, run_dir, _hydra_record_writer(cfg, run_dir))
     if code == ExitCode.INTERRUPTED:
         _exit_rank_now(code)  # a second Ctrl-C: now, without waiting for a save thread or the rest of a sweep
-    if code == ExitCode.RESUME and multirun and _ctrl_c_seen():
+    if code == ExitCode.RESUME and multirun and _exit_signal_seen("ctrl_c_seen"):
         # Ctrl-C stops the sweep after this point's exit save, not just the point: launching the
         # same sweep again skips the finished points and resumes this one.
         raise KeyboardInterrupt
-    if code == ExitCode.RESUME and in_submitit_job():
+    if ExitCode(code).asks_to_be_requeued and in_submitit_job():
         # Returning would write submitit's result file and end the job for good; leaving without
-        # one after `scontrol requeue` is what submitit's own preemption handler does.
-        requeue_this_job()
+        # one after `scontrol requeue` is what submitit's own preemption handler does. After a lost
+        # peer rank 0 may be the one gone, so every surviving rank asks. After SIGTERM Slurm decides:
+        # it requeues a preempted or requeued job itself, and a cancelled one must stay cancelled.
+        if code == ExitCode.RESUME and _exit_signal_seen("sigterm_seen"):
+            print("trainrun: stopped by SIGTERM after saving: Slurm requeues a preempted or requeued job itself; "
+                  "a cancelled job stays cancelled (launch the same command again to resume it)", file=sys.stderr)
+        else:
+            requeue_this_job(any_rank=code != ExitCode.RESUME)
         raise SystemExit(code)
     if not multirun and launcher_world_size() > 1 and not in_submitit_job():
         _exit_rank_now(code)
@@ -172,11 +198,18 @@ def hydra_entry(cfg: DictConfig) -> int:
     return code
 
 
-def _ctrl_c_seen() -> bool:
-    """Ctrl-C reached a run's exit controller in this process (the run saved and stopped)."""
+def _requeue_on_hang(code: ExitCode) -> None:
+    """The watchdog's last words in a submitit job: requeue it (any surviving rank asks)."""
+    from trainrun.launch.slurm_requeue import requeue_this_job
+
+    requeue_this_job(any_rank=True)
+
+
+def _exit_signal_seen(flag: str) -> bool:
+    """A run's exit controller in this process saw that signal (``ctrl_c_seen``: Ctrl-C, ``sigterm_seen``)."""
     if "trainrun.checkpoint.exit_controller" not in sys.modules:  # no run started: nothing could see it
         return False
-    return sys.modules["trainrun.checkpoint.exit_controller"].ExitController.ctrl_c_seen
+    return getattr(sys.modules["trainrun.checkpoint.exit_controller"].ExitController, flag)
 
 
 def _exit_rank_now(code: int) -> None:
@@ -275,7 +308,7 @@ def main() -> None:
     except KeyboardInterrupt:
         # A sweep's point saw Ctrl-C and saved (hydra_entry raised to end the sweep), or Ctrl-C came
         # between points or before any run started: nothing committed is lost either way.
-        if _ctrl_c_seen():
+        if _exit_signal_seen("ctrl_c_seen"):
             print("trainrun: sweep stopped by Ctrl-C after the point that saved; launch the same sweep again to "
                   "resume it (finished points are skipped)", file=sys.stderr)
             sys.exit(ExitCode.RESUME)

@@ -28,3 +28,9 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130
     """Stopped at once by a second Ctrl-C (or one before training was set up to save); the save in progress, if
     any, was dropped, checkpoints committed before it are intact: run the same command again to resume."""
+
+    @property
+    def asks_to_be_requeued(self) -> bool:
+        """A launcher that can requeue should: the run stopped early after saving (3), or lost a peer (5) or
+        hung (6) and resumes from its last committed checkpoint. torchrun.sbatch reads the same set."""
+        return self in (ExitCode.RESUME, ExitCode.PEER_LOST, ExitCode.HUNG)

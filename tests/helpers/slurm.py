@@ -55,17 +55,18 @@ def start_cluster(env: dict[str, str], nodes: int = 1) -> bool:
 
 
 def node_pids(node: str, prefix: str = "trainrun", match: str = "trainrun") -> list[int]:
-    """Processes running on ``node`` of a ``start.sh --nodes N`` cluster (in its network namespace) whose
+    """Python processes running on ``node`` of a ``start.sh --nodes N`` cluster (in its network namespace) whose
     command line contains ``match``."""
     out = subprocess.run(["ip", "netns", "pids", f"{prefix}-{node}"], capture_output=True, text=True,
                          check=False).stdout
     pids = []
     for pid in map(int, out.split()):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         except OSError:
             continue
-        if match in cmdline and "python" in cmdline:
+        # A Python process itself, not srun or a shell whose arguments name one.
+        if Path(argv[0]).name.startswith("python") and match in " ".join(argv):
             pids.append(pid)
     return pids
 

@@ -4,18 +4,21 @@ and ``launchers/torchrun.sbatch`` with the losses of one process, and preemption
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.cli import REPO, TINY, cli_env, read_metrics, run_cli, train_losses
-from tests.helpers.slurm import START, STOP, RequeueReleaser, squeue, start_sweep, sweep
+from tests.helpers.slurm import START, STOP, RequeueReleaser, node_pids, squeue, start_sweep, sweep
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -230,3 +233,180 @@ def test_torchrun_sbatch_job_signalled_by_slurm_saves_requeues_and_finishes(slur
     assert "received SIGTERM" in log and "resumed from" in log, output[-3000:]
     assert train_losses(run_dir) == expected
     assert "trainrun asked to be resumed (status: resume" in output and "requeueing job" in output
+
+
+# ---- a lost node, a hung rank ---------------------------------------------------------------------------
+FAULT = [*QUIET, "train.max_steps=300", "checkpoint.interval=20", "parallel.heartbeat_interval_s=0.5",
+         "parallel.hang_timeout_s=10", "parallel.collective_timeout_s=60"]
+SUBMITIT_TASK = "submitit.core._submit"
+"""The command line of a submitit job's task: the trainrun rank it runs."""
+
+
+def _start_two_node_point(args: list[str], env: dict[str, str], tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    sweep_dir = tmp_path / "sweep"
+    launcher = start_sweep([*args, *TWO_NODES, "parallel.dp_replicate=2", f"hydra.sweep.dir={sweep_dir}"], env,
+                           tmp_path)
+    run_dir = _wait_for(lambda: sweep_dir.is_dir() and _points(sweep_dir) and _points(sweep_dir)[0],
+                        "the run directory", alive=launcher)
+    _wait_for(lambda: _reached_step(run_dir, 50), "step 50", alive=launcher)
+    return launcher, run_dir
+
+
+def _committed_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*")
+                  if (p / "trainrun.json").is_file())
+
+
+def _finish(launcher: subprocess.Popen, run_dir: Path, expected: dict[int, float], first: str) -> None:
+    out, _ = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, out[-4000:]
+    assert _attempts(run_dir) == [first, "finished"], _attempts(run_dir)
+    assert train_losses(run_dir) == expected  # the replayed steps too: nothing committed was lost
+
+
+def test_a_node_whose_ranks_die_stops_the_survivors_and_the_requeued_job_resumes(slurm2_env, corpus_cache, tmp_path):
+    """Every trainrun process on n2 is SIGKILLed (no save): the rank on n1 stops within seconds naming the
+    lost rank and host, exits 5 and requeues the job, which resumes from the last committed checkpoint."""
+    common = [*FAULT, f"data.path={corpus_cache}"]
+    expected = _reference(common, tmp_path, slurm2_env)
+    with RequeueReleaser(slurm2_env):
+        launcher, run_dir = _start_two_node_point(common, slurm2_env, tmp_path)
+        victims = node_pids("n2", match=SUBMITIT_TASK)
+        assert victims
+        committed = _committed_steps(run_dir)
+        killed = time.monotonic()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        _wait_for(lambda: "peer_lost" in _attempts_or_none(run_dir), "rank 0 to give up",
+                  timeout=90, alive=launcher)
+        gave_up_s = time.monotonic() - killed
+        _finish(launcher, run_dir, expected, "peer_lost")
+    log = (run_dir / "train.log").read_text()
+    assert "peer lost: rank 1 (host n2)" in log and "exit code 5 (PEER_LOST)" in log
+    resumed = int(log.split("resumed from")[1].split("(step ")[1].split(")")[0])
+    assert resumed >= max(committed)  # the newest committed checkpoint, or a later one
+    assert gave_up_s < 60
+    print(f"node loss: rank 0 gave up {gave_up_s:.1f}s after the kill")
+
+
+def test_a_node_whose_slurmd_stops_is_failed_by_slurm_and_the_job_resumes_when_it_is_back(
+        slurm2_env, corpus_cache, tmp_path):
+    """n2's slurmd stops (its ranks go on): Slurm marks n2 down after SlurmdTimeout, ends the job and requeues
+    it; it runs again once n2 is back and finishes with the losses of an uninterrupted run."""
+    common = [*FAULT, f"data.path={corpus_cache}", "train.max_steps=2000", "checkpoint.interval=100"]
+    expected = _reference(common, tmp_path, slurm2_env)
+    scratch = Path(slurm2_env["TRAINRUN_SLURM_DIR"])
+    with RequeueReleaser(slurm2_env):
+        launcher, run_dir = _start_two_node_point(common, slurm2_env, tmp_path)
+        slurmd = int((scratch / "slurmd.n2.pid").read_text())
+        os.kill(slurmd, signal.SIGKILL)
+        _wait_for(lambda: "down" in _run(["sinfo", "-h", "-n", "n2", "-o", "%T"], slurm2_env), "n2 to be down",
+                  timeout=120, alive=launcher)
+        _wait_for(lambda: len(_attempts_or_none(run_dir)) >= 1, "the first attempt to end", timeout=120,
+                  alive=launcher)
+        _run(["bash", str(START), "--nodes", "2"], slurm2_env)  # the node is back
+        out, _ = launcher.communicate(timeout=900)
+    assert launcher.returncode == 0, out[-4000:]
+    attempts = _attempts(run_dir)
+    assert attempts[-1] == "finished" and len(attempts) >= 2, attempts
+    assert train_losses(run_dir) == expected
+
+
+def _attempts_or_none(run_dir: Path) -> list[str]:
+    status = run_dir / "trainrun_status.json"
+    return _attempts(run_dir) if status.is_file() else []
+
+
+def test_a_hung_rank_is_found_by_the_watchdog_and_the_requeued_job_resumes(slurm2_env, corpus_cache, tmp_path):
+    """The rank on n2 is SIGSTOPped: within parallel.hang_timeout_s the rank on n1 names it, writes its stacks,
+    exits 6 and requeues the job, which resumes from the last committed checkpoint."""
+    common = [*FAULT, f"data.path={corpus_cache}"]
+    expected = _reference(common, tmp_path, slurm2_env)
+    with RequeueReleaser(slurm2_env):
+        launcher, run_dir = _start_two_node_point(common, slurm2_env, tmp_path)
+        [victim] = node_pids("n2", match=SUBMITIT_TASK)
+        stopped = time.monotonic()
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            _wait_for(lambda: "hung" in _attempts_or_none(run_dir), "the watchdog",
+                      timeout=90, alive=launcher)
+            found_s = time.monotonic() - stopped
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # unless Slurm already ended it with the job
+                os.kill(victim, signal.SIGKILL)
+        _finish(launcher, run_dir, expected, "hung")
+    log = (run_dir / "train.log").read_text()
+    assert "hang detected: rank 1 (host n2)" in log and "exit code 6 (HUNG)" in log
+    assert list((run_dir / "hang").glob("rank0-*.txt"))
+    assert 10 <= found_s < 40
+    print(f"hang: found {found_s:.1f}s after SIGSTOP")
+
+
+# ---- node-local checkpoints ----------------------------------------------------------------------------
+@pytest.fixture
+def node_disks(slurm2_env, tmp_path) -> Iterator[dict[str, Path]]:
+    """This test's folder on each node's local disk; removed afterwards (the disks outlive the test)."""
+    scratch = Path(slurm2_env["TRAINRUN_SLURM_DIR"])
+    disks = {node: scratch / "nodes" / node / "local" / tmp_path.name for node in ("n1", "n2")}
+    yield disks
+    for disk in disks.values():
+        shutil.rmtree(disk, ignore_errors=True)
+
+
+@pytest.mark.parametrize("case", ["resume_local", "wiped_node", "wiped_node_with_replica"])
+def test_node_local_checkpoints_on_two_nodes(slurm2_env, corpus_cache, tmp_path, node_disks, case):
+    """Each node keeps its rank's node-local checkpoints on its own disk (``$SCRATCH/local``, a different
+    folder on each node). After a crash (every rank SIGKILLed by Slurm, no save) the same sweep launched
+    again resumes from the newest node-local step; with n2's disk wiped it falls back to the persistent
+    checkpoint, unless n1 holds a replica of n2's files. Losses bit-exact with an uninterrupted run."""
+    scratch = Path(slurm2_env["TRAINRUN_SLURM_DIR"])
+    local = f"{scratch}/local/{tmp_path.name}"  # the same path on both nodes, a different disk on each
+    replicas = ["checkpoint.local_replicas=1"] if case == "wiped_node_with_replica" else []
+    common = [*QUIET, f"data.path={corpus_cache}", "train.max_steps=200", "checkpoint.interval=50",
+              "checkpoint.non_persistent_interval=10", *replicas]
+    expected = _reference([*QUIET, f"data.path={corpus_cache}", "train.max_steps=200"], tmp_path, slurm2_env)
+    sweep_dir = tmp_path / "sweep"
+    args = [*common, *TWO_NODES, "parallel.dp_shard=2", f"checkpoint.non_persistent_dir={local}",
+            f"hydra.sweep.dir={sweep_dir}"]
+    launcher = start_sweep(args, slurm2_env, tmp_path)
+    run_dir = _wait_for(lambda: sweep_dir.is_dir() and _points(sweep_dir) and _points(sweep_dir)[0],
+                        "the run directory", alive=launcher)
+    _wait_for(lambda: _reached_step(run_dir, 75), "step 75", alive=launcher)
+    [(job, _, _)] = squeue(slurm2_env)
+    # A crash of the whole job (power lost on both nodes): every rank SIGKILLed at once, no save; then the
+    # job is cancelled for good and the sweep command dies too.
+    ranks = node_pids("n1", match=SUBMITIT_TASK) + node_pids("n2", match=SUBMITIT_TASK)
+    assert len(ranks) == 2
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
+    launcher.kill()
+    launcher.communicate(timeout=30)
+    _run(["scancel", job], slurm2_env)
+    _wait_for(lambda: not squeue(slurm2_env), "the job to be gone", timeout=90)
+    # This run's folder on each node's disk (run-<hash of the run dir>: runs sharing the disk stay apart).
+    disks = {node: next(disk.glob("run-*")) for node, disk in node_disks.items()}
+    newest_local = max(int(p.name.removeprefix("local_step_")) for p in disks["n1"].glob("local_step_*"))
+    committed_at_crash = max(_committed_steps(run_dir))
+    assert newest_local > committed_at_crash >= 50
+    if case == "wiped_node_with_replica":  # n1 holds a copy of n2's rank's file
+        assert (disks["n1"] / f"local_step_{newest_local}" / "rank_1.pt").is_file()
+    if case != "resume_local":
+        shutil.rmtree(disks["n2"])  # the node was replaced: its disk is empty
+
+    again = sweep(args, slurm2_env, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (run_dir / "train.log").read_text()
+    resumed = log.split("resumed from")[-1].split("\n")[0]
+    if case == "wiped_node":
+        assert "cannot be restored" in log and "n2" in log.split("cannot be restored")[1].split("\n")[0]
+        assert f"checkpoints/step_{committed_at_crash} " in resumed, resumed
+    else:
+        assert f"local_step_{newest_local} " in resumed, resumed
+    # Every step replayed after the resume has the loss it had before the crash, bit for bit, and every
+    # step the loss of one process (to the tolerance of FSDP's other reduction order).
+    by_step: dict[int, set[float]] = {}
+    for row in read_metrics(run_dir):
+        if "loss" in row:
+            by_step.setdefault(row["step"], set()).add(row["loss"])
+    assert all(len(losses) == 1 for losses in by_step.values()), {s: v for s, v in by_step.items() if len(v) > 1}
+    _assert_same_losses(train_losses(run_dir), expected)

@@ -112,6 +112,34 @@ def test_preempted_job_saves_requeues_and_finishes_like_an_uninterrupted_run(slu
     assert got == expected  # bit for bit on CPU, before and after the requeue
 
 
+def test_scancel_saves_and_the_job_stays_cancelled_until_launched_again(slurm_env, corpus_cache, tmp_path):
+    """A user's ``scancel`` (SIGTERM to the job) saves and stops: trainrun does not requeue a job Slurm was
+    told to cancel. Launching the same sweep again resumes it from that save."""
+    sweep_dir = tmp_path / "sweep"
+    args = [*QUIET, f"data.path={corpus_cache}", "train.max_steps=300", "checkpoint.interval=0",
+            f"hydra.sweep.dir={sweep_dir}"]
+    launcher = start_sweep(args, slurm_env, tmp_path)
+    run_dir = _wait_for_point(sweep_dir, launcher)
+    _wait_for_step(run_dir, 20, launcher)
+    [(job, _, _)] = squeue(slurm_env)
+    subprocess.run(["scancel", job], env=slurm_env, check=True)
+    _wait_for_empty_queue(slurm_env)
+    time.sleep(8)  # a requeued job would be back in the queue by now (pending, BeginTime)
+    assert squeue(slurm_env) == []
+    launcher.kill()  # without accounting (sacct), submitit cannot learn that a job was cancelled
+    launcher.communicate(timeout=30)
+    assert _status(run_dir)["status"] == "resume"
+    log = (run_dir / "train.log").read_text()
+    assert "received SIGTERM" in log
+    job_logs = "".join(f.read_text() for f in (sweep_dir / ".submitit").rglob("*_log.err"))
+    assert "a cancelled job stays cancelled" in job_logs
+    saved = int(log.split("saved persistent checkpoint")[1].split("step_")[1].split(";")[0])
+    again = sweep(args, slurm_env, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step_{saved} " in (run_dir / "train.log").read_text()
+    assert sorted(train_losses(run_dir)) == list(range(1, 301)) and _status(run_dir)["status"] == "finished"
+
+
 def test_time_limited_job_requeues_until_done(slurm_env, corpus_cache, tmp_path):
     sweep_dir = tmp_path / "sweep"
     args = [*QUIET, f"data.path={corpus_cache}", "train.max_steps=400", "checkpoint.interval=0",

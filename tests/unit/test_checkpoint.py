@@ -883,3 +883,15 @@ def test_dcp_wrapped_keyboard_interrupt_is_not_a_failed_save(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         _save(_store(tmp_path), 1)
     assert not list(tmp_path.glob("step_*")) and not list(tmp_path.glob(".tmp_step_*"))
+
+
+def test_runs_sharing_a_non_persistent_dir_keep_their_own_folders(tmp_path):
+    """A new run pointed at the same fast disk must not resume (or prune) another run's non-persistent
+    checkpoints; the same run (requeued, relaunched) finds its own again."""
+    from trainrun.checkpoint.paths import non_persistent_dir
+
+    cfg = TrainRunConfig()
+    cfg.checkpoint.non_persistent_dir = str(tmp_path / "fast")
+    first, second = non_persistent_dir(cfg, tmp_path / "run_a"), non_persistent_dir(cfg, tmp_path / "run_b")
+    assert first != second and first.parent == second.parent == tmp_path / "fast"
+    assert non_persistent_dir(cfg, tmp_path / "run_a" / ".." / "run_a") == first

@@ -29,6 +29,9 @@ class ExitController:
 
     ctrl_c_seen = False
     """This process received Ctrl-C (SIGINT) during a run: a sweep stops after the point that saw it."""
+    sigterm_seen = False
+    """This process received SIGTERM during a run: the scheduler's own stop (``scancel``, an operator's
+    ``scontrol requeue``, preemption), whose requeue, if any, is the scheduler's to decide."""
 
     def __init__(self, cfg: TrainRunConfig, env: DistEnv, start_step: int):
         self.env = env
@@ -57,6 +60,8 @@ class ExitController:
         self.received = signal.Signals(signum)
         if signum == signal.SIGINT:
             ExitController.ctrl_c_seen = True
+        if signum == signal.SIGTERM:
+            ExitController.sigterm_seen = True
         if first and signum == signal.SIGINT:
             logger.warning("Ctrl-C: will save and exit at the next step boundary (Ctrl-C again to stop now, "
                            "without that save)")

@@ -1,7 +1,7 @@
 """Where a run's checkpoints live: each rule written once, for the run, its start-up checks and its tools.
 
 * persistent: ``checkpoint.dir``, else ``checkpoints/`` in the run directory;
-* non-persistent: ``checkpoint.non_persistent_dir``, else a per-run folder under the system temp dir,
+* non-persistent: a per-run folder in ``checkpoint.non_persistent_dir``, else under the system temp dir,
   never the persistent directory nor inside it; on several nodes each node's own disk at that path;
 * a path a user gives a tool (``checkpoint.resume``, ``trainrun-export``): a run directory stands
   for its ``checkpoints/``.
@@ -42,10 +42,16 @@ def persistent_dir(cfg: TrainRunConfig, run_dir: Path) -> Path:
 
 
 def non_persistent_dir(cfg: TrainRunConfig, run_dir: Path) -> Path:
-    """checkpoint.non_persistent_dir, or a per-run folder under the system temp dir."""
-    if cfg.checkpoint.non_persistent_dir:
-        return Path(cfg.checkpoint.non_persistent_dir)
+    """This run's own folder in checkpoint.non_persistent_dir (``run-<hash of the run dir>``), or under the system
+    temp dir when that is unset.
+
+    Runs sharing one fast disk never see each other's non-persistent checkpoints: a new run must not
+    resume another run's state, nor prune it. A requeued or relaunched run has the same run directory,
+    hence the same folder.
+    """
     digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
+    if cfg.checkpoint.non_persistent_dir:
+        return Path(cfg.checkpoint.non_persistent_dir) / f"run-{digest}"
     return Path(tempfile.gettempdir()) / "trainrun-nonpersistent" / digest
 
 

@@ -441,8 +441,9 @@ class CheckpointConfig:
     """non_persistent policy: every N steps save a fast checkpoint to non_persistent_dir, keeping only the newest;
     0 turns it off."""
     non_persistent_dir: str | None = None
-    """Directory of non-persistent checkpoints; null: <tmp>/trainrun-nonpersistent/<hash of the run dir>. On
-    several nodes: the same path on every node, each node's own (local) disk; each node keeps its ranks' files."""
+    """Directory of non-persistent checkpoints; each run keeps its own folder in it (run-<hash of the run dir>);
+    null: <tmp>/trainrun-nonpersistent/<hash of the run dir>. On several nodes: the same path on every node, each
+    node's own (local) disk; each node keeps its ranks' files."""
     local_replicas: int = 0
     """On several nodes: how many peer nodes also keep a copy of each node's non-persistent checkpoint (ring
     order), so that losing that many nodes' local disks loses no step; at most the number of nodes - 1."""

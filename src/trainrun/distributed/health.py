@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -329,8 +330,18 @@ class HealthMonitor:
                      "Python stacks in %s; exit code %d (HUNG): requeue to resume from the last committed checkpoint",
                      verdict, self.hang_timeout, self.env.rank, self._me.host, self._me.step, stacks,
                      ExitCode.HUNG)
+        for hook in list(LAST_WORDS):
+            try:
+                hook(ExitCode.HUNG)
+            except Exception as err:  # noqa: BLE001 - leaving matters more than any one hook
+                logger.error("before exiting on the hang: %s failed: %s", getattr(hook, "__name__", hook), err)
         _flush_logs()
         os._exit(int(ExitCode.HUNG))
+
+
+LAST_WORDS: list[Callable[[ExitCode], object]] = []
+"""What the entry point must still do when the watchdog ends the process with ``os._exit`` (no ``finally``
+runs then): record the attempt's outcome, ask Slurm to requeue the job. Each is called with the exit code."""
 
 
 def _store_client(parallel: ParallelConfig) -> tuple[dist.Store, str, bool]:

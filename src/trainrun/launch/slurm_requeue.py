@@ -40,7 +40,7 @@ def requeue_this_job(any_rank: bool = False) -> bool:
 
     After a save every rank is alive and only global rank 0 asks. After a lost peer or a hang
     (``any_rank``) rank 0 may be the one that is gone, so every surviving rank asks; Slurm takes the
-    first request and refuses the others (the job is already pending), which is fine.
+    first request and answers the others "pending execution", which counts as requeued.
     """
     job = slurm_job_id()
     if job is None or (not any_rank and int(os.environ.get("SLURM_PROCID", "0")) != 0):
@@ -54,8 +54,11 @@ def requeue_this_job(any_rank: bool = False) -> bool:
         if proc.returncode == 0:
             logger.info("requeued Slurm job %s; it resumes from its newest committed checkpoint", job)
             return True
-        if any_rank and "pending" in proc.stderr.lower():
-            return True  # another surviving rank's request came first
+        if "pending" in proc.stderr.lower():
+            # Requeued already: by another surviving rank, or by Slurm itself (an operator's `scontrol
+            # requeue`, a failed node), whose SIGTERM is what stopped this run.
+            logger.info("Slurm job %s is requeued already; it resumes from its newest committed checkpoint", job)
+            return True
         # A busy controller answers "Socket timed out" or "temporarily unavailable": ask again.
         logger.warning("scontrol requeue %s failed (try %d of %d): %s", job, attempt + 1, REQUEUE_TRIES,
                        proc.stderr.strip())
