@@ -19,7 +19,6 @@ there for a slow peer is timed too (Megatron's detector has the same limit under
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -58,14 +57,10 @@ class StragglerDetector:
         self._forward: Timer = CudaEventTimer("forward") if env.device.type == "cuda" else Timer("forward")
         self._in_step = False
         self._handles = []
-        self.hosts: list[str] = []
         self.measures = "data+forward" if time_forward else "data"
         """What is compared, for the log line."""
         if not self.enabled:
             return
-        hosts: list[object] = [None] * env.world_size
-        dist.all_gather_object(hosts, socket.gethostname(), group=self._group)
-        self.hosts = [str(h) for h in hosts]
         if time_forward:
             for part in model_parts:
                 self._handles += [part.register_forward_pre_hook(self._forward_starts),
@@ -102,8 +97,8 @@ class StragglerDetector:
         if slowdown <= self.ratio or times[slow] - times[fast] < MIN_GAP_MS:
             return {}
         logger.warning("straggler at step %d: rank %d (host %s) %.1f ms/step of %s, fastest rank %d (host %s) "
-                       "%.1f ms (%.2fx > logging.straggler_ratio=%g)", step, slow, self.hosts[slow], times[slow],
-                       self.measures, fast, self.hosts[fast], times[fast], slowdown, self.ratio)
+                       "%.1f ms (%.2fx > logging.straggler_ratio=%g)", step, slow, self.env.host_of(slow), times[slow],
+                       self.measures, fast, self.env.host_of(fast), times[fast], slowdown, self.ratio)
         return {"straggler_slowest_rank": slow, "straggler_slowest_ms": times[slow],
                 "straggler_fastest_rank": fast, "straggler_fastest_ms": times[fast],
                 "straggler_slowdown": min(slowdown, 1e9)}
