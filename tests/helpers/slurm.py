@@ -19,7 +19,9 @@ SCRATCH = Path(os.environ.get("TRAINRUN_SLURM_DIR", "/tmp/trainrun-slurm"))
 """The one-node cluster's scratch directory."""
 MULTINODE_SCRATCH = Path(os.environ.get("TRAINRUN_SLURM_MULTINODE_DIR", "/tmp/trainrun-slurm-2n"))
 """The two-node cluster's (``start.sh --nodes 2``): its own slurmctld port, munged and namespaces."""
-MULTINODE_CTLD_PORT = "16827"
+MULTINODE_CTLD_PORT = os.environ.get("TRAINRUN_SLURM_MULTINODE_PORT", "16827")
+MULTINODE_PREFIX = os.environ.get("TRAINRUN_SLURM_PREFIX", "trainrun")
+"""Names of its namespaces (``<prefix>-n1``); with TRAINRUN_SLURM_SUBNET, another cluster can run beside it."""
 MULTINODE_PROGRAMS = ("ip", "nsenter", "unshare")
 """What ``start.sh --nodes N`` needs beyond Slurm: network namespaces and a bridge (iproute2, util-linux)."""
 
@@ -54,7 +56,7 @@ def start_cluster(env: dict[str, str], nodes: int = 1) -> bool:
     return True
 
 
-def node_pids(node: str, prefix: str = "trainrun", match: str = "trainrun") -> list[int]:
+def node_pids(node: str, prefix: str = MULTINODE_PREFIX, match: str = "trainrun") -> list[int]:
     """Python processes running on ``node`` of a ``start.sh --nodes N`` cluster (in its network namespace) whose
     command line contains ``match``."""
     out = subprocess.run(["ip", "netns", "pids", f"{prefix}-{node}"], capture_output=True, text=True,

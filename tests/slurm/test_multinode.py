@@ -342,6 +342,31 @@ def test_a_hung_rank_is_found_by_the_watchdog_and_the_requeued_job_resumes(slurm
     print(f"hang: found {found_s:.1f}s after SIGSTOP")
 
 
+def test_torchrun_sbatch_job_that_loses_a_node_requeues_and_resumes(slurm2_env, corpus_cache, tmp_path):
+    """The trainrun rank on n2 is SIGKILLed (its torchrun agent survives): srun --kill-on-bad-exit ends the
+    step, the script sees a killed rank and requeues, the job resumes from the last committed checkpoint."""
+    common = [*FAULT, f"data.path={corpus_cache}"]
+    expected = _reference(common, tmp_path, slurm2_env)
+    run_dir = tmp_path / "torchrun"
+    with RequeueReleaser(slurm2_env):
+        _sbatch_torchrun([*common, "parallel.dp_replicate=2"], slurm2_env, tmp_path, run_dir, wait=False)
+        _wait_for(lambda: _reached_step(run_dir, 50), "step 50")
+        victims = node_pids("n2", match="-m trainrun")
+        workers = [p for p in victims if "torch.distributed.run" not in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(workers) == 1, victims
+        os.kill(workers[0], signal.SIGKILL)
+        _wait_for(lambda: not squeue(slurm2_env) and "finished" in _attempts_or_none(run_dir), "the job to finish",
+                  timeout=400)
+    output = _job_output(tmp_path)
+    # srun --kill-on-bad-exit ends the surviving ranks at once (no attempt recorded); the script sees killed
+    # ranks, requeues, and the job resumes from the last committed checkpoint.
+    assert "trainrun asked to be resumed" in output and "requeueing job" in output, output[-3000:]
+    assert _attempts(run_dir)[-1] == "finished"
+    resumed = int((run_dir / "train.log").read_text().split("resumed from")[1].split("(step ")[1].split(")")[0])
+    assert resumed >= 40
+    assert train_losses(run_dir) == expected
+
+
 # ---- node-local checkpoints ----------------------------------------------------------------------------
 @pytest.fixture
 def node_disks(slurm2_env, tmp_path) -> Iterator[dict[str, Path]]:
