@@ -25,6 +25,8 @@ import pytest
 
 from tests.helpers.cli import TINY, cli_env
 from tests.helpers.faults import losses
+from trainrun.checkpoint.paths import non_persistent_dir
+from trainrun.config.schema import TrainRunConfig
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -33,6 +35,23 @@ ARGS = [*TINY, "model.n_layers=1", "model.d_model=32", "train.log_interval=1", "
         "eval.sample_tokens=0", "optim.decay_steps=20", "parallel.dp_shard=2", "checkpoint.keep_last=0",
         "checkpoint.save_final=false"]
 """A tiny model sharded by FSDP over the two nodes (so each node's files hold DTensor shards)."""
+
+
+def _run_folder(case: Path) -> str:
+    """The run's own folder in checkpoint.non_persistent_dir (``run-<hash of its run dir>``)."""
+    cfg = TrainRunConfig()
+    cfg.checkpoint.non_persistent_dir = "ckpt"
+    return non_persistent_dir(cfg, case / "run").name
+
+
+def _on_disk(case: Path, node: int) -> Path:
+    """The run's node-local folder on node ``node``'s disk."""
+    return case / f"node{node}" / "ckpt" / _run_folder(case)
+
+
+def _as_seen(case: Path) -> Path:
+    """The same folder as trainrun names it (the common path, each node's own disk)."""
+    return case / "local" / "ckpt" / _run_folder(case)
 
 
 def _free_port() -> int:
@@ -105,7 +124,7 @@ def _first_start(case: Path, corpus: Path, *extra: str) -> list[str]:
     run_two_nodes(case, case / "run", *args, steps=7)
     assert sorted(p.name for p in (case / "run" / "checkpoints").glob("step_*")) == ["step_4"]
     for node in range(2):
-        held = sorted(p.name for p in (case / f"node{node}" / "ckpt").glob("*step_*"))
+        held = sorted(p.name for p in _on_disk(case, node).glob("*step_*"))
         assert held == ["local_step_6"], held  # only the newest is kept
     return args
 
@@ -119,20 +138,20 @@ def test_two_nodes_resume_from_their_local_checkpoints(base, corpus_cache, refer
     case = base / "resume"
     args = _first_start(case, corpus_cache)
     run_two_nodes(case, case / "run", *args, steps=STEPS)
-    assert f"resumed from {case / 'local' / 'ckpt' / 'local_step_6'} (step 6)" in _resumed_from(case / "run")
+    assert f"resumed from {_as_seen(case) / 'local_step_6'} (step 6)" in _resumed_from(case / "run")
     assert losses(case / "run") == reference
 
 
 def test_a_wiped_node_makes_every_rank_fall_back_to_the_persistent_checkpoint(base, corpus_cache, reference):
     case = base / "wiped"
     args = _first_start(case, corpus_cache)
-    shutil.rmtree(case / "node1" / "ckpt")  # node 1 replaced: its local disk is empty
+    shutil.rmtree(_on_disk(case, 1))  # node 1 replaced: its local disk is empty
     texts = run_two_nodes(case, case / "run", *args, steps=STEPS)
     assert f"resumed from {case / 'run' / 'checkpoints' / 'step_4'} (step 4)" in _resumed_from(case / "run")
     log = (case / "run" / "train.log").read_text()
     assert "node-local step 6 cannot be restored" in log, log[-3000:]
     # Rendezvous numbers the agents in join order: the wiped disk is node 0 or node 1 of this start.
-    assert re.search(rf"node \d \(host [^)]+\): {case / 'local' / 'ckpt'} holds no node-local checkpoint", log)
+    assert re.search(rf"node \d \(host [^)]+\): {_as_seen(case)} holds no node-local checkpoint", log)
     assert losses(case / "run") == reference, texts[0][-2000:]
 
 
@@ -140,11 +159,11 @@ def test_a_replica_restores_the_wiped_nodes_shards(base, corpus_cache, reference
     case = base / "replica"
     args = _first_start(case, corpus_cache, "checkpoint.local_replicas=1")
     for node in range(2):  # each disk holds both ranks' files: its own and its peer's copy
-        assert sorted(p.name for p in (case / f"node{node}" / "ckpt" / "local_step_6").glob("rank_*.pt")) == [
+        assert sorted(p.name for p in (_on_disk(case, node) / "local_step_6").glob("rank_*.pt")) == [
             "rank_0.pt", "rank_1.pt"]
-    shutil.rmtree(case / "node1" / "ckpt")
+    shutil.rmtree(_on_disk(case, 1))
     run_two_nodes(case, case / "run", *args, steps=STEPS)
-    assert f"resumed from {case / 'local' / 'ckpt' / 'local_step_6'} (step 6)" in _resumed_from(case / "run")
+    assert f"resumed from {_as_seen(case) / 'local_step_6'} (step 6)" in _resumed_from(case / "run")
     assert losses(case / "run") == reference
     for node in range(2):  # the next node-local save (step 9; 12 is persistent) went to both disks again
-        assert sorted(p.name for p in (case / f"node{node}" / "ckpt").glob("*step_*")) == ["local_step_9"]
+        assert sorted(p.name for p in _on_disk(case, node).glob("*step_*")) == ["local_step_9"]

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -338,7 +339,7 @@ def test_a_hung_rank_is_found_by_the_watchdog_and_the_requeued_job_resumes(slurm
     log = (run_dir / "train.log").read_text()
     assert "hang detected: rank 1 (host n2)" in log and "exit code 6 (HUNG)" in log
     assert list((run_dir / "hang").glob("rank0-*.txt"))
-    assert 10 <= found_s < 40
+    assert 9 <= found_s < 40  # hang_timeout_s=10 counts from the last heartbeat, up to 0.5 s before the stop
     print(f"hang: found {found_s:.1f}s after SIGSTOP")
 
 
@@ -372,7 +373,8 @@ def test_torchrun_sbatch_job_that_loses_a_node_requeues_and_resumes(slurm2_env, 
 def node_disks(slurm2_env, tmp_path) -> Iterator[dict[str, Path]]:
     """This test's folder on each node's local disk; removed afterwards (the disks outlive the test)."""
     scratch = Path(slurm2_env["TRAINRUN_SLURM_DIR"])
-    disks = {node: scratch / "nodes" / node / "local" / tmp_path.name for node in ("n1", "n2")}
+    name = f"{tmp_path.name}-{uuid.uuid4().hex[:8]}"  # the disks outlive every pytest tmp dir
+    disks = {node: scratch / "nodes" / node / "local" / name for node in ("n1", "n2")}
     yield disks
     for disk in disks.values():
         shutil.rmtree(disk, ignore_errors=True)
@@ -385,7 +387,7 @@ def test_node_local_checkpoints_on_two_nodes(slurm2_env, corpus_cache, tmp_path,
     again resumes from the newest node-local step; with n2's disk wiped it falls back to the persistent
     checkpoint, unless n1 holds a replica of n2's files. Losses bit-exact with an uninterrupted run."""
     scratch = Path(slurm2_env["TRAINRUN_SLURM_DIR"])
-    local = f"{scratch}/local/{tmp_path.name}"  # the same path on both nodes, a different disk on each
+    local = f"{scratch}/local/{node_disks['n1'].name}"  # the same path on both nodes, a different disk on each
     replicas = ["checkpoint.local_replicas=1"] if case == "wiped_node_with_replica" else []
     common = [*QUIET, f"data.path={corpus_cache}", "train.max_steps=200", "checkpoint.interval=50",
               "checkpoint.non_persistent_interval=10", *replicas]
