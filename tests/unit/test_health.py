@@ -110,11 +110,11 @@ def _monitor(tmp_path: Path, seen: dict[int, tuple[float, float, int, str]], sto
              hang: float = 6.0, interval: float = 0.5) -> HealthMonitor:
     """A monitor of rank 0 that saw ``seen``: rank -> (seconds since its beat changed, since its progress
     changed, progress counter, status)."""
-    env = DistEnv(0, 0, len(seen), torch.device("cpu"), "gloo", "torchrun")
+    env = DistEnv(0, 0, len(seen), torch.device("cpu"), "gloo", "torchrun", hosts=[f"n{r}" for r in range(len(seen))])
     m = HealthMonitor(ParallelConfig(hang_timeout_s=hang, heartbeat_interval_s=interval), env, tmp_path,
                       _DictStore(), "127.0.0.1:1 (in rank 0)", True)
     now = time.monotonic()
-    m._seen = {r: _Seen(Heartbeat(r, f"n{r}", 100 + r, 7, 1, progress, status), now - beat_age, now - prog_age)
+    m._seen = {r: _Seen(Heartbeat(r, 100 + r, 7, 1, progress, status), now - beat_age, now - prog_age)
                for r, (beat_age, prog_age, progress, status) in seen.items()}
     m._store_ok_at = now - store_age
     return m

@@ -2,7 +2,7 @@
 
 Every rank runs a :class:`HealthMonitor` once the process group exists. It depends on no collective:
 
-* a *beat* thread publishes this rank's heartbeat (host, pid, current step, a progress counter the
+* a *beat* thread publishes this rank's heartbeat (pid, current step, a progress counter the
   main thread bumps at step, eval and save boundaries, and a status) to the rendezvous store every
   ``parallel.heartbeat_interval_s`` through a client of its own (a ``TCPStore`` to MASTER_ADDR:MASTER_PORT
   with a run-unique ``PrefixStore`` prefix), and reads every rank's heartbeat back in one ``multi_get``;
@@ -33,7 +33,6 @@ import faulthandler
 import json
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -115,7 +114,6 @@ class Heartbeat:
     """What one rank publishes every heartbeat interval."""
 
     rank: int
-    host: str
     pid: int
     step: int
     """The step this rank last reported (0 before training)."""
@@ -159,7 +157,7 @@ class HealthMonitor:
         self.store_in_rank0 = store_in_rank0
         """env:// without torchrun: the store lives in rank 0's process, so a silent store means rank 0 is stuck."""
         self.interval, self.hang_timeout = parallel.heartbeat_interval_s, parallel.hang_timeout_s
-        self._me = Heartbeat(env.rank, socket.gethostname(), os.getpid(), 0, 0, 0)
+        self._me = Heartbeat(env.rank, os.getpid(), 0, 0, 0)
         self._seen: dict[int, _Seen] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -237,10 +235,10 @@ class HealthMonitor:
             if rank == self.env.rank or s.beat.status == "done":
                 continue
             if s.beat.status == "failed":
-                lost.append(f"rank {rank} (host {s.beat.host}) failed with an error (see its log), "
+                lost.append(f"rank {rank} (host {self.env.host_of(rank)}) failed with an error (see its log), "
                             f"last at step {s.beat.step}")
             elif now - s.changed_at > 2.5 * self.interval:
-                lost.append(f"rank {rank} (host {s.beat.host}) stopped answering "
+                lost.append(f"rank {rank} (host {self.env.host_of(rank)}) stopped answering "
                             f"(no heartbeat for {now - s.changed_at:.1f}s), last at step {s.beat.step}")
         return "; ".join(lost)
 
@@ -251,7 +249,7 @@ class HealthMonitor:
             return store
         rank0 = seen.get(0)
         last = f", last at step {rank0.beat.step}" if rank0 else ""
-        return f"rank 0 (host {rank0.beat.host if rank0 else '?'}) stopped answering{last}: {store}"
+        return f"rank 0 (host {self.env.host_of(0)}) stopped answering{last}: {store}"
 
     # ---- the beat thread ------------------------------------------------------------------
     def _publish(self) -> None:
@@ -300,7 +298,7 @@ class HealthMonitor:
         if now - store_ok_at > 2 * self.interval + 1:
             return None  # the store is slow right now: the heartbeats read are not current
         running = {r: s for r, s in seen.items() if s.beat.status == "running"}
-        stale = [f"rank {r} (host {s.beat.host}) sent no heartbeat for {now - s.changed_at:.1f}s, "
+        stale = [f"rank {r} (host {self.env.host_of(r)}) sent no heartbeat for {now - s.changed_at:.1f}s, "
                  f"last at step {s.beat.step}" for r, s in sorted(running.items())
                  if r != self.env.rank and now - s.changed_at > limit]
         if stale:
@@ -320,15 +318,15 @@ class HealthMonitor:
         try:
             stacks.parent.mkdir(parents=True, exist_ok=True)
             with open(stacks, "w") as out:
-                out.write(f"rank {self.env.rank} host {self._me.host} pid {os.getpid()} step {self._me.step}: "
-                          f"{verdict}\n\n")
+                out.write(f"rank {self.env.rank} host {self.env.host_of(self.env.rank)} pid {os.getpid()} "
+                          f"step {self._me.step}: {verdict}\n\n")
                 out.flush()
                 faulthandler.dump_traceback(file=out, all_threads=True)
         except OSError as err:
             stacks = Path(f"(not written: {err})")
         logger.error("hang detected: %s (parallel.hang_timeout_s=%g); this is rank %d (host %s) at step %d; "
                      "Python stacks in %s; exit code %d (HUNG): requeue to resume from the last committed checkpoint",
-                     verdict, self.hang_timeout, self.env.rank, self._me.host, self._me.step, stacks,
+                     verdict, self.hang_timeout, self.env.rank, self.env.host_of(self.env.rank), self._me.step, stacks,
                      ExitCode.HUNG)
         for hook in list(LAST_WORDS):
             try:
