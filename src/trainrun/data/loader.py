@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +30,19 @@ logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+class EpochOrder(Protocol):
+    """Where a stream's per-epoch sample orders come from (see :mod:`trainrun.data.index_cache`)."""
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The shuffled order of ``num_samples`` sample indices for ``epoch``."""
+        ...
+
+
+def epoch_permutation(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The sample order of ``epoch``: a permutation seeded by ``(seed, epoch)`` (the definition every cache keeps)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(num_samples)
+
+
 class SampleStream:
     """``seq_len + 1``-token windows over one split's token stream, optionally shuffled per epoch.
 
@@ -38,7 +51,7 @@ class SampleStream:
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, shuffle: bool = True,
-                 split: str = "train"):
+                 split: str = "train", order: EpochOrder | None = None):
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
         self.tokens = tokens
@@ -52,6 +65,8 @@ class SampleStream:
                               f"than seq_len + 1; lower data.seq_len or add data")
         # A couple of epochs' permutations: enough for a batch that straddles an epoch boundary.
         self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
+        # The cached, memory-mapped orders; None: computed here, in memory.
+        self.order = order
 
     @classmethod
     def from_indexed(cls, dataset: IndexedDataset, seq_len: int, seed: int = 0, shuffle: bool = True,
@@ -66,8 +81,10 @@ class SampleStream:
         """Sample order of ``epoch``: a permutation seeded by ``(seed, epoch)``."""
         perm = self._perms.get(epoch)
         if perm is None:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
-            perm = rng.permutation(self.num_samples)
+            if self.order is not None:
+                perm = self.order.permutation(epoch)
+            else:
+                perm = epoch_permutation(self.seed, epoch, self.num_samples)
             self._perms[epoch] = perm
             while len(self._perms) > 2:
                 self._perms.popitem(last=False)
