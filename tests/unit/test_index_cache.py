@@ -1,4 +1,5 @@
-"""The on-disk shuffle cache: same orders as in memory, keyed by its inputs, never used when wrong."""
+"""The on-disk shuffle cache (same orders as in memory, keyed by its inputs, never used when wrong), and the
+resident memory of a rank that opens a dataset."""
 
 from __future__ import annotations
 
@@ -242,3 +243,32 @@ def test_a_batch_straddling_an_epoch_boundary(tmp_path: Path) -> None:
     xa, _ = cached.batch(straddle)
     xb, _ = plain.batch(straddle)
     assert torch.equal(xa, xb)
+
+
+# ---- resident memory after opening a dataset -------------------------------------------------------
+
+
+def _resident_kb(path: Path) -> int:
+    """Resident KB of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if not head.endswith(":"):  # a mapping's first line: "start-end perms offset dev inode [path]"
+            inside = line.rstrip().endswith(str(path))
+        elif inside and head == "Rss:":
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_opening_and_checking_leaves_neither_file_resident(tmp_path: Path) -> None:
+    from trainrun.data.checks import check_split
+
+    ds = _dataset(tmp_path, np.full(200_000, 20))  # 8 MB .bin, 4.8 MB .idx: scanned and checked whole at open
+    meta = {"vocab_size": 1000, "dtype": "uint16", "num_documents": {"train": 200_000},
+            "num_tokens": {"train": 4_000_000}, "max_token_id": {"train": ds.token_range()[1]}}
+    assert check_split(tmp_path, "train", ds, meta) == meta["max_token_id"]["train"]
+    # Before: every page of both (12.8 MB). Now the .bin is read, not mapped in, and the .idx pages are released.
+    assert _resident_kb(ds.bin_path) == 0
+    assert _resident_kb(ds.idx_path) <= 64
+    np.testing.assert_array_equal(ds.get(123_456), ds.tokens[123_456 * 20 : 123_457 * 20])  # still readable

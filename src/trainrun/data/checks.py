@@ -10,7 +10,9 @@ opaque "device-side assert triggered". The check here is exact and costs (almost
   ``max_token_id < vocab_size`` without reading a token, and the orchestrator already requires
   ``model.vocab_size >= vocab_size`` (``resolve_vocab``), so every id indexes an embedding row.
 * A split whose ``.bin`` is at most :data:`SCAN_MAX_BYTES` is also scanned whole, in chunks, at
-  open (about 40 ms per GiB from the page cache). That catches a ``.bin`` replaced or edited after
+  open (about 40 ms per GiB from the page cache), by file reads into one buffer rather than through
+  the memory map, so the scanned pages do not stay in the process's resident memory (see
+  :mod:`trainrun.data.indexed`). That catches a ``.bin`` replaced or edited after
   preparation with its size unchanged, and confirms the recorded maximum.
 * A bigger split is scanned only when nothing recorded its maximum (a directory written before
   ``max_token_id`` existed, or hand-assembled from Megatron's files; a warning says re-running
