@@ -198,7 +198,7 @@ def test_ctrl_c_during_a_forced_prepare_keeps_the_earlier_output(tmp_path, capsy
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("trainrun.data.prepare.ByteTokenizer.encode", interrupted)
+    monkeypatch.setattr("trainrun.data.prepare_encode.ChunkEncoder.__call__", interrupted)  # mid-tokenizing
     assert prepare_main([*args, "--force"]) == 130
     assert "interrupted (Ctrl-C); --output was left as it was" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not leftovers(tmp_path)
