@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from trainrun import registry
 from trainrun.config import compose_config, validate_config
+from trainrun.data.sources import open_sources
 from trainrun.distributed.initializers import init_single
 from trainrun.orchestrator import build_training_loop, resolve_vocab
 
@@ -46,7 +46,7 @@ def build_loop(overrides: list[str], run_dir: Path):
     cfg = compose_config([*COMMON, *overrides])
     validate_config(cfg, world_size=1)
     env = init_single(cfg)
-    dataset = registry.DATASETS.get(cfg.data.name)(cfg.data)
+    dataset = open_sources(cfg.data)
     return build_training_loop(resolve_vocab(cfg, dataset), env, dataset, run_dir)
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from trainrun import registry
 from trainrun.config import compose_config, validate_config
+from trainrun.data.sources import open_sources
 from trainrun.distributed.initializers import init_single
 from trainrun.model import materialize
 from trainrun.optim import build_lr_scheduler
@@ -86,7 +87,7 @@ def main() -> None:
     cfg = compose_config([*DEFAULT_OVERRIDES, *args.overrides])
     validate_config(cfg, world_size=1)
     env = init_single(cfg)
-    dataset = registry.DATASETS.get(cfg.data.name)(cfg.data)
+    dataset = open_sources(cfg.data)
     cfg = resolve_vocab(cfg, dataset)
     with tempfile.TemporaryDirectory() as run_dir:
         loop = build_training_loop(cfg, env, dataset, Path(run_dir))

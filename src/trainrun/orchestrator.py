@@ -24,7 +24,7 @@ from trainrun.checkpoint.resume import check_checkpoints_before_build
 from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config import TrainRunConfig, to_dataclass, validate_config
 from trainrun.config.choices import Precision
-from trainrun.data import TokenDataset, build_train_iterator
+from trainrun.data import DataSources, build_train_iterator, open_sources
 from trainrun.distributed.env import DistEnv, nodes_in_job
 from trainrun.distributed.health import HealthMonitor, NoHealthMonitor
 from trainrun.distributed.initializers import describe
@@ -71,7 +71,7 @@ def resolve_run_dir(cfg: TrainRunConfig, run_dir: Path | None) -> Path:
     return path
 
 
-def resolve_vocab(cfg: TrainRunConfig, dataset: TokenDataset) -> TrainRunConfig:
+def resolve_vocab(cfg: TrainRunConfig, dataset: DataSources) -> TrainRunConfig:
     """Fill model.vocab_size from the data, or check that the configured one covers it."""
     vocab = cfg.model.vocab_size
     if vocab is None:
@@ -148,10 +148,10 @@ def build_executor_and_eval_loss(cfg: TrainRunConfig, env: DistEnv, built: Model
     if built.pipeline is None:
         return build(built.model_parts[0], built.optimizers[0], built.scheduler, cfg, env.device), None
     pipe = built.pipeline
-    # (B, T/tp, C) under SP
-    hidden = (cfg.train.micro_batch_size, cfg.data.seq_len // cfg.parallel.tp, cfg.model.d_model)
+    # (B, T/tp, C) under SP; B from the batch: an evaluation's last micro-batch may be short
+    width = (cfg.data.seq_len // cfg.parallel.tp, cfg.model.d_model)
     return (build(pipe, built.optimizers, built.scheduler, cfg, env.device),
-            lambda x, y: pipeline_eval_loss(pipe, x, y, hidden, env.device))
+            lambda x, y: pipeline_eval_loss(pipe, x, y, (x.shape[0], *width), env.device))
 
 
 def build_checkpointer(cfg: TrainRunConfig, env: DistEnv, run_dir: Path, model_parts, optimizers, scheduler,
@@ -199,8 +199,10 @@ def run(cfg: TrainRunConfig | DictConfig, run_dir: Path | None = None) -> RunRes
         setup_logging(cfg.logging.level, env.rank, cfg.logging.all_ranks, run_dir / "train.log")
         logger.info(describe(env))
         health = HealthMonitor.start(cfg.parallel, env, run_dir)
-        dataset: TokenDataset = registry.DATASETS.get(cfg.data.name)(cfg.data)
+        dataset = open_sources(cfg.data)
         logger.info("data: %s (vocab %d, checksum %s)", dataset.path, dataset.vocab_size, dataset.checksum[:16])
+        if len(dataset.train) > 1 or dataset.split is not None or dataset.test:
+            logger.info("data blend: %s", dataset.describe())
         cfg = resolve_vocab(cfg, dataset)
         if not cfg.run.dry_run:
             check_checkpoints_before_build(cfg, run_dir)
@@ -221,7 +223,7 @@ def run(cfg: TrainRunConfig | DictConfig, run_dir: Path | None = None) -> RunRes
         env.close(clean)
 
 
-def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Path,
+def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: DataSources, run_dir: Path,
                         exit_controller: ExitController | None = None,
                         health: HealthMonitor | NoHealthMonitor | None = None) -> TrainingLoop:
     """Build model, optimizer, data iterator, evaluator, checkpointing and sinks; restore a checkpoint."""
@@ -231,14 +233,17 @@ def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset
     built = build_model_and_optimizer(cfg, env, dims)
     # Data is sharded by data-parallel rank only: TP and PP peers of one dp rank read the same batches.
     train_iter = build_train_iterator(dataset, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.run.seed,
-                                      dp_rank=dims.dp_rank, dp_size=dims.dp_size)
+                                      dp_rank=dims.dp_rank, dp_size=dims.dp_size,
+                                      allow_blend_change=cfg.data.allow_blend_change)
     if cfg.debug.overfit_batches:
         train_iter = RepeatedBatches(train_iter, cfg.debug.overfit_batches)
     state = TrainState()
     install_nan_injection(built.model_parts, state, cfg.debug.inject_nan_at_steps)
     checkpointer = build_checkpointer(cfg, env, run_dir, built.model_parts, built.optimizers, built.scheduler,
                                       train_iter, state,
-                                      extra_meta={"data_checksum": dataset.checksum, "world_size": env.world_size})
+                                      extra_meta={"data_checksum": dataset.checksum,
+                                                  "data_sources": dataset.source_checksums(),
+                                                  "world_size": env.world_size})
     checkpointer.resume()
     metrics.log_config({**dataclasses.asdict(cfg), "data_checksum": dataset.checksum})
     peak, peak_note = peak_flops_per_device(env.device, cfg.logging.peak_tflops, cfg.train.precision)
@@ -279,7 +284,7 @@ def build_metrics_on_every_rank(cfg: TrainRunConfig, env: DistEnv, run_dir: Path
     return metrics
 
 
-def _train(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Path,
+def _train(cfg: TrainRunConfig, env: DistEnv, dataset: DataSources, run_dir: Path,
            health: HealthMonitor | NoHealthMonitor) -> RunResult:
     # Stop signals are caught from here on, so one that arrives while the model is built or a
     # checkpoint is loaded stops the run at the first step boundary instead of half way through.
@@ -293,7 +298,7 @@ def _train(cfg: TrainRunConfig, env: DistEnv, dataset: TokenDataset, run_dir: Pa
     result = RunResult(code, run_dir, state, resumed_from=loop.components.checkpointer.resumed_from,
                        is_rank0=env.is_rank0)
     if code == ExitCode.FINISHED and state.last_val_loss is not None:
-        result.final_eval = {"val_loss": state.last_val_loss}
+        result.final_eval = {"val_loss": state.last_val_loss, **loop.final_eval}
     # Sampling runs on rank 0 alone, so only with an unsharded model (one process or pure DDP).
     p = cfg.parallel
     unsharded = p.dp_shard == 1 and p.tp == 1 and p.pp == 1

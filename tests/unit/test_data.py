@@ -16,11 +16,12 @@ from trainrun.data.datasets import build_indexed, open_dataset_dir
 from trainrun.data.indexed import IndexedDataset, IndexedDatasetWriter
 from trainrun.data.loader import (
     BatchIterator,
+    EvalSet,
     SampleStream,
     build_train_iterator,
-    val_batches,
 )
 from trainrun.data.prepare import main as prepare_main
+from trainrun.data.sources import SplitView, open_sources
 from trainrun.data.tokenizer import ByteTokenizer
 from trainrun.errors import ConfigError, DataError
 from trainrun.registry import DATASETS
@@ -180,14 +181,28 @@ def test_epoch_wrap_reshuffles_and_covers_every_sample() -> None:
     assert firsts[:10] != list(range(10))
 
 
-def test_val_batches_are_deterministic_and_unshuffled() -> None:
-    s = SampleStream(np.arange(81, dtype=np.uint16), 8, shuffle=False, split="val")
-    a = [x for x, _ in val_batches(s, 4, 3)]
-    b = [x for x, _ in val_batches(s, 4, 3)]
-    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
-    assert (torch.cat(a)[:, 0] // 8).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]  # wraps
-    r1 = [x for x, _ in val_batches(s, 2, 1, dp_rank=1, dp_size=2)]
-    assert torch.equal(r1[0], a[0][2:])
+def _view(tmp_path: Path, num_tokens: int) -> SplitView:
+    with IndexedDatasetWriter(tmp_path / "val", np.uint16) as w:
+        w.add_document(np.arange(num_tokens, dtype=np.uint16))
+    ds = IndexedDataset(tmp_path / "val")
+    return SplitView("src", "valid", 1.0, ds, "val", 0, 1, "c0ffee", tmp_path)
+
+
+def test_eval_set_is_fixed_evenly_spaced_and_independent_of_the_layout(tmp_path: Path) -> None:
+    view = _view(tmp_path, 81)  # 10 windows of 8
+    whole, capped = EvalSet(view, 8, 100), EvalSet(view, 8, 4)
+    assert whole.num_samples == 10 and whole.num_tokens == 80
+    assert capped.windows.tolist() == [0, 2, 5, 7]  # spread over the split, not its first four windows
+
+    def rows(eval_set: EvalSet, mb: int, dp: int) -> list[int]:
+        return [int(v) // 8 for r in range(dp) for x, _ in eval_set.rank_batches(mb, r, dp) for v in x[:, 0]]
+
+    # every (micro-batch, dp) layout reads exactly the same samples, once each, unshuffled
+    for mb, dp in [(1, 1), (4, 1), (3, 2), (2, 3), (16, 4)]:
+        assert rows(whole, mb, dp) == list(range(10)), (mb, dp)
+    first = [x for x, _ in whole.rank_batches(4)]
+    assert all(torch.equal(p, q) for p, q in zip(first, [x for x, _ in whole.rank_batches(4)], strict=True))
+    assert [len(x) for x in first] == [4, 4, 2]  # the last micro-batch is short, not wrapped
 
 
 def test_seq_len_longer_than_split_is_config_error() -> None:
@@ -227,7 +242,8 @@ def test_prepare_cli_text_and_jsonl(tmp_path: Path, tokenizer: str, capsys: pyte
     assert all(ds.train[i][-1] == ds.eod_id for i in range(len(ds.train)))
     assert any(d.startswith("def f") for d in docs) and any(d.startswith("line ") for d in docs)
     # usable by the loader straight away
-    x, y = next(build_train_iterator(ds, seq_len=16, micro_batch_size=2, seed=1))
+    x, y = next(build_train_iterator(open_sources(DataConfig(name="indexed", path=str(out))), seq_len=16,
+                                     micro_batch_size=2, seed=1))
     assert x.shape == (2, 16) and int(x.max()) < ds.vocab_size
 
 

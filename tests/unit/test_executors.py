@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.helpers.cli import TINY
-from trainrun import registry
 from trainrun.config import ConfigError, compose_config, validate_config
+from trainrun.data.sources import open_sources
 from trainrun.distributed.initializers import init_single
 from trainrun.orchestrator import build_training_loop, resolve_vocab
 
@@ -19,7 +19,7 @@ def _loop(tmp_path: Path, corpus: Path, *overrides: str):
                           "logging.console=false", "logging.jsonl=false", *overrides])
     validate_config(cfg, world_size=1)
     env = init_single(cfg)
-    dataset = registry.DATASETS.get(cfg.data.name)(cfg.data)
+    dataset = open_sources(cfg.data)
     return build_training_loop(resolve_vocab(cfg, dataset), env, dataset, tmp_path)
 
 

@@ -157,3 +157,11 @@ def enum_fields(cls: type) -> dict[str, type[Enum]]:
         if isinstance(inner, type) and issubclass(inner, Choice):
             found[f.name] = inner
     return found
+
+
+class StdlibSubset(Choice):
+    """Which files of the bundled standard-library corpus it holds (``data.subset``)."""
+
+    all = "all"
+    library = "library"
+    tests = "tests"

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
+from trainrun.config.blend import parse_blend, parse_split
 from trainrun.config.checks import coerce_choices, in_range, optional_positive, positive
 from trainrun.config.choices import (
     ActivationCheckpointing,
@@ -25,6 +27,7 @@ from trainrun.config.choices import (
     PipelineSchedule,
     Position,
     Precision,
+    StdlibSubset,
     Verify,
     WandbMode,
 )
@@ -207,14 +210,37 @@ class DataConfig:
     """stdlib only: fraction of documents held out for validation."""
     max_documents: int | None = None
     """stdlib only: cap on the number of source files (null: all)."""
+    subset: StdlibSubset = StdlibSubset.all
+    """stdlib only: all, library (modules outside test directories) or tests (test modules)."""
+    blend: Any = None
+    """Training sources drawn by weight: a list of {name, weight, path[, dataset, subset, split]} or Megatron's
+    flat "0.7 path/a 0.3 path/b"; null: the one dataset of data.name and data.path. Sample g's source follows
+    from the weights and g alone, so resumes and layouts see the same stream."""
+    valid_blend: Any = None
+    """Validation sources, same forms (each entry reads its directory's val split unless it says split: train);
+    null: each training source's val split (or its data.split share). val_loss is their weighted mean."""
+    test_blend: Any = None
+    """Test sources, same forms; null: each training source's test share under data.split (none without it)."""
+    split: str | None = None
+    """Megatron's split over each training source's documents, train,valid,test (e.g. "969,30,1"): the first
+    share trains, the next validates, the last tests; null: the directories' own train and val splits."""
+    allow_blend_change: bool = False
+    """On resume, accept a blend whose sources or weights differ from the checkpoint's: continue from the same
+    global sample count with the new weights (curriculum and annealing phases), each source where it was."""
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "data")
 
     def validate(self) -> None:
-        """Sequence length and split fraction (what ``data.path`` holds is checked at start-up, see ``preflight``)."""
+        """Sequence length, split fraction, blends and split (what the paths hold is checked at start-up)."""
         positive("data.seq_len", self.seq_len)
         in_range("data.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         if self.max_documents is not None and self.max_documents < 2:
             raise ConfigError("data.max_documents", self.max_documents,
                               "need at least 2 documents (one for train, one for val); use null for all")
+        for name in ("blend", "valid_blend", "test_blend"):
+            parse_blend(getattr(self, name), f"data.{name}")
+        parse_split(self.split)
 
 
 @dataclass
@@ -302,8 +328,15 @@ class EvalConfig:
     """Registered evaluator."""
     interval: int = 100
     """Steps between evaluations (also runs at the end); 0 evaluates only at the end."""
-    iters: int = 10
-    """Validation batches per evaluation."""
+    samples: int | None = None
+    """Validation samples (seq_len windows) per source per evaluation, the same whatever the micro-batch size
+    and layout; null: eval.iters global batches if set, else the whole validation split up to 512 samples
+    (evenly spaced over a larger split)."""
+    iters: int | None = None
+    """Megatron's eval_iters: evaluate eval.iters x train.global_batch_size samples per source; null: eval.samples."""
+    test: bool = True
+    """After a finished run, evaluate once on the test sources (data.split's test share or data.test_blend):
+    test_loss and test_loss/<source>."""
     sample_tokens: int = 200
     """Tokens generated for the text sample printed at the end; 0 disables it."""
     sample_prompt: str = "def "
@@ -316,7 +349,11 @@ class EvalConfig:
     def validate(self) -> None:
         """Non-negative intervals and sample sizes, positive batch count and temperature."""
         positive("eval.interval", self.interval, allow_zero=True)
-        positive("eval.iters", self.iters)
+        optional_positive("eval.iters", self.iters)
+        optional_positive("eval.samples", self.samples)
+        if self.iters is not None and self.samples is not None:
+            raise ConfigError("eval.iters", self.iters, f"eval.samples={self.samples} also sets the validation size; "
+                              "set one of them (the other null)")
         positive("eval.sample_tokens", self.sample_tokens, allow_zero=True)
         positive("eval.temperature", self.temperature)
         positive("eval.top_k", self.top_k, allow_zero=True)

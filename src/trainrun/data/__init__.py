@@ -9,11 +9,13 @@ from trainrun.data.indexed import IndexedDataset, IndexedDatasetWriter, token_dt
 from trainrun.data.layout import DatasetDirWriter, compute_checksum, read_meta
 from trainrun.data.loader import (
     BatchIterator,
+    BlendedStream,
+    EvalSet,
     SampleStream,
     build_train_iterator,
-    build_val_stream,
-    val_batches,
+    eval_sample_count,
 )
+from trainrun.data.sources import DataSources, SplitView, open_sources
 from trainrun.data.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
@@ -25,21 +27,25 @@ from trainrun.data.tokenizer import (
 __all__ = [
     "BPETokenizer",
     "BatchIterator",
+    "BlendedStream",
+    "DataSources",
+    "EvalSet",
     "ByteTokenizer",
     "DatasetDirWriter",
     "IndexedDataset",
     "IndexedDatasetWriter",
     "SampleStream",
+    "SplitView",
     "TokenDataset",
     "Tokenizer",
     "build_stdlib_corpus",
     "build_train_iterator",
-    "build_val_stream",
+    "eval_sample_count",
     "compute_checksum",
     "load_tokenizer",
     "open_dataset_dir",
     "read_meta",
     "token_dtype",
     "train_bpe",
-    "val_batches",
+    "open_sources",
 ]

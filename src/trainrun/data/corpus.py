@@ -60,8 +60,25 @@ def list_source_files(root: Path) -> list[tuple[str, int]]:
     return found
 
 
+TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+
+
+def is_test_file(rel: str) -> bool:
+    """Whether a stdlib file is test code: under a test directory, or a ``test_*.py`` module."""
+    parts = rel.split("/")
+    return any(p in TEST_DIRS for p in parts[:-1]) or parts[-1].startswith("test_")
+
+
+def select_subset(files: list[tuple[str, int]], subset: str) -> list[tuple[str, int]]:
+    """The files of ``subset``: all, library (not test code) or tests (see :func:`is_test_file`)."""
+    if subset == "all":
+        return files
+    want_tests = subset == "tests"
+    return [f for f in files if is_test_file(f[0]) == want_tests]
+
+
 def corpus_key(files: list[tuple[str, int]], val_fraction: float, max_documents: int | None) -> str:
-    """Short hash identifying the corpus a build would produce."""
+    """Short hash identifying the corpus a build would produce (``files`` already narrowed to a subset)."""
     h = hashlib.sha256()
     h.update(json.dumps([CORPUS_VERSION, val_fraction, max_documents]).encode())
     for rel, size in files:
@@ -86,10 +103,13 @@ def _read_documents(root: Path, files: list[tuple[str, int]], limit: int | None)
     return docs
 
 
-def stdlib_corpus_dir(cache: Path, files: list, val_fraction: float, max_documents: int | None) -> Path:
-    """The cache directory of the corpus built from ``files`` with these options (one per Python version)."""
+def stdlib_corpus_dir(cache: Path, files: list, val_fraction: float, max_documents: int | None,
+                      subset: str = "all") -> Path:
+    """The cache directory of the corpus built from ``files`` (one subset's) with these options (one per Python
+    version)."""
     pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return cache / f"stdlib-{pyver}-{corpus_key(files, val_fraction, max_documents)}"
+    tag = "" if subset == "all" else f"{subset}-"
+    return cache / f"stdlib-{pyver}-{tag}{corpus_key(files, val_fraction, max_documents)}"
 
 
 def cache_dirs(cfg: DataConfig) -> list[tuple[Path, str, str]]:
@@ -99,7 +119,9 @@ def cache_dirs(cfg: DataConfig) -> list[tuple[Path, str, str]]:
     Registered as the ``stdlib`` dataset's ``writes`` hook: (path, the setting that moves it, a note).
     """
     cache = Path(cfg.path).expanduser() if cfg.path else default_cache_root()
-    built = stdlib_corpus_dir(cache, list_source_files(stdlib_root()), cfg.val_fraction, cfg.max_documents)
+    subset = str(cfg.subset.value if hasattr(cfg.subset, "value") else cfg.subset)
+    built = stdlib_corpus_dir(cache, select_subset(list_source_files(stdlib_root()), subset), cfg.val_fraction,
+                              cfg.max_documents, subset)
     if (built / META_FILE).is_file():
         return []
     from_env = os.environ.get("TRAINRUN_CACHE_DIR")
@@ -109,7 +131,8 @@ def cache_dirs(cfg: DataConfig) -> list[tuple[Path, str, str]]:
 
 
 def build_stdlib_corpus(cache_root: str | os.PathLike | None = None, val_fraction: float = 0.02,
-                        max_documents: int | None = None, root: str | os.PathLike | None = None) -> Path:
+                        max_documents: int | None = None, root: str | os.PathLike | None = None,
+                        subset: str = "all") -> Path:
     """Build (once) and return the dataset directory of the standard-library corpus.
 
     ``cache_root`` (``data.path``; default :func:`default_cache_root`) holds one directory per
@@ -117,13 +140,13 @@ def build_stdlib_corpus(cache_root: str | os.PathLike | None = None, val_fractio
     place, so concurrent processes and crashes never expose a partial dataset.
     """
     src = Path(root) if root is not None else stdlib_root()
-    files = list_source_files(src)
+    files = select_subset(list_source_files(src), subset)
     if not files:
         # A Python installed without its library sources: the environment, not a setting.
         raise RunEnvironmentError("data.name=stdlib finds no .py files in the standard library", str(src),
                                   "use data.name=indexed with a dataset from `trainrun-prepare`")
     cache = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
-    final = stdlib_corpus_dir(cache, files, val_fraction, max_documents)
+    final = stdlib_corpus_dir(cache, files, val_fraction, max_documents, subset)
     if (final / META_FILE).is_file():
         logger.debug("using cached corpus %s", final)
         return final
@@ -138,8 +161,9 @@ def build_stdlib_corpus(cache_root: str | os.PathLike | None = None, val_fractio
         with DatasetDirWriter(tmp, tokenizer, "byte") as writer:
             for (_rel, raw), is_val in zip(docs, val, strict=True):
                 writer.add("val" if is_val else "train", np.frombuffer(raw, dtype=np.uint8))
+            what = "" if subset == "all" else f"{subset} subset, "
             meta = writer.finish(source=f"Python {sys.version.split()[0]} standard library at {src} "
-                                        f"({len(docs)} files, val_fraction={val_fraction})")
+                                        f"({what}{len(docs)} files, val_fraction={val_fraction})")
         if publish_dir(tmp, final):
             logger.info("built stdlib corpus %s: %d documents, %d tokens", final,
                         sum(meta["num_documents"].values()), sum(meta["num_tokens"].values()))

@@ -94,7 +94,8 @@ def _check_indexed_path(path: str | None) -> Path:
 @DATASETS.register("stdlib", writes=cache_dirs)
 def build_stdlib(cfg: DataConfig) -> TokenDataset:
     """The bundled standard-library corpus (byte tokens), built once into the cache."""
-    return open_dataset_dir(build_stdlib_corpus(cfg.path, cfg.val_fraction, cfg.max_documents))
+    subset = str(getattr(cfg.subset, "value", cfg.subset))
+    return open_dataset_dir(build_stdlib_corpus(cfg.path, cfg.val_fraction, cfg.max_documents, subset=subset))
 
 
 @DATASETS.register("indexed", check=check_indexed_config)

@@ -32,8 +32,10 @@ REPORT = "trainrun-report"
 CSV_FILE, PNG_FILE = "report.csv", "report.png"
 PNG_FEATURE = f"{REPORT}'s {PNG_FILE} (loss curves)"
 
-COLUMNS = ("point", "overrides", "status", "steps", "final_val_loss", "best_val_loss", "tokens_per_s", "mfu",
-           "peak_mem_gib", "wall_time_s")
+COLUMNS = ("point", "overrides", "status", "steps", "final_val_loss", "best_val_loss", "test_loss", "tokens_per_s",
+           "mfu", "peak_mem_gib", "wall_time_s")
+# Headers of report.csv files written by earlier versions: still recognised as the report's own.
+EARLIER_COLUMNS = (tuple(c for c in COLUMNS if c != "test_loss"),)
 
 
 def is_running(run_dir: Path) -> bool:
@@ -75,8 +77,10 @@ def point_row(run_dir: Path) -> dict[str, object]:
         metrics = load_metrics(run_dir)
         summary = summarize(metrics)
         row.update(steps=summary["steps"], final_val_loss=summary["final_val_loss"],
-                   best_val_loss=summary["best_val_loss"], tokens_per_s=summary["median_tokens_per_s"],
-                   mfu=summary["median_mfu"])
+                   best_val_loss=summary["best_val_loss"], test_loss=summary["test_loss"],
+                   tokens_per_s=summary["median_tokens_per_s"], mfu=summary["median_mfu"])
+        # Per-source losses of a blend (final_val_loss/<source>): sortable with --sort-by, not table columns.
+        row.update({k: v for k, v in summary.items() if k.startswith("final_val_loss/")})
         peaks = [r.get("mem_peak_gib", r.get("mem_gib")) for r in metrics.train]
         row["peak_mem_gib"] = max((p for p in peaks if p is not None), default=None)
     attempts = status.get("attempts", [])
@@ -85,15 +89,15 @@ def point_row(run_dir: Path) -> dict[str, object]:
     return row
 
 
-def sweep_rows(sweep_dir: Path) -> list[dict[str, object]]:
-    """Rows of every point directory (one holding ``.hydra/``) of ``sweep_dir``, best final loss first."""
+def sweep_rows(sweep_dir: Path, sort_by: str = "final_val_loss") -> list[dict[str, object]]:
+    """Rows of every point directory (one holding ``.hydra/``) of ``sweep_dir``, lowest ``sort_by`` first."""
     rows = [point_row(p) for p in sorted(sweep_dir.iterdir()) if (p / ".hydra").is_dir()]
-    return sorted(rows, key=lambda r: (r.get("final_val_loss") is None, r.get("final_val_loss") or 0.0))
+    return sorted(rows, key=lambda r: (not isinstance(r.get(sort_by), (int, float)), r.get(sort_by) or 0.0))
 
 
-def report_rows(directory: Path) -> list[dict[str, object]]:
+def report_rows(directory: Path, sort_by: str = "final_val_loss") -> list[dict[str, object]]:
     """:func:`sweep_rows` of a sweep directory, or the one row of a single run's directory (empty if neither)."""
-    rows = sweep_rows(directory)
+    rows = sweep_rows(directory, sort_by)
     if not rows and is_run_dir(directory):
         rows = [point_row(directory)]
     return rows
@@ -166,7 +170,7 @@ def is_own_report(path: Path) -> bool:
     except OSError:
         return False
     if path.name == CSV_FILE:
-        return head.split(b"\n", 1)[0].strip() == ",".join(COLUMNS).encode()
+        return head.split(b"\n", 1)[0].strip() in {",".join(c).encode() for c in (COLUMNS, *EARLIER_COLUMNS)}
     # PNGs written before they were tagged: recognised by the report.csv written with them.
     return REPORT.encode() in head or is_own_report(path.with_name(CSV_FILE))
 
@@ -203,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None,
                         help="directory where report.csv/.png go (default: the sweep or run directory)")
     parser.add_argument("--no-png", action="store_true", help="write the table and report.csv only (no matplotlib)")
+    parser.add_argument("--sort-by", default="final_val_loss", metavar="KEY",
+                        help="order points by this key, lowest first: final_val_loss (default), best_val_loss, "
+                             "test_loss, or a blend source's final_val_loss/<source>")
     args = parser.parse_args(argv)
     if not args.no_png and not installed("matplotlib"):
         print(f"{REPORT}: error: {MissingExtraError(PNG_FEATURE, 'matplotlib', 'report')} (or pass --no-png)",
@@ -212,9 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{REPORT}: error: {args.sweep_dir} is not a directory; pass a sweep directory (hydra.sweep.dir) "
               "or a run directory", file=sys.stderr)
         return 2
-    rows = report_rows(args.sweep_dir)
+    rows = report_rows(args.sweep_dir, args.sort_by)
     if not rows:
         print(f"{REPORT}: error: {not_a_sweep(args.sweep_dir)}", file=sys.stderr)
+        return 2
+    if args.sort_by not in COLUMNS and not any(args.sort_by in r for r in rows):
+        keys = sorted({k for r in rows for k in r if k.startswith("final_val_loss/")})
+        print(f"{REPORT}: error: --sort-by {args.sort_by}: no point logged it; use one of final_val_loss, "
+              f"best_val_loss, test_loss{''.join(', ' + k for k in keys)}", file=sys.stderr)
         return 2
     out = args.output or args.sweep_dir
     if out.suffix.lower() in (".csv", ".png") and not out.is_dir():

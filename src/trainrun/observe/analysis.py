@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainrun.extras import require
@@ -20,6 +20,8 @@ class RunMetrics:
     eval: list[dict]
     found: bool = True
     """The run directory holds a metrics.jsonl (none: ``logging.jsonl=false``, or the run never started)."""
+    test: list[dict] = field(default_factory=list)
+    """The test evaluation of a finished run (``test_loss``; at most one row per step)."""
 
 
 def read_rows(path: Path | str) -> list[dict]:
@@ -53,19 +55,23 @@ def load_metrics(run_dir: Path | str) -> RunMetrics:
     path = Path(run_dir) / METRICS_FILE
     train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
+    tests: dict[int, dict] = {}
     for row in read_rows(path):
-        (evals if "val_loss" in row else train)[row["step"]] = row
-    return RunMetrics([train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)], found=path.is_file())
+        kind = evals if "val_loss" in row else tests if "test_loss" in row else train
+        kind[row["step"]] = row
+    return RunMetrics([train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)], found=path.is_file(),
+                      test=[tests[s] for s in sorted(tests)])
 
 
 def has_key(metrics: RunMetrics, key: str) -> bool:
     """Some row of the run logged ``key`` (even as a non-finite ``null``)."""
-    return any(key in row for row in (*metrics.train, *metrics.eval))
+    return any(key in row for row in (*metrics.train, *metrics.eval, *metrics.test))
 
 
 def last_value(metrics: RunMetrics, key: str) -> float | None:
     """``key`` of the latest step that logged it, as a float; None when no row has it or it was non-finite."""
-    rows = sorted((row for row in (*metrics.train, *metrics.eval) if key in row), key=lambda row: row["step"])
+    rows = sorted((row for row in (*metrics.train, *metrics.eval, *metrics.test) if key in row),
+                  key=lambda row: row["step"])
     if not rows:
         return None
     value = rows[-1][key]
@@ -89,7 +95,10 @@ def summarize(metrics: RunMetrics) -> dict[str, float | int | None]:
         "final_val_loss": evals[-1].get("val_loss") if evals else None,
         "best_val_loss": min(val_losses) if val_losses else None,
         "skipped_steps": train[-1].get("skipped_steps", 0) if train else 0,
+        "test_loss": metrics.test[-1].get("test_loss") if metrics.test else None,
     }
+    if evals:  # per-source losses of a blend, as of the last evaluation
+        summary.update({f"final_{k}": v for k, v in evals[-1].items() if k.startswith("val_loss/")})
     for key in ("tokens_per_s", "mfu", "time_data", "time_step"):
         values = _finite([r.get(key) for r in steady])
         summary[f"median_{key}"] = statistics.median(values) if values else None

@@ -67,15 +67,17 @@ def format_train_line(metrics: Metrics, step: int, total_steps: int | None = Non
     return " | ".join(parts)
 
 
-def format_eval_line(metrics: Metrics, step: int) -> str:
-    """Render an evaluation row, e.g. ``eval step 100 | val_loss 2.4100 | ppl 11.14``.
+def format_eval_line(metrics: Metrics, step: int, prefix: str = "val") -> str:
+    """Render an evaluation row, e.g. ``eval step 100 | val_loss 2.4100 | ppl 11.14`` (``prefix="test"``: the
+    test row, ``test step 300 | test_loss ...``).
 
-    ``ppl`` is ``val_ppl`` when given, else ``exp(val_loss)``.
+    ``ppl`` is ``<prefix>_ppl`` when given, else ``exp(<prefix>_loss)``.
     """
-    val_loss = float(metrics["val_loss"])
-    ppl = float(metrics["val_ppl"]) if "val_ppl" in metrics else _safe_exp(val_loss)
-    parts = [f"eval step {step}", f"val_loss {val_loss:.4f}", f"ppl {ppl:.2f}"]
-    parts += [f"{k} {_generic(v)}" for k, v in metrics.items() if k not in {"val_loss", "val_ppl"} | _HIDDEN]
+    loss = float(metrics[f"{prefix}_loss"])
+    ppl = float(metrics[f"{prefix}_ppl"]) if f"{prefix}_ppl" in metrics else _safe_exp(loss)
+    parts = [f"{'eval' if prefix == 'val' else prefix} step {step}", f"{prefix}_loss {loss:.4f}", f"ppl {ppl:.2f}"]
+    parts += [f"{k} {_generic(v)}" for k, v in metrics.items()
+              if k not in {f"{prefix}_loss", f"{prefix}_ppl"} | _HIDDEN]
     return " | ".join(parts)
 
 
@@ -97,6 +99,8 @@ class ConsoleSink:
         """Format and log ``metrics`` as an eval line (if it has ``val_loss``) or a train line."""
         if "val_loss" in metrics:
             line = format_eval_line(metrics, step)
+        elif "test_loss" in metrics:
+            line = format_eval_line(metrics, step, prefix="test")
         else:
             line = format_train_line(metrics, step, self.total_steps)
         self._logger.info(line)

@@ -74,6 +74,8 @@ class TrainingLoop:
         self.stragglers = StragglerDetector(env, cfg.logging.straggler_ratio, components.model_parts,
                                             forward_is_eager(cfg))
         self.last_loss = float("nan")
+        self.final_eval: dict[str, float] = {}
+        """The last evaluation's per-source losses and the test evaluation of a finished run (the final summary)."""
         self._window_start = time.perf_counter()
         self._window_steps = 0
         self._save_blocked_ms = 0.0
@@ -137,6 +139,8 @@ class TrainingLoop:
         if self._save_blocked_ms:
             row["time_ckpt_blocked_ms"] = self._save_blocked_ms
         row.update(memory_stats(self.env.device))
+        consumed_by_source = getattr(self.components.train_iter, "consumed_by_source", dict)()
+        row.update({f"samples/{name}": count for name, count in consumed_by_source.items()})
         self.components.metrics.log(row, step=self.state.step)
         self.last_loss = float(row["loss"])
         self._window_start, self._window_steps, self._save_blocked_ms = time.perf_counter(), 0, 0.0
@@ -149,6 +153,7 @@ class TrainingLoop:
         self._window_start += elapsed  # keep evaluation out of tokens/s
         result["time_eval_ms"] = elapsed * 1e3
         loss = result.get("val_loss")
+        self.final_eval = {k: v for k, v in result.items() if k.startswith("val_loss/")}
         improved = False
         if loss is not None:
             self.state.last_val_loss = loss
@@ -157,6 +162,19 @@ class TrainingLoop:
                 self.state.best_val_loss = loss
         self.components.metrics.log(result, step=self.state.step)
         return improved
+
+    def evaluate_test(self) -> None:
+        """Once, after a finished run: the evaluator's test sets (if it has any), logged to every sink."""
+        evaluate_test = getattr(self.components.evaluator, "evaluate_test", None)
+        if not self.cfg.eval.test or evaluate_test is None:
+            return
+        start = time.perf_counter()
+        result = dict(evaluate_test())
+        if not result:
+            return
+        result["time_test_ms"] = (time.perf_counter() - start) * 1e3
+        self.components.metrics.log(result, step=self.state.step)
+        self.final_eval.update({k: v for k, v in result.items() if k.startswith("test_loss")})
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> ExitCode:
@@ -219,4 +237,6 @@ class TrainingLoop:
                 logger.info("stopping at step %d (%s); exit code %d asks to be resumed",
                             self.state.step, reason, ExitCode.RESUME)
                 return ExitCode.RESUME
+        self.evaluate_test()
+        health.mark_progress(self.state.step)
         return ExitCode.FINISHED
