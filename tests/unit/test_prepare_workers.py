@@ -56,7 +56,7 @@ def test_the_first_bad_record_is_reported_whichever_worker_met_it(tmp_path: Path
                                                                   capsys: pytest.CaptureFixture) -> None:
     corpus = _corpus(tmp_path)
     lines = corpus.read_text().splitlines(keepends=True)
-    first, later = ENCODE_CHUNK + 40, 2 * ENCODE_CHUNK + 3  # in the second and third chunks
+    first, later = ENCODE_CHUNK + 40, 2 * ENCODE_CHUNK + 3  # in different chunks, neither the first
     lines[first - 1] = '{"text": 42}\n'
     lines[later - 1] = '{"text": "unterminated\n'
     corpus.write_text("".join(lines))

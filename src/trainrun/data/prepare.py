@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from trainrun.data.layout import META_FILE, DatasetDirWriter
-from trainrun.data.prepare_encode import ENCODE_CHUNK, Progress, chunked, encode_chunks
+from trainrun.data.prepare_encode import Progress, chunked, encode_chunks, start_workers_early
 from trainrun.data.prepare_readers import (
     PrepareError,
     Source,
@@ -61,7 +61,7 @@ from trainrun.outputs import (
 logger = logging.getLogger(__name__)
 
 PREPARE = "trainrun-prepare"  # the command name, which also names its output marker (.trainrun-prepare.json)
-__all__ = ["ENCODE_CHUNK", "PrepareError", "Source", "build_parser", "find_sources", "main", "prepare"]
+__all__ = ["PrepareError", "Source", "build_parser", "find_sources", "main", "prepare"]
 
 
 def find_sources(inputs: list[str], exclude: Path | None = None) -> list[Source]:
@@ -182,6 +182,7 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size:
         raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     if workers < 1:
         raise PrepareError(f"--workers must be at least 1, got {workers}")
+    start_workers_early(workers)
     out = Path(output)
     kind = tokenizer if tokenizer in ("byte", "bpe") else "hf"
     given = [Path(i) for i in inputs] + ([Path(tokenizer).expanduser()] if kind == "hf" else [])
@@ -217,7 +218,7 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size:
     with (staged_output(out, PREPARE, {"inputs": [str(s.path) for s in sources[:20]]}) as tmp,
           DatasetDirWriter(tmp, tok, kind) as writer, Progress(len(keys), enabled=progress) as bar):
         # Chunks are encoded in order (in workers or here), so documents are stored in input order.
-        for encoded in encode_chunks(chunked(iter_records(sources, text_key), ENCODE_CHUNK), tok, text_key, workers):
+        for encoded in encode_chunks(chunked(iter_records(sources, text_key)), tok, text_key, workers):
             for tokens, empty in encoded.documents():
                 if not empty:  # an empty document would only be a lone EOD
                     writer.add("val" if val[index] else "train", tokens)

@@ -34,7 +34,8 @@ from trainrun.data.indexed import token_dtype
 from trainrun.data.prepare_readers import Record, record_text
 from trainrun.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
 
-ENCODE_CHUNK = 256  # documents per chunk: one encode_batch call, one message to and from a worker
+ENCODE_CHUNK = 256  # most documents per chunk: one encode_batch call, one message to and from a worker
+CHUNK_CHARS = 1 << 18  # most characters per chunk (one document may pass it): even work, so no worker idles long
 IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker: enough to keep it busy, bounded memory
 
 
@@ -104,10 +105,21 @@ class ChunkEncoder:
         return Encoded(tokens, lengths, empty)
 
 
-def chunked(items: Iterable[Record], size: int = ENCODE_CHUNK) -> Iterator[list[Record]]:
-    """``items`` in lists of ``size`` (the last one shorter)."""
-    it = iter(items)
-    while chunk := list(itertools.islice(it, size)):
+def chunked(items: Iterable[Record], size: int = ENCODE_CHUNK, max_chars: int = CHUNK_CHARS) -> Iterator[list[Record]]:
+    """``items`` in order, in lists of at most ``size`` records that end once they hold ``max_chars`` characters.
+
+    Bounding the text as well as the count keeps chunks of long documents from being so large that,
+    at the end of the input, one worker still encodes its last chunk while the others wait.
+    """
+    chunk: list[Record] = []
+    chars = 0
+    for item in items:
+        chunk.append(item)
+        chars += len(item[2])
+        if len(chunk) >= size or chars >= max_chars:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
         yield chunk
 
 
@@ -136,6 +148,16 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def start_workers_early(workers: int) -> None:
+    """Start the fork server now (when ``workers > 1``), so that its imports overlap the reading that comes
+    before tokenizing (checks, split keys, loading the tokenizer) instead of delaying the first chunk."""
+    context = _context()
+    if workers > 1 and context.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()  # launches the server and returns; it imports while this process reads
 
 
 def _context() -> multiprocessing.context.BaseContext:
