@@ -25,6 +25,8 @@ from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config import TrainRunConfig, to_dataclass, validate_config
 from trainrun.config.choices import Precision
 from trainrun.data import DataSources, build_train_iterator, open_sources
+from trainrun.data.blend import BlendSchedule
+from trainrun.data.index_cache import CachedEpochOrder, prepare_epoch_orders
 from trainrun.distributed.env import DistEnv, nodes_in_job
 from trainrun.distributed.health import HealthMonitor, NoHealthMonitor
 from trainrun.distributed.initializers import describe
@@ -234,7 +236,8 @@ def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: DataSources,
     # Data is sharded by data-parallel rank only: TP and PP peers of one dp rank read the same batches.
     train_iter = build_train_iterator(dataset, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.run.seed,
                                       dp_rank=dims.dp_rank, dp_size=dims.dp_size,
-                                      allow_blend_change=cfg.data.allow_blend_change)
+                                      allow_blend_change=cfg.data.allow_blend_change,
+                                      orders=build_epoch_orders(cfg, env, dataset))
     if cfg.debug.overfit_batches:
         train_iter = RepeatedBatches(train_iter, cfg.debug.overfit_batches)
     state = TrainState()
@@ -263,6 +266,26 @@ def build_training_loop(cfg: TrainRunConfig, env: DistEnv, dataset: DataSources,
         health=health or NoHealthMonitor(),
     )
     return TrainingLoop(cfg, env, parts, flops_per_token(cfg.model, cfg.data.seq_len), peak, exit_controller)
+
+
+def build_epoch_orders(cfg: TrainRunConfig, env: DistEnv, data: DataSources) -> list[CachedEpochOrder | None]:
+    """Each training source's per-epoch shuffles for the whole run, built once by one rank into
+    ``paths.cache_dir`` and memory-mapped by every rank (:mod:`trainrun.data.index_cache`)."""
+    seq_len, root = cfg.data.seq_len, Path(cfg.paths.cache_dir).expanduser()
+    run_samples = cfg.train.max_steps * cfg.train.global_batch_size
+    counts = BlendSchedule([v.weight for v in data.train]).counts_before(run_samples)
+    orders: list[CachedEpochOrder | None] = []
+    needs = []
+    for view, count in zip(data.train, counts, strict=True):
+        num_samples = max(len(view.tokens) - 1, 0) // seq_len
+        if num_samples == 0:  # the stream refuses it, naming data.seq_len
+            orders.append(None)
+            continue
+        order = CachedEpochOrder(root, {**view.identity(), "seq_len": seq_len}, num_samples, cfg.run.seed)
+        orders.append(order)
+        needs.append((order, max(1, -(-count // num_samples))))
+    prepare_epoch_orders(needs, env)
+    return orders
 
 
 def build_metrics_on_every_rank(cfg: TrainRunConfig, env: DistEnv, run_dir: Path):

@@ -26,6 +26,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from trainrun.checkpoint.paths import RUN_CHECKPOINTS, checkpoint_dirs
+from trainrun.config.blend import source_sections
 from trainrun.config.choices import WandbMode
 from trainrun.config.schema import TrainRunConfig, WandbConfig
 from trainrun.errors import ConfigError, RunEnvironmentError, first_line
@@ -92,8 +93,9 @@ def check_data_cache(cfg: TrainRunConfig) -> None:
     """
     from trainrun.registry import DATASETS
 
-    for path, option, note in DATASETS.written_dirs(cfg.data.name, cfg.data):
-        check_writable_dir(path, option, note)
+    for where, _source, section in source_sections(cfg.data):
+        for path, option, note in DATASETS.written_dirs(section.name, section):
+            check_writable_dir(path, option if where == "data" else f"{where}.path", note)
 
 
 def check_wandb_credentials(cfg: WandbConfig) -> None:
@@ -128,8 +130,10 @@ def check_paths_exist(cfg: TrainRunConfig) -> None:
 
     Made here, not while the config is validated: turning a config into a dataclass touches no file.
     """
-    if cfg.data.path is not None and Path(cfg.data.path).expanduser().is_file():
-        raise ConfigError("data.path", cfg.data.path, "is a file; it must be a dataset (or cache) directory")
+    for where, source, _section in source_sections(cfg.data):
+        if source.path is not None and Path(source.path).expanduser().is_file():
+            field = "data.path" if where == "data" else f"{where}.path"
+            raise ConfigError(field, source.path, "is a file; it must be a dataset (or cache) directory")
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise ConfigError("checkpoint.resume", resume,

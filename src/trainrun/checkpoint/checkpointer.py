@@ -330,6 +330,9 @@ class Checkpointer:
         saved, current = meta.get("data_checksum"), self.extra_meta.get("data_checksum")
         if saved is None or current is None or saved == current:
             return
+        if self.cfg.data.allow_blend_change and _same_shared_sources(meta.get("data_sources"),
+                                                                     self.extra_meta.get("data_sources")):
+            return  # the blend's sources changed (allowed, and logged by the data loader), not their data
         if not self.cfg.checkpoint.allow_data_change:
             raise ConfigError("checkpoint.allow_data_change", False,
                               f"the data changed since {path} was saved (checksum {saved[:12]} then, {current[:12]} "
@@ -344,3 +347,10 @@ class Checkpointer:
                    if not c.startswith("checkpoint.resume")]
         if changed:
             logger.warning("resuming with changed settings: %s", "; ".join(changed))
+
+
+def _same_shared_sources(saved: dict | None, current: dict | None) -> bool:
+    """Every blend source both runs read has the same checksum in both (sources may come and go)."""
+    if not saved or not current:
+        return False
+    return all(saved[name] == checksum for name, checksum in current.items() if name in saved)

@@ -333,7 +333,8 @@ class EvalConfig:
     and layout; null: eval.iters global batches if set, else the whole validation split up to 512 samples
     (evenly spaced over a larger split)."""
     iters: int | None = None
-    """Megatron's eval_iters: evaluate eval.iters x train.global_batch_size samples per source; null: eval.samples."""
+    """Megatron's eval_iters: evaluate eval.iters x train.global_batch_size samples per source (eval.samples, when
+    set, wins)."""
     test: bool = True
     """After a finished run, evaluate once on the test sources (data.split's test share or data.test_blend):
     test_loss and test_loss/<source>."""
@@ -351,9 +352,6 @@ class EvalConfig:
         positive("eval.interval", self.interval, allow_zero=True)
         optional_positive("eval.iters", self.iters)
         optional_positive("eval.samples", self.samples)
-        if self.iters is not None and self.samples is not None:
-            raise ConfigError("eval.iters", self.iters, f"eval.samples={self.samples} also sets the validation size; "
-                              "set one of them (the other null)")
         positive("eval.sample_tokens", self.sample_tokens, allow_zero=True)
         positive("eval.temperature", self.temperature)
         positive("eval.top_k", self.top_k, allow_zero=True)

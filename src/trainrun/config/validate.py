@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 
+from trainrun.config.blend import source_sections
 from trainrun.config.choices import Device, Position, Precision
 from trainrun.config.schema import TrainRunConfig
-from trainrun.errors import ConfigError
+from trainrun.errors import ConfigError, DataError
 
 
 def resolve_device_type(cfg: TrainRunConfig) -> str:
@@ -181,7 +182,15 @@ def check_components(cfg: TrainRunConfig) -> None:
     from trainrun import registry as r
 
     r.STEP_EXECUTORS.check(cfg.train.step_executor, cfg)
-    r.DATASETS.check(cfg.data.name, cfg.data)
+    for where, _source, section in source_sections(cfg.data):
+        try:
+            r.DATASETS.check(section.name, section)
+        except (ConfigError, DataError) as err:
+            if where == "data" or not err.field.startswith("data."):
+                raise
+            # The dataset's check names the single-dataset field (data.path); say which blend entry it was.
+            field = f"{where}.{err.field.removeprefix('data.').replace('name', 'dataset')}"
+            raise type(err)(field, err.value, err.fix) from None
 
 
 def validate_config(cfg: TrainRunConfig, world_size: int | None = None) -> None:
