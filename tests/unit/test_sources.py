@@ -138,3 +138,14 @@ def test_eval_size_is_samples_else_megatrons_global_batches_else_the_split() -> 
     assert eval_sample_count(None, 3, 16, 10_000) == 48  # Megatron: eval_iters global batches
     assert eval_sample_count(None, None, 16, 100) == 100  # the whole (small) split
     assert eval_sample_count(None, None, 16, 10_000) == AUTO_EVAL_SAMPLES
+
+
+def test_export_finds_a_blends_tokenizer_in_its_first_source(two) -> None:
+    from trainrun.hf.tokenizer import find_tokenizer
+
+    web, code = two
+    found = find_tokenizer({"name": "stdlib", "blend": f"0.7 {web} 0.3 {code}"}, None, "checksum-of-the-blend")
+    assert found.directory == web and found.kind == "byte"
+    preset = find_tokenizer({"name": "stdlib", "blend": [{"name": "lib", "dataset": "stdlib", "subset": "library"}]},
+                            None, None)
+    assert preset.kind == "byte" and preset.directory is None

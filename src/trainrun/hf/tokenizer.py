@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainrun.config.blend import parse_blend
 from trainrun.data.layout import read_meta
 from trainrun.data.tokenizer import EOD_TOKEN, TOKENIZER_FILE
 from trainrun.hf.mapping import ExportError
@@ -63,7 +64,12 @@ class TokenizerSource:
 
 
 def find_tokenizer(data_cfg: dict, data_dir: str | None, data_checksum: str | None) -> TokenizerSource:
-    """The tokenizer of the data a checkpoint trained on: ``data_dir`` if given, else from its data config."""
+    """The tokenizer of the data a checkpoint trained on: ``data_dir`` if given, else from its data config (for a
+    blend, its first source: every source of a blend shares one tokenizer)."""
+    if data_cfg.get("blend") is not None:
+        first = parse_blend(data_cfg["blend"], "data.blend")[0]  # type: ignore[index]
+        data_cfg = {"name": first.dataset, "path": first.path if first.path is not None else data_cfg.get("path")}
+        data_checksum = None  # the run's checksum covers the whole blend, not this one directory
     if data_dir is None and data_cfg.get("name") == "stdlib":
         return TokenizerSource("byte", 257, 256, None)  # the bundled corpus is always bytes
     directory = data_dir or (data_cfg.get("path") if data_cfg.get("name") == "indexed" else None)
