@@ -130,11 +130,6 @@ def test_changed_split_or_source_data_is_refused(stopped_run, corpus, tmp_path):
     assert f"step_{SAVED} (step {SAVED})" in (stopped_run / "train.log").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Checkpointer._check_data_unchanged (src/trainrun/checkpoint/checkpointer.py:333) lets any data checksum "
-    "change through when data.allow_blend_change=true and every shared source's directory checksum is unchanged; "
-    "those checksums do not cover data.split, so a changed split (other training documents, validation "
-    "documents that were trained on) resumes silently"))
 def test_changed_split_is_refused_even_when_blend_changes_are_allowed(stopped_run, corpus):
     proc = cli(stopped_run, [*ARGS, f"data.path={corpus}", 'data.split="70,20,10"', "data.allow_blend_change=true"])
     assert_refused(proc, "checkpoint.allow_data_change", DATA_CHANGED)

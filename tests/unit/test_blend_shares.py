@@ -102,11 +102,6 @@ def test_a_source_added_by_a_blend_change_starts_at_its_first_sample() -> None:
         assert groups[s] == own_samples(s, first, len(groups[s])), f"source {s}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BlendedStream.load_state_dict (src/trainrun/data/loader.py:182) treats any one-source -> one-source resume "
-    "as the same source: with data.allow_blend_change=true a blend of only `a` resumed as a blend of only `b` "
-    "rewrites the saved phase's name to `b`, so `b` starts at `a`'s count instead of its own first sample "
-    "and the recorded history says `b` was read from sample 0"))
 def test_switching_a_one_source_blend_to_another_source_starts_the_new_one_at_its_first_sample() -> None:
     only_first = lambda: BlendedStream(streams(1), ["s0"], [1.0])  # noqa: E731
     _, ranks = draw(only_first, 1, 8, 4)

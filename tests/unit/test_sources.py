@@ -47,7 +47,13 @@ def test_a_blend_opens_each_source_with_its_own_splits(two) -> None:
         ("web", 0.7, "train", 40), ("code", 0.3, "train", 30)]
     assert [(v.source, v.file_split, v.num_documents) for v in data.valid] == [("web", "val", 3), ("code", "val", 3)]
     assert data.test == [] and data.vocab_size == 257
-    assert data.source_checksums() == {"web": data.datasets["web"].checksum, "code": data.datasets["code"].checksum}
+    per_source = data.source_checksums()
+    assert sorted(per_source) == ["code", "web"]
+    # what a resume under data.allow_blend_change compares per source: its data and the documents each role reads
+    split = open_sources(_cfg(blend=f"0.7 {web} 0.3 {code}", split="90,5,5")).source_checksums()
+    assert split["web"] != per_source["web"]
+    reweighted = open_sources(_cfg(blend=f"0.5 {web} 0.1 {code}")).source_checksums()
+    assert reweighted == per_source
 
 
 def test_megatron_split_divides_each_sources_documents(two) -> None:

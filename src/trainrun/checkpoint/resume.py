@@ -31,7 +31,7 @@ from trainrun.checkpoint.paths import (
     checkpoints_in,
     find_checkpoint,
 )
-from trainrun.config.schema import CheckpointConfig, ModelConfig, TrainRunConfig
+from trainrun.config.schema import CheckpointConfig, DataConfig, ModelConfig, TrainRunConfig
 from trainrun.distributed.env import nodes_in_job
 from trainrun.errors import CheckpointError, ConfigError
 
@@ -248,6 +248,8 @@ def check_checkpoints_before_build(cfg: TrainRunConfig, run_dir: Path) -> None:
     if found is not None:
         meta, path = found
         check_model_compatible(meta.get("model", {}), cfg.model, path)
+        if not cfg.data.allow_blend_change and isinstance(meta.get("data"), dict):
+            check_blend_unchanged(meta["data"], cfg.data)
 
 
 def refuse_fresh_start_over_checkpoints(dirs: list[Path]) -> None:
@@ -273,3 +275,13 @@ def newest_readable_meta(sources: list[Path]) -> tuple[dict, Path] | None:
             except (OSError, ValueError):
                 continue  # damaged: the checkpointer reports it and falls back
     return None
+
+
+def check_blend_unchanged(data_state: dict, data: DataConfig) -> None:
+    """The checkpoint's blend is this run's (refused before the model is built, naming data.allow_blend_change)."""
+    from trainrun.data.blend import refuse_blend_change
+    from trainrun.data.sources import training_sources
+
+    sources = [s for s in training_sources(data) if s.weight > 0]
+    refuse_blend_change(data_state.get("blend"), [s.name for s in sources], [s.weight for s in sources],
+                        int(data_state.get("consumed_samples", 0)))

@@ -151,3 +151,26 @@ class BlendPhase:
         """A new phase from global sample ``at`` with the new blend; each source it keeps continues its count."""
         counts = dict(zip(self.names, self.counts_at(at), strict=True))
         return BlendPhase(tuple(names), tuple(weights), at, tuple(counts.get(n, 0) for n in names))
+
+
+def refuse_blend_change(saved: list[dict] | None, names: Sequence[str], weights: Sequence[float],
+                        consumed: int) -> None:
+    """Raise the one-line refusal when the checkpoint's blend (its data state's phases) is not this run's.
+
+    One source then and now is never a blend change (whether it holds the same data is the data checksum's
+    question). Called before the model is built, and again when the data state is loaded.
+    """
+    from trainrun.errors import ConfigError
+
+    if not saved:
+        if len(names) == 1:
+            return
+        saved = [BlendPhase(("<single source>",), (1.0,)).state_dict()]
+    last = BlendPhase.from_state_dict(saved[-1])
+    if (len(last.names) == 1 and len(names) == 1) or last.same_blend(names, weights):
+        return
+    asked = BlendPhase(tuple(names), tuple(weights))
+    raise ConfigError("data.allow_blend_change", False,
+                      f"the checkpoint trained on the blend [{last.describe()}] but this run asks for "
+                      f"[{asked.describe()}]; restore the blend, or continue with the new one from sample "
+                      f"{consumed} with data.allow_blend_change=true")

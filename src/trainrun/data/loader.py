@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from trainrun.data.blend import BlendPhase
+from trainrun.data.blend import BlendPhase, refuse_blend_change
 from trainrun.data.indexed import IndexedDataset
 from trainrun.data.sources import DataSources, SplitView
 from trainrun.errors import ConfigError
@@ -179,19 +179,17 @@ class BlendedStream:
         phases = ([BlendPhase.from_state_dict(p) for p in saved] if saved
                   else [BlendPhase(self.names if len(self.names) == 1 else ("<single source>",), (1.0,))])
         last = phases[-1]
-        if len(last.names) == 1 and len(self.names) == 1:
+        if len(last.names) == 1 and len(self.names) == 1 and (last.names == self.names or not self.allow_blend_change):
             # One source then and now (checkpoints from before blends too): whether it is the same data is the
-            # data checksum's question (checkpoint.allow_data_change), not the blend's.
+            # data checksum's question (checkpoint.allow_data_change), not the blend's. Only an allowed blend
+            # change to another source starts that source at its beginning (below).
             self.phases = [*phases[:-1], BlendPhase(self.names, self.weights, last.start, last.base)]
             return
         if last.same_blend(self.names, self.weights):
             self.phases = phases
             return
         if not self.allow_blend_change:
-            raise ConfigError("data.allow_blend_change", False,
-                              f"the checkpoint trained on the blend [{last.describe()}] but this run asks for "
-                              f"[{self.phase.describe()}]; restore the blend, or continue with the new one from "
-                              f"sample {consumed} with data.allow_blend_change=true")
+            refuse_blend_change(saved, self.names, self.weights, consumed)
         self.phases = [*phases, last.continued(self.names, self.weights, consumed)]
         logger.warning("blend changed at sample %d (data.allow_blend_change=true): [%s] -> [%s]; each source "
                        "continues where it stopped", consumed, last.describe(), self.phase.describe())

@@ -140,8 +140,20 @@ class DataSources:
         return self.first.path
 
     def source_checksums(self) -> dict[str, str]:
-        """Each training source's directory checksum, by name (what a blend change on resume compares)."""
-        return {name: d.checksum for name, d in self.datasets.items()}
+        """A checksum per source, by name: its data and the document ranges every role reads of it (training
+        sources by name, explicit validation and test entries as ``valid:<name>``/``test:<name>``).
+
+        What a resume under ``data.allow_blend_change`` compares for the sources both runs share: sources may
+        come and go, but one that stays must read the same documents (its data, and its ``data.split`` shares).
+        """
+        explicit = {v.source for v in self.valid + self.test} - {v.source for v in self.train}
+        by_key: dict[str, list[dict]] = {}
+        for role in ROLES:
+            for v in getattr(self, role):
+                key = f"{role}:{v.source}" if v.source in explicit else v.source
+                by_key.setdefault(key, []).append({"role": role, **v.identity()})
+        return {key: hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()
+                for key, ids in by_key.items()}
 
     def describe(self) -> str:
         """One line per role: sources, weights, documents."""
