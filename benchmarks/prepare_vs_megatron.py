@@ -12,7 +12,9 @@ its requirements: torch, numpy, transformers, packaging, triton) and ``--append-
     python benchmarks/prepare_vs_megatron.py --megatron-dir /tmp/megatron-lm --python /tmp/mvenv/bin/python
 
 Each command is timed end to end (start-up and imports included, as a user waits for it), best of
-``--repeats``; tokens/s counts the tokens each wrote, EOD included. The rows:
+``--repeats`` rounds; tokens/s counts the tokens each wrote, EOD included. CPU seconds (user + system
+of the command and the processes it waited for; a fork server's workers are not among them) are
+printed beside: on a shared machine they vary less than wall time. The rows:
 
 * ``trainrun`` with ``--workers N``. With one worker trainrun tokenizes in its own process and the
   tokenizer's ``encode_batch`` uses its Rust threads (every core); with N > 1, N processes.
@@ -33,6 +35,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -125,17 +128,24 @@ def train_tokenizer(corpus: Path, directory: Path, vocab_size: int, sample_mb: f
 # ---------------------------------------------------------------- the two tools
 
 
-def _timed(cmd: list[str], env: dict[str, str], cwd: Path) -> float:
-    start = time.perf_counter()
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, of the command and every process it waited for)."""
+    cpu, start = _cpu_seconds(), time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return seconds
+    return seconds, _cpu_seconds() - cpu
 
 
-def run_trainrun(corpus: Path, tokenizer: Path, out: Path, workers: int, threads: bool, work: Path) -> float:
-    """Seconds ``trainrun-prepare`` takes; ``threads=False`` keeps the tokenizer to one thread."""
+def run_trainrun(corpus: Path, tokenizer: Path, out: Path, workers: int, threads: bool,
+                 work: Path) -> tuple[float, float]:
+    """Wall and CPU seconds ``trainrun-prepare`` takes; ``threads=False`` keeps the tokenizer to one thread."""
     env = {k: v for k, v in os.environ.items() if k not in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
     if not threads:
         env["TOKENIZERS_PARALLELISM"] = "false"
@@ -145,8 +155,8 @@ def run_trainrun(corpus: Path, tokenizer: Path, out: Path, workers: int, threads
 
 
 def run_megatron(python: str, megatron: Path, corpus: Path, tokenizer: Path, prefix: Path, workers: int,
-                 work: Path) -> float:
-    """Seconds Megatron-LM's ``tools/preprocess_data.py`` takes (run from its own source tree)."""
+                 work: Path) -> tuple[float, float]:
+    """Wall and CPU seconds Megatron-LM's ``tools/preprocess_data.py`` takes (run from its own source tree)."""
     shim = work / "megatron_shim"
     shim.mkdir(exist_ok=True)
     (shim / "sitecustomize.py").write_text(SHIM)
@@ -212,16 +222,16 @@ def main() -> None:
     plan = [(name, workers, threads) for workers in args.workers
             for name, threads in [("trainrun", True), ("trainrun, 1 thread", False), ("megatron", None)]
             if (name != "trainrun, 1 thread" or workers == 1) and (name != "megatron" or args.megatron_dir)]
-    best: dict[tuple[str, int], float] = {}
+    best: dict[tuple[str, int], tuple[float, float]] = {}  # (wall, CPU) seconds of the fastest run
     # Rounds, not one row's repeats back to back: a burst of load on a shared machine then slows one
     # run of every row rather than every run of one row; the best of each row is kept.
     for round_ in range(args.repeats):
         for name, workers, threads in plan:
             out, prefix = work / f"trainrun_w{workers}", work / f"megatron_w{workers}"
-            seconds = (run_trainrun(corpus, tokenizer, out, workers, threads, work) if name != "megatron" else
-                       run_megatron(args.python, args.megatron_dir, corpus, tokenizer, prefix, workers, work))
-            best[name, workers] = min(seconds, best.get((name, workers), math.inf))
-            print(f"  round {round_ + 1}: {name:20s} workers {workers}: {seconds:7.1f} s", flush=True)
+            seconds, cpu = (run_trainrun(corpus, tokenizer, out, workers, threads, work) if name != "megatron" else
+                            run_megatron(args.python, args.megatron_dir, corpus, tokenizer, prefix, workers, work))
+            best[name, workers] = min((seconds, cpu), best.get((name, workers), (math.inf, math.inf)))
+            print(f"  round {round_ + 1}: {name:20s} workers {workers}: {seconds:7.1f} s, CPU {cpu:6.1f} s", flush=True)
 
     rows, results = [], []
     for name, workers, _ in plan:
@@ -229,26 +239,29 @@ def main() -> None:
             tokens = IndexedDataset(work / f"megatron_w{workers}_text_document").num_tokens
         else:  # the 1-thread run wrote the same directory last: the same tokens
             tokens = sum(json.loads((work / f"trainrun_w{workers}" / "meta.json").read_text())["num_tokens"].values())
-        rows.append((name, workers, best[name, workers], int(tokens)))
+        rows.append((name, workers, *best[name, workers], int(tokens)))
     for workers in args.workers if args.megatron_dir is not None else []:
         check = compare_tokens(corpus, work / f"trainrun_w{workers}", work / f"megatron_w{workers}")
         ours = next(r for r in rows if r[0] == "trainrun" and r[1] == workers)
         theirs = next(r for r in rows if r[0] == "megatron" and r[1] == workers)
-        results.append({"workers": workers, "trainrun_tokens_per_s": round(ours[3] / ours[2]),
-                        "megatron_tokens_per_s": round(theirs[3] / theirs[2]),
-                        "ratio": round((ours[3] / ours[2]) / (theirs[3] / theirs[2]), 3), **check})
+        results.append({"workers": workers, "trainrun_tokens_per_s": round(ours[4] / ours[2]),
+                        "megatron_tokens_per_s": round(theirs[4] / theirs[2]),
+                        "ratio": round(theirs[2] / ours[2], 3), "cpu_ratio": round(theirs[3] / ours[3], 3), **check})
 
-    print("\n| tool | workers | seconds | tokens | tokens/s |\n|---|---|---|---|---|")
-    for name, workers, seconds, tokens in rows:
-        print(f"| {name} | {workers} | {seconds:.1f} | {tokens:,} | {tokens / seconds:,.0f} |")
+    print("\n| tool | workers | seconds | tokens | tokens/s | CPU seconds | tokens per CPU-second |\n"
+          "|---|---|---|---|---|---|---|")
+    for name, workers, seconds, cpu, tokens in rows:
+        print(f"| {name} | {workers} | {seconds:.1f} | {tokens:,} | {tokens / seconds:,.0f} | {cpu:.1f} | "
+              f"{tokens / cpu:,.0f} |")
     for r in results:
-        print(f"\nworkers {r['workers']}: ratio trainrun/megatron = **{r['ratio']:.2f}** (goal >= 1); documents "
-              f"{r['documents']}, tokens {r['tokens']}, identical token streams: {r['identical_token_streams']}")
+        print(f"\nworkers {r['workers']}: tokens/s trainrun/megatron = **{r['ratio']:.2f}** (goal >= 1), "
+              f"per CPU-second {r['cpu_ratio']:.2f}; documents {r['documents']}, tokens {r['tokens']}, "
+              f"identical token streams: {r['identical_token_streams']}")
     print(json.dumps({"benchmark": "prepare_vs_megatron", "corpus_mb": round(corpus.stat().st_size / 1e6, 1),
                       "documents": documents, "vocab_size": args.vocab_size, "cpus": os.cpu_count(),
                       "repeats": args.repeats, "results": results,
-                      "rows": [{"tool": n, "workers": w, "seconds": round(s, 2), "tokens": t,
-                                "tokens_per_s": round(t / s)} for n, w, s, t in rows],
+                      "rows": [{"tool": n, "workers": w, "seconds": round(s, 2), "cpu_seconds": round(c, 2),
+                                "tokens": t, "tokens_per_s": round(t / s)} for n, w, s, c, t in rows],
                       "goal_met": bool(results) and all(r["ratio"] >= 1 for r in results)}))
     if args.dir is None:
         shutil.rmtree(work)

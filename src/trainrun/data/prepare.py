@@ -182,7 +182,6 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size:
         raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     if workers < 1:
         raise PrepareError(f"--workers must be at least 1, got {workers}")
-    start_workers_early(workers)
     out = Path(output)
     kind = tokenizer if tokenizer in ("byte", "bpe") else "hf"
     given = [Path(i) for i in inputs] + ([Path(tokenizer).expanduser()] if kind == "hf" else [])
@@ -193,6 +192,9 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size:
     except OutputError as err:
         raise PrepareError(str(err)) from None
     sources = find_sources(inputs, exclude=out.resolve())
+    # Reading Parquet or datasets starts Arrow's thread pool: then workers are not forked from this process.
+    may_fork = not any(s.rows for s in sources)
+    start_workers_early(workers, may_fork)
     check_output(out, given + [s.path for s in sources], force)
     for src in sources:
         check_text(src)
@@ -218,7 +220,7 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size:
     with (staged_output(out, PREPARE, {"inputs": [str(s.path) for s in sources[:20]]}) as tmp,
           DatasetDirWriter(tmp, tok, kind) as writer, Progress(len(keys), enabled=progress) as bar):
         # Chunks are encoded in order (in workers or here), so documents are stored in input order.
-        for encoded in encode_chunks(chunked(iter_records(sources, text_key)), tok, text_key, workers):
+        for encoded in encode_chunks(chunked(iter_records(sources, text_key)), tok, text_key, workers, may_fork):
             for tokens, empty in encoded.documents():
                 if not empty:  # an empty document would only be a lone EOD
                     writer.add("val" if val[index] else "train", tokens)

@@ -4,10 +4,10 @@ The parent reads the inputs and writes the dataset; tokenizing (and parsing each
 other per-document cost) happens in :class:`ChunkEncoder`, on chunks of :data:`ENCODE_CHUNK`
 documents. With one worker the encoder runs here and a Hugging Face tokenizer's ``encode_batch``
 spreads each chunk over the Rust backend's threads. With ``N > 1`` workers, N processes (forked
-from a clean fork server, or spawned) each rebuild the tokenizer once, from its ``tokenizer.json``
-text (so a BPE trained in the parent travels too), and encode whole chunks; the backend's threads
-are divided between them (none when there are as many workers as cores), so that N processes do
-not each start a thread per core.
+from this one where that is safe, else from a clean fork server) each rebuild the tokenizer once,
+from its ``tokenizer.json`` text (so a BPE trained in the parent travels too), and encode whole
+chunks; the backend's threads are divided between them (none when there are as many workers as
+cores), so that N processes do not each start a thread per core.
 
 Results come back in submission order, and at most :data:`IN_FLIGHT_PER_WORKER` chunks per worker
 are outstanding: the output is byte-identical to one worker's whatever N is, and memory stays
@@ -23,9 +23,11 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,6 +144,23 @@ def _encode_in_worker(chunk: list[Record]) -> Encoded:
     return _ENCODER(chunk)
 
 
+@contextmanager
+def _parallelism_configured() -> Iterator[None]:
+    """``TOKENIZERS_PARALLELISM`` set (to its default, so nothing changes here) if it is not.
+
+    A process forked after the tokenizer's Rust threads ran prints a two-line warning from the
+    tokenizers library unless the variable is set; the workers set it to false before encoding anyway.
+    """
+    if "TOKENIZERS_PARALLELISM" in os.environ:
+        yield
+        return
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the platform has one)."""
     try:
@@ -150,24 +169,28 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def start_workers_early(workers: int) -> None:
-    """Start the fork server now (when ``workers > 1``), so that its imports overlap the reading that comes
-    before tokenizing (checks, split keys, loading the tokenizer) instead of delaying the first chunk."""
-    context = _context()
-    if workers > 1 and context.get_start_method() == "forkserver":
+def start_workers_early(workers: int, may_fork: bool) -> None:
+    """Start the fork server now, when :func:`encode_chunks` will use one, so that its imports overlap the
+    reading that comes before tokenizing (checks, split keys, loading the tokenizer)."""
+    if workers > 1 and _context(may_fork).get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
         forkserver.ensure_running()  # launches the server and returns; it imports while this process reads
 
 
-def _context() -> multiprocessing.context.BaseContext:
-    """Where workers come from: a fork server where the platform has one, else spawn; never a plain fork.
+def _context(may_fork: bool) -> multiprocessing.context.BaseContext:
+    """Where workers come from: a plain fork where that is safe, else a fork server, else spawn.
 
-    A plain fork would copy a parent that may already run the tokenizer's threads (a BPE trained
-    here), which can deadlock. The fork server is a clean single-threaded process that imports this
-    module (with numpy, tokenizers and, through the ``trainrun.data`` package, torch) once; workers
-    fork from it in milliseconds, where each spawned one would import all that again.
+    Forking copies the parent as it is, so the workers start at once with everything imported. It is
+    safe on Linux while the parent runs no other Python thread and no thread pool a worker would use:
+    ``may_fork`` is the caller's word for that (Arrow's pool starts when Parquet or ``datasets`` are
+    read; the tokenizer's Rust pool may have run here, but a forked worker never uses it, since it
+    encodes with one thread). Otherwise a fork server, a clean single-threaded process that imports
+    this module (with numpy, tokenizers and, through the ``trainrun.data`` package, torch) once and
+    forks the workers; spawn where there is none.
     """
+    if may_fork and sys.platform == "linux" and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])  # applies when the server starts (once per process)
@@ -176,8 +199,11 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 def encode_chunks(chunks: Iterable[list[Record]], tokenizer: Tokenizer, text_key: str,
-                  workers: int = 1) -> Iterator[Encoded]:
+                  workers: int = 1, may_fork: bool = False) -> Iterator[Encoded]:
     """Encode ``chunks`` in order, in this process (``workers == 1``) or in ``workers`` processes.
+
+    ``may_fork``: this process has started no thread pool, so workers may be forked from it (see
+    :func:`_context`).
 
     The first bad record (in input order) raises its PrepareError here, whichever worker met it.
     """
@@ -190,7 +216,10 @@ def encode_chunks(chunks: Iterable[list[Record]], tokenizer: Tokenizer, text_key
         return
     spec = TokenizerSpec.of(tokenizer)
     threads = max(1, available_cpus() // workers)
-    with _context().Pool(workers, initializer=_init_worker, initargs=(spec, text_key, threads)) as pool:
+    context = _context(may_fork and threads == 1)
+    with _parallelism_configured():  # while the pool forks its workers
+        pool = context.Pool(workers, initializer=_init_worker, initargs=(spec, text_key, threads))
+    with pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
@@ -212,7 +241,10 @@ class Progress:
         if sys.stderr.isatty() if enabled is None else enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_documents, desc=desc, unit="doc", file=sys.stderr, dynamic_ncols=True)
+            class Bar(tqdm):
+                monitor_interval = 0  # no monitor thread: workers may then be forked from this process
+
+            self._bar = Bar(total=total_documents, desc=desc, unit="doc", file=sys.stderr, dynamic_ncols=True)
 
     def update(self, documents: int, tokens: int) -> None:
         """Count ``documents`` more, holding ``tokens`` tokens."""
