@@ -85,3 +85,18 @@ def test_the_progress_bar_shows_documents_tokens_and_rate(tmp_path: Path, capsys
 def test_no_progress_bar_off_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     prepare([str(_corpus(tmp_path, 20))], str(tmp_path / "out"))  # stderr is captured here: not a terminal
     assert capsys.readouterr().err == ""
+
+
+def test_workers_from_the_fork_server_write_the_same_bytes(tmp_path: Path) -> None:
+    """Parquet input: Arrow's threads run in the parent, so the workers come from the fork server instead."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = [json.loads(line)["text"] for line in _corpus(tmp_path).read_text().splitlines()]
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=100)
+    outputs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        assert prepare_main([str(path), "--output", str(out), "--val-fraction", "0.1", "--workers", workers]) == 0
+        outputs.append({name: (out / name).read_bytes() for name in FILES})
+    assert outputs[0] == outputs[1]
