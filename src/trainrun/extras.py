@@ -12,6 +12,7 @@ extra              packages                         features
 ``optuna``         optuna                           ``hparams_search=...`` (``hydra/sweeper=trainrun_optuna``)
 ``hf``             transformers, safetensors        ``model.init_from``, trainrun-export
 ``slurm``          hydra-submitit-launcher          ``hydra/launcher=submitit_slurm``, ``submitit_local``
+``prepare``        zstandard, pyarrow, datasets     trainrun-prepare's .jsonl.zst, .parquet, save_to_disk inputs
 ``all``            all of the above
 =================  ===============================  ==================================================
 
