@@ -349,7 +349,7 @@ def test_init_from_original_gpt2_names(tmp_path):
 
 
 @pytest.mark.parametrize(("make", "overrides", "needle"), [
-    ("llama", {"num_key_value_heads": 2}, "num_key_value_heads=2"),
+    ("llama", {"num_key_value_heads": 3}, "num_key_value_heads=3"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}, "rope_type='linear'"),
     ("llama", {"attention_bias": True, "mlp_bias": False}, "mlp_bias=False"),

@@ -62,6 +62,11 @@ def check_model_compatible(saved: dict, current: ModelConfig, path: Path) -> Non
                 f"model.{key}", getattr(current, key),
                 f"checkpoint {path} has model.{key}={saved[key]!r}; set it back, or {NEW_RUN_FIX}",
             )
+    # n_kv_heads compares resolved (null means n_heads), so null and an explicit n_heads are the same model.
+    saved_kv = saved.get("n_kv_heads") or saved.get("n_heads")
+    if saved_kv is not None and saved_kv != current.kv_heads:
+        raise ConfigError("model.n_kv_heads", current.n_kv_heads, f"checkpoint {path} has {saved_kv} key/value "
+                          f"heads (model.n_kv_heads={saved.get('n_kv_heads')!r}); set it back, or {NEW_RUN_FIX}")
 
 
 def origin_request(c: CheckpointConfig) -> dict | None:

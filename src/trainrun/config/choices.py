@@ -53,6 +53,15 @@ class Mlp(Choice):
     gelu = "gelu"
 
 
+class RopeScaling(Choice):
+    """How RoPE's frequencies are rescaled for a longer context (``model.rope_scaling.type``)."""
+
+    none = "none"
+    """Plain RoPE."""
+    llama3 = "llama3"
+    """Llama 3.1's: low frequencies divided by ``factor``, high ones kept, a smooth blend between."""
+
+
 class CompileScope(Choice):
     """What of the model ``train.step_executor=compile`` compiles (``train.compile.scope``)."""
 

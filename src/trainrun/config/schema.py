@@ -27,6 +27,7 @@ from trainrun.config.choices import (
     PipelineSchedule,
     Position,
     Precision,
+    RopeScaling,
     StdlibSubset,
     Verify,
     WandbMode,
@@ -64,6 +65,37 @@ class RunConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling for a context longer than pre-training's (Llama 3.1's ``rope_scaling``)."""
+
+    type: RopeScaling = RopeScaling.none
+    """none (plain RoPE) or llama3 (Llama 3.1: long wavelengths stretched by factor, short ones kept, those
+    between blended; transformers' rope_type llama3)."""
+    factor: float = 8.0
+    """How much longer the context is than original_max_position_embeddings (Llama 3.1: 8)."""
+    low_freq_factor: float = 1.0
+    """Wavelengths above original_max_position_embeddings/low_freq_factor are divided by factor (Llama 3.1: 1)."""
+    high_freq_factor: float = 4.0
+    """Wavelengths below original_max_position_embeddings/high_freq_factor are kept (Llama 3.1: 4)."""
+    original_max_position_embeddings: int = 8192
+    """Context length of the pre-training whose RoPE is rescaled (Llama 3.1: 8192)."""
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "model.rope_scaling")
+
+    def validate(self) -> None:
+        """Positive sizes and factors, high_freq_factor above low_freq_factor (the blend divides by their gap)."""
+        if self.type is RopeScaling.none:
+            return
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            positive(f"model.rope_scaling.{name}", getattr(self, name))
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError("model.rope_scaling.high_freq_factor", self.high_freq_factor,
+                              f"must exceed model.rope_scaling.low_freq_factor={self.low_freq_factor} "
+                              "(Llama 3.1: 4 and 1)")
+
+
+@dataclass
 class ModelConfig:
     """GPT decoder shape and architecture choices."""
 
@@ -73,6 +105,9 @@ class ModelConfig:
     """Number of transformer blocks."""
     n_heads: int = 4
     """Attention heads per block; must divide d_model."""
+    n_kv_heads: int | None = None
+    """Key/value heads per block (grouped-query attention: each serves n_heads/n_kv_heads query heads; 1 is
+    multi-query attention); must divide n_heads. null: n_heads (plain multi-head attention)."""
     d_model: int = 128
     """Hidden size."""
     ffn_hidden: int | None = None
@@ -89,6 +124,8 @@ class ModelConfig:
     """rope or learned position embeddings."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    """RoPE frequency scaling (Llama 3.1's llama3 type); type=none by default."""
     mlp: Mlp = Mlp.swiglu
     """swiglu or gelu MLP."""
     tie_embeddings: bool = True
@@ -102,17 +139,24 @@ class ModelConfig:
     init_from: str | None = None
     """Local Hugging Face model directory (Llama- or GPT-2-style config.json + safetensors, e.g. from
     save_pretrained or trainrun-export) whose weights initialise the model; its config.json sets n_layers,
-    n_heads, d_model, ffn_hidden, vocab_size, max_seq_len, norm, norm_eps, position, rope_theta, mlp,
-    tie_embeddings and bias, replacing the values given here (the orchestrator reads it before validation:
-    turning a config into this dataclass reads no file). null: random init from run.seed."""
+    n_heads, n_kv_heads, d_model, ffn_hidden, vocab_size, max_seq_len, norm, norm_eps, position, rope_theta,
+    rope_scaling, mlp, tie_embeddings and bias, replacing the values given here (the orchestrator reads it
+    before validation: turning a config into this dataclass reads no file). null: random init from run.seed."""
 
     def __post_init__(self) -> None:
         coerce_choices(self, "model")
+        if isinstance(self.rope_scaling, dict):  # a config read back from JSON (checkpoint metadata)
+            self.rope_scaling = RopeScalingConfig(**self.rope_scaling)
 
     @property
     def head_dim(self) -> int:
         """Channels per attention head."""
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per block: ``n_kv_heads``, or ``n_heads`` when it is null."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     def ffn_hidden_size(self) -> int:
         """MLP hidden size: ``ffn_hidden`` or the default for ``mlp``.
@@ -127,7 +171,8 @@ class ModelConfig:
         return 4 * self.d_model
 
     def validate(self) -> None:
-        """Positive sizes, heads that divide the width, an even RoPE head size."""
+        """Positive sizes, heads that divide the width, KV heads that divide the heads, an even RoPE head size,
+        RoPE scaling only with RoPE."""
         for name in ("n_layers", "n_heads", "d_model", "max_seq_len"):
             positive(f"model.{name}", getattr(self, name))
         if self.d_model % self.n_heads:
@@ -135,6 +180,15 @@ class ModelConfig:
                               f"must divide model.d_model={self.d_model}; pick a divisor of it")
         if self.position is Position.rope and self.head_dim % 2:
             raise ConfigError("model.n_heads", self.n_heads, "RoPE needs an even head size d_model/n_heads")
+        optional_positive("model.n_kv_heads", self.n_kv_heads)
+        if self.n_heads % self.kv_heads:
+            raise ConfigError("model.n_kv_heads", self.n_kv_heads,
+                              f"must divide model.n_heads={self.n_heads} (each key/value head serves a whole group "
+                              "of query heads); pick a divisor of it, or null for one per query head")
+        self.rope_scaling.validate()
+        if self.rope_scaling.type is not RopeScaling.none and self.position is not Position.rope:
+            raise ConfigError("model.rope_scaling.type", self.rope_scaling.type,
+                              f"scales RoPE, but model.position={self.position}; set it to none")
         optional_positive("model.vocab_size", self.vocab_size)
         optional_positive("model.ffn_hidden", self.ffn_hidden)
         in_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)

@@ -72,13 +72,16 @@ def check_batch(cfg: TrainRunConfig) -> None:
 
 
 def check_tensor_parallel(cfg: TrainRunConfig) -> None:
-    """Heads, MLP width and sequence length split evenly over ``parallel.tp``; RoPE only."""
+    """Query and key/value heads, MLP width and sequence length split evenly over ``parallel.tp``; RoPE only."""
     tp, m = cfg.parallel.tp, cfg.model
     if tp == 1:
         return
     if m.n_heads % tp:
         raise ConfigError("parallel.tp", tp,
                           f"must divide model.n_heads={m.n_heads} (each rank holds n_heads/tp heads)")
+    if m.kv_heads % tp:
+        raise ConfigError("parallel.tp", tp, f"must divide model.n_kv_heads={m.kv_heads} (each rank holds "
+                          "n_kv_heads/tp key/value heads); lower parallel.tp or raise model.n_kv_heads")
     if m.ffn_hidden_size() % tp:
         raise ConfigError("parallel.tp", tp,
                           f"must divide the MLP hidden size {m.ffn_hidden_size()}; set model.ffn_hidden")

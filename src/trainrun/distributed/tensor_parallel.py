@@ -1,12 +1,13 @@
 """Tensor + sequence parallelism of the GPT on the ``tp`` mesh (Megatron-style, torchtitan's plan).
 
-Inside a block, q/k/v and w1/w3 are column-parallel (each rank holds ``n_heads // tp`` heads and
-``ffn // tp`` hidden units) and wo/w2 row-parallel; between the matmuls the residual stream is
-sharded along the sequence (SequenceParallel norms), so the all-reduce of plain TP becomes an
-all-gather before attention/MLP and a reduce-scatter after. The token embedding is row-parallel
-(vocab-sharded) with a sequence-sharded output, and the output projection column-parallel with
-replicated logits, so the loss is computed exactly as in one process (no loss_parallel: simpler,
-the price is one (B, T, V) all-gather per micro-batch).
+Inside a block, q/k/v and w1/w3 are column-parallel (each rank holds ``n_heads // tp`` query heads,
+``n_kv_heads // tp`` key/value heads, the ones its query heads attend with, and ``ffn // tp`` hidden
+units) and wo/w2 row-parallel; between the matmuls the residual stream is sharded along the sequence
+(SequenceParallel norms), so the all-reduce of plain TP becomes an all-gather before attention/MLP and
+a reduce-scatter after. The token embedding is row-parallel (vocab-sharded) with a sequence-sharded
+output, and the output projection column-parallel with replicated logits, so the loss is computed
+exactly as in one process (no loss_parallel: simpler, the price is one (B, T, V) all-gather per
+micro-batch).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     """Shard ``model`` (a GPT or a pipeline stage of one) over ``tp_mesh`` in place; returns it.
 
     Modules a pipeline stage deleted (None) are skipped. Attention derives its local head count
-    from the projected size (``view(B, T, -1, head_dim)``), so it needs no change after sharding.
+    from the projected size (``view(B, T, -1, head_dim)``), so it needs no change after sharding; with
+    grouped-query attention, rank r's query heads r*n_heads/tp.. are served by kv heads r*n_kv_heads/tp..,
+    exactly its shard of wk/wv, because every group of n_heads/n_kv_heads query heads is consecutive.
     """
     tied = getattr(model.cfg, "tie_embeddings", False) and model.tok_embeddings is not None and model.output is not None
     top: dict = {}

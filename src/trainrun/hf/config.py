@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from trainrun.config.choices import Mlp, Norm, Position
-from trainrun.config.schema import ModelConfig
+from trainrun.config.choices import Mlp, Norm, Position, RopeScaling
+from trainrun.config.schema import ModelConfig, RopeScalingConfig
 from trainrun.errors import ConfigError
 from trainrun.hf.mapping import architecture
 from trainrun.hf.safetensors_io import weight_files
@@ -31,18 +31,23 @@ def hf_config(cfg: ModelConfig, eos_id: int | None, bos_id: int | None, dtype: s
 
     Written by hand rather than by transformers' config classes so that exporting needs no
     transformers and the file reads in old and new releases alike: RoPE's base goes both to
-    ``rope_theta`` (transformers 4.x) and to ``rope_parameters`` (5.x).
+    ``rope_theta`` (transformers 4.x) and to ``rope_parameters`` (5.x), and Llama 3.1's scaling both to
+    ``rope_scaling`` (4.x) and to ``rope_parameters``.
     """
     model_type, arch = architecture(cfg)
     common = {"architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
               "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": bos_id, "eos_token_id": eos_id,
               "initializer_range": cfg.init_std, "use_cache": True, "torch_dtype": dtype, "dtype": dtype}
     if model_type == "llama":
+        scaling = _rope_scaling(cfg.rope_scaling)
+        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta} if scaling is None \
+            else {**scaling, "rope_theta": cfg.rope_theta}
         return {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden_size(),
                 "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-                "num_key_value_heads": cfg.n_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+                "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
                 "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-                "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                "rope_theta": cfg.rope_theta, "rope_parameters": rope,
+                **({"rope_scaling": scaling} if scaling is not None else {}),
                 "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout,
                 "pretraining_tp": 1}
     return {**common, "n_positions": cfg.max_seq_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layers,
@@ -53,10 +58,19 @@ def hf_config(cfg: ModelConfig, eos_id: int | None, bos_id: int | None, dtype: s
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
 
 
+def _rope_scaling(scaling: RopeScalingConfig) -> dict[str, Any] | None:
+    """transformers' ``rope_scaling`` of ``model.rope_scaling`` (None for plain RoPE)."""
+    if scaling.type is RopeScaling.none:
+        return None
+    return {"rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings}
+
+
 # ---- import: config.json -> ModelConfig fields ----------------------------------------------------
 
-ARCHITECTURE_FIELDS = ("n_layers", "n_heads", "d_model", "ffn_hidden", "vocab_size", "max_seq_len", "norm",
-                       "norm_eps", "position", "rope_theta", "mlp", "tie_embeddings", "bias")
+ARCHITECTURE_FIELDS = ("n_layers", "n_heads", "n_kv_heads", "d_model", "ffn_hidden", "vocab_size", "max_seq_len",
+                       "norm", "norm_eps", "position", "rope_theta", "rope_scaling", "mlp", "tie_embeddings", "bias")
 """ModelConfig fields that ``model.init_from`` takes from the transformers ``config.json``."""
 
 
@@ -97,23 +111,41 @@ def _llama_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
     act = hf.get("hidden_act", "silu")
     _refuse_unless(act == "silu", where, "hidden_act", act, "the SwiGLU MLP uses silu")
     kv = hf.get("num_key_value_heads") or heads
-    _refuse_unless(kv == heads, where, "num_key_value_heads", kv,
-                   f"grouped-query attention is not supported (needs {heads}, one per query head)")
+    _refuse_unless(isinstance(kv, int) and kv > 0 and heads % kv == 0, where, "num_key_value_heads", kv,
+                   f"must divide num_attention_heads={heads} (grouped-query attention)")
     head_dim = hf.get("head_dim") or width // heads
     _refuse_unless(head_dim * heads == width, where, "head_dim", head_dim, "must be hidden_size/num_attention_heads")
     rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    _refuse_unless(rope_type == "default", where, "rope_type", rope_type, "only unscaled RoPE is supported")
     attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
     _refuse_unless(attn_bias == mlp_bias, where, "mlp_bias", mlp_bias,
                    f"model.bias applies to every linear layer, so it must equal attention_bias={attn_bias}")
-    return {"n_layers": hf["num_hidden_layers"], "n_heads": heads, "d_model": width,
-            "ffn_hidden": hf["intermediate_size"], "vocab_size": hf["vocab_size"],
+    return {"n_layers": hf["num_hidden_layers"], "n_heads": heads, "n_kv_heads": None if kv == heads else kv,
+            "d_model": width, "ffn_hidden": hf["intermediate_size"], "vocab_size": hf["vocab_size"],
             "max_seq_len": hf["max_position_embeddings"], "norm": Norm.rmsnorm,
             "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), "position": Position.rope,
-            "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), "mlp": Mlp.swiglu,
+            "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            "rope_scaling": _llama_rope_scaling(hf, where), "mlp": Mlp.swiglu,
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "bias": attn_bias}
+
+
+def _llama_rope_scaling(hf: dict[str, Any], where: str) -> RopeScalingConfig:
+    """``model.rope_scaling`` of a Llama config.json: from ``rope_parameters`` (transformers 5.x) or
+    ``rope_scaling`` (4.x); ConfigError for another type (linear, dynamic, yarn, ...)."""
+    rope, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+    params = rope if rope.get("rope_type", "default") != "default" or not scaling else scaling
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    _refuse_unless(rope_type in ("default", "llama3"), where, "rope_type", rope_type,
+                   "trainrun's RoPE is unscaled (default) or scaled as Llama 3.1 does (llama3)")
+    if rope_type == "default":
+        return RopeScalingConfig()
+    numbers = ("factor", "low_freq_factor", "high_freq_factor")
+    bad = [k for k in numbers if not isinstance(params.get(k), (int, float)) or isinstance(params.get(k), bool)]
+    _refuse_unless(not bad, where, "rope_scaling", params, f"llama3 scaling needs numbers {', '.join(bad)}")
+    original = params.get("original_max_position_embeddings") or hf["max_position_embeddings"]
+    return RopeScalingConfig(type=RopeScaling.llama3, factor=float(params["factor"]),
+                             low_freq_factor=float(params["low_freq_factor"]),
+                             high_freq_factor=float(params["high_freq_factor"]),
+                             original_max_position_embeddings=int(original))
 
 
 def _gpt2_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
@@ -127,6 +159,7 @@ def _gpt2_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
         _refuse_unless(not hf.get(key, False), where, key, True, "not part of trainrun's decoder block")
     return {"n_layers": hf["n_layer"], "n_heads": hf["n_head"], "d_model": hf["n_embd"],
             "ffn_hidden": hf.get("n_inner") or 4 * hf["n_embd"], "vocab_size": hf["vocab_size"],
+            "n_kv_heads": None, "rope_scaling": RopeScalingConfig(),
             "max_seq_len": hf["n_positions"], "norm": Norm.layernorm,
             "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)), "position": Position.learned, "mlp": Mlp.gelu,
             "tie_embeddings": bool(hf.get("tie_word_embeddings", True)), "bias": True}

@@ -14,7 +14,9 @@ position=learned, mlp=gelu, norm=layernorm        ``GPT2LMHeadModel``     ``gpt2
 ``bias`` and ``tie_embeddings`` may take either value in both rows (Llama's ``attention_bias`` and
 ``mlp_bias``; GPT-2 always has biases, which are exported as zeros when trainrun has none).
 trainrun's RoPE already rotates the two halves of each head (``rotate_half``, as transformers'
-Llama does), so q/k rows need no permutation. GPT-2's ``Conv1D`` stores weights as (in, out),
+Llama does), so q/k rows need no permutation. With grouped-query attention (``n_kv_heads``,
+Llama's ``num_key_value_heads``) ``k_proj``/``v_proj`` have ``n_kv_heads*head_dim`` rows, as trainrun's
+``wk``/``wv``; GPT-2 has no such layout. GPT-2's ``Conv1D`` stores weights as (in, out),
 the transpose of ``nn.Linear``, and its ``c_attn`` is q, k and v concatenated.
 
 Every tensor of the exported model is described once, by a :class:`Target`; importing reads the
@@ -76,6 +78,9 @@ def architecture(cfg: ModelConfig) -> tuple[str, str]:
     if key not in EXPORTABLE:
         raise ExportError(f"model position={key[0]}, mlp={key[1]}, norm={key[2]} has no transformers equivalent; "
                           f"exportable: {SUPPORTED_TEXT}")
+    if EXPORTABLE[key][0] == "gpt2" and cfg.kv_heads != cfg.n_heads:
+        raise ExportError(f"model n_kv_heads={cfg.n_kv_heads} (grouped-query attention) has no GPT2LMHeadModel "
+                          "equivalent; only the Llama layout (position=rope, mlp=swiglu, norm=rmsnorm) exports it")
     return EXPORTABLE[key]
 
 

@@ -32,7 +32,8 @@ def count_parameters(cfg: ModelConfig, include_embeddings: bool = True) -> int:
     d, L = cfg.d_model, cfg.n_layers
     hidden = cfg.ffn_hidden_size()
     norm = d + (d if cfg.norm is Norm.layernorm and cfg.bias else 0)
-    attention = 4 * d * d + (4 * d if cfg.bias else 0)  # wq, wk, wv, wo
+    kv = cfg.kv_heads * cfg.head_dim  # width of k and v: d, or less with grouped-query attention
+    attention = 2 * d * d + 2 * d * kv + ((2 * d + 2 * kv) if cfg.bias else 0)  # wq, wo: d->d; wk, wv: d->kv
     if cfg.mlp is Mlp.swiglu:
         mlp = 3 * d * hidden + ((2 * hidden + d) if cfg.bias else 0)  # w1, w3: d->h; w2: h->d
     else:
@@ -104,7 +105,8 @@ def estimate_training_memory(
     bf16/fp16 is autocast, so no second weight copy is kept.
 
     Activations per layer follow Korthikanti et al. 2022 (for 16-bit, in bytes):
-    ``s*b*h*(34 + 5*a*s/h)``, doubled for fp32. With ``flash_attention`` (the default: SDPA's flash /
+    ``s*b*h*(34 + 5*a*s/h)``, doubled for fp32; with grouped-query attention the stored keys and values
+    (2*s*b*h each of the 34) shrink by ``n_kv_heads/n_heads``. With ``flash_attention`` (the default: SDPA's flash /
     memory-efficient kernels) the (s x s) score term ``5*a*s/h`` is never stored, so only ``34*s*b*h``
     remains. Activation checkpointing (``trainrun.distributed.activation_checkpoint``) recomputes
     whole blocks: a checkpointed block keeps only its input ``2*s*b*h``; ``full`` checkpoints every
@@ -125,7 +127,8 @@ def estimate_training_memory(
     s, b, h, a, L = seq_len, micro_batch_size, cfg.d_model, cfg.n_heads, cfg.n_layers
     scale = precision.activation_bytes / 2  # the formula's coefficients are 16-bit bytes
     score_term = 0.0 if flash_attention else 5 * a * s / h
-    full_layer = s * b * h * (34 + score_term) * scale
+    kv_saving = 4 * (1 - cfg.kv_heads / cfg.n_heads)  # keys and values stored at n_kv_heads/n_heads of 2*s*b*h each
+    full_layer = s * b * h * (34 - kv_saving + score_term) * scale
     recomputed = sum(activation_checkpointing.recomputes(i) for i in range(L))
     if recomputed == 0:
         layers = L * full_layer

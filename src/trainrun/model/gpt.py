@@ -47,7 +47,7 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
         if cfg.position is Position.rope:
-            cos, sin = rope_cache(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, scaling=cfg.rope_scaling)
             self.rope_cos, self.rope_sin = cos, sin
         self.init_weights()
 
@@ -84,7 +84,8 @@ class GPT(nn.Module):
         cfg = self.cfg
         if cfg.position is Position.rope:
             device = self.rope_cos.device if self.rope_cos is not None else None
-            cos, sin = rope_cache(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, device=device)
+            cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device,
+                                  scaling=cfg.rope_scaling)
             self.rope_cos, self.rope_sin = cos, sin
 
     def _tie_embeddings(self) -> None:

@@ -7,12 +7,14 @@ Nothing here knows about parallelism.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainrun.config.choices import Mlp, Norm
-from trainrun.config.schema import ModelConfig
+from trainrun.config.choices import Mlp, Norm, RopeScaling
+from trainrun.config.schema import ModelConfig, RopeScalingConfig
 
 
 def build_norm(cfg: ModelConfig) -> nn.Module:
@@ -22,10 +24,34 @@ def build_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_cache(head_dim: int, max_seq_len: int, theta: float,
-               device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of rotate-half RoPE (Su et al. 2021), each (max_seq_len, head_dim), in fp32."""
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScalingConfig) -> torch.Tensor:
+    """Llama 3.1's rescaled inverse frequencies (hs/2,), exactly as transformers' ``_compute_llama3_parameters``.
+
+    Wavelengths shorter than ``original/high_freq_factor`` are kept (they resolve local order),
+    longer than ``original/low_freq_factor`` are stretched by ``factor`` (so the longer context
+    stays within the angles seen in pre-training), and those between are blended linearly in
+    ``original/wavelength``.
+    """
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old_context_len = scaling.original_max_position_embeddings
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    wavelen = 2 * math.pi / inv_freq  # (hs/2,)
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cache(head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None,
+               scaling: RopeScalingConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of rotate-half RoPE (Su et al. 2021), each (max_seq_len, head_dim), in fp32.
+
+    ``scaling`` of type llama3 rescales the frequencies as Llama 3.1 does (:func:`llama3_inv_freq`).
+    """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)  # (hs/2,)
+    if scaling is not None and scaling.type is RopeScaling.llama3:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)  # (T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs): the two halves share frequencies (rotate-half layout)
@@ -45,16 +71,20 @@ def dropout_layer(p: float) -> nn.Module:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with separate q/k/v projections (clean TP sharding)."""
+    """Causal self-attention with separate q/k/v projections (clean TP sharding): multi-head, or grouped-query
+    (Ainslie et al. 2023) when ``n_kv_heads < n_heads``, each key/value head then serving n_heads/n_kv_heads
+    consecutive query heads (transformers' ``repeat_kv`` grouping)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
+        self.gqa = cfg.kv_heads != cfg.n_heads
         self.dropout = cfg.dropout
+        kv_dim = cfg.kv_heads * self.head_dim
         self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.resid_dropout = dropout_layer(cfg.dropout)
 
@@ -65,15 +95,16 @@ class Attention(nn.Module):
         only this module sees the whole sequence (its input is gathered along T).
         """
         B, T, _ = x.shape
-        # -1 rather than n_heads: under TP the local projection holds only n_heads/tp heads.
+        # -1 rather than n_heads: under TP the local projections hold only n_heads/tp and n_kv_heads/tp heads.
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
             cos, sin = rope[0][:T], rope[1][:T]  # (T, hs) each
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # enable_gqa lets SDPA broadcast each kv head over its group of query heads without a copy.
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True, enable_gqa=self.gqa
         )  # (B, nh, T, hs); flash / memory-efficient kernels never materialise the (T, T) scores
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, C)
         return self.resid_dropout(self.wo(y))
