@@ -1,0 +1,72 @@
+"""Grouped-query attention with Llama 3.1's RoPE scaling under tensor parallelism (gloo, CPU), against one process.
+
+The model of test_parallel.py with ``model.n_kv_heads=2`` (4 query heads: groups of 2) and
+``model.rope_scaling.type=llama3`` with an original context shorter than ``data.seq_len`` (the scaled
+angles are used). Under ``parallel.tp=2`` each rank holds 2 query heads and the 1 key/value head they
+attend with; losses, gradient norms and final weights must equal the one-process run's within
+test_parallel.py's tolerances. A ``parallel.tp`` that does not divide ``n_kv_heads`` exits 2 on every rank.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.test_parallel import (
+    PARAM_ATOL,
+    TINY_PARALLEL,
+    assert_same_losses,
+    final_model_state,
+    grad_norms,
+    single,
+    spawn_ranks,
+    torchrun,
+)
+from tests.helpers.cli import train_losses
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+GQA = ["model.n_kv_heads=2", "model.rope_scaling.type=llama3", "model.rope_scaling.original_max_position_embeddings=8"]
+
+
+@pytest.fixture(scope="module")
+def gqa_args(tmp_path_factory) -> list[str]:
+    return [*TINY_PARALLEL, *GQA, f"data.path={tmp_path_factory.mktemp('gqa_corpus')}"]
+
+
+@pytest.fixture(scope="module")
+def gqa_reference(tmp_path_factory, gqa_args) -> Path:
+    run_dir = tmp_path_factory.mktemp("gqa_reference") / "run"
+    proc = single(run_dir, gqa_args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+LAYOUTS = {"tp_sp": (2, ["parallel.tp=2"])}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gqa_layout_matches_single_process(layout, gqa_reference, gqa_args, tmp_path):
+    nproc, overrides = LAYOUTS[layout]
+    run_dir = tmp_path / "run"
+    start = time.perf_counter()
+    proc = torchrun(nproc, run_dir, [*gqa_args, *overrides])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_same_losses(train_losses(run_dir), train_losses(gqa_reference))
+    assert grad_norms(run_dir) == pytest.approx(grad_norms(gqa_reference), rel=1e-4)
+    expected, got = final_model_state(gqa_reference), final_model_state(run_dir)
+    assert sorted(got) == sorted(expected)
+    assert expected["layers.0.attention.wk.weight"].shape == (16, 32)  # 2 kv heads of 8 channels
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=PARAM_ATOL, msg=lambda m, n=name: f"{n}: {m}")
+    print(f"gqa {layout}: {time.perf_counter() - start:.1f}s")
+
+
+def test_tp_not_dividing_kv_heads_exits_2_on_every_rank(gqa_args, tmp_path):
+    ranks = spawn_ranks(2, tmp_path / "run", [*gqa_args, "parallel.tp=2", "model.n_kv_heads=1"], timeout=90)
+    for code, err in ranks:
+        assert code == 2, err[-3000:]
+        assert "parallel.tp=2: must divide model.n_kv_heads=1" in err and "Traceback" not in err
