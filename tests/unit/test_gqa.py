@@ -188,6 +188,17 @@ def test_init_from_gqa_llama31_and_export_back(kv, tmp_path):
     assert (again_cfg.n_kv_heads, again_cfg.rope_scaling) == (cfg.n_kv_heads, cfg.rope_scaling)
 
 
+def test_orchestrator_builds_and_loads_a_gqa_checkpoint(tmp_path):
+    """The run's own build path (meta device, allocate, load; no random init) with model.init_from."""
+    from trainrun.distributed.env import DistEnv
+    from trainrun.orchestrator import build_model_and_optimizer
+
+    hf_model = hf_llama(tmp_path / "hf", kv_heads=1)
+    cfg = TrainRunConfig(model=resolve_init_from(ModelConfig(init_from=str(tmp_path / "hf"))))
+    built = build_model_and_optimizer(cfg, DistEnv(0, 0, 1, torch.device("cpu"), None, "single"))
+    assert logit_diff(built.model_parts[0].eval(), hf_model) < LOGIT_ATOL
+
+
 def test_transformers_4_config_reads_the_same(tmp_path):
     """transformers 4.x wrote ``rope_theta`` and ``rope_scaling`` instead of ``rope_parameters``."""
     hf_model = hf_llama(tmp_path / "hf")
