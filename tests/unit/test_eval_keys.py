@@ -44,3 +44,26 @@ def test_report_sorts_a_sweep_by_any_loss(tmp_path, capsys) -> None:
     assert report_main([str(sweep), "--no-png", "--sort-by", "final_val_loss/code"]) == 0
     assert report_main([str(sweep), "--no-png", "--sort-by", "val_los"]) == 2
     assert "final_val_loss/code" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("overrides", "objective", "says"), [
+    ([], "test_loss", "no trial evaluates a test set"),
+    (["data=stdlib_blend", "eval.test=false"], "test_loss", "no trial evaluates a test set"),
+    (["data=stdlib_blend"], "val_loss/librry", "no evaluated source is named 'librry'"),
+    ([], "val_loss/stdlib", "no evaluated source"),
+    (["data=stdlib_blend"], "test_loss/tests", None),
+    (["data=stdlib_blend"], "val_loss/library", None),
+    (['data.split="90,5,5"'], "test_loss", None),
+])
+def test_an_optuna_objective_the_trials_would_never_log_is_refused_up_front(overrides, objective, says) -> None:
+    from hydra_plugins.trainrun_optuna.sweeper import check_objective_readable
+    from trainrun.config import compose_config
+    from trainrun.errors import ConfigError
+
+    cfg = compose_config(overrides)
+    if says is None:
+        check_objective_readable(cfg, objective)
+        return
+    with pytest.raises(ConfigError, match=says) as err:
+        check_objective_readable(cfg, objective)
+    assert err.value.field == "hydra.sweeper.objective"

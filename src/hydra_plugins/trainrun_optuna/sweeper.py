@@ -42,6 +42,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from trainrun.config.blend import parse_blend, parse_split
 from trainrun.config.schema import TrainRunConfig
 from trainrun.errors import ConfigError, DataError, RunEnvironmentError, UserError
 from trainrun.exit_codes import ExitCode
@@ -99,14 +100,44 @@ def probe_overrides(space: Sequence[Override]) -> list[str]:
     return probe
 
 
-def check_objective_readable(cfg: TrainRunConfig) -> None:
-    """A trial of this config writes the metrics.jsonl its objective is read from."""
+def check_objective_readable(cfg: TrainRunConfig, objective: str = "val_loss") -> None:
+    """A trial of this config writes the metrics.jsonl its objective is read from, and logs the objective: a
+    ``test_loss`` needs test sources, a ``val_loss/<source>`` (or ``test_loss/<source>``) one of the blend's."""
+    if objective.startswith("test_loss") and not _has_test_data(cfg):
+        raise ConfigError("hydra.sweeper.objective", objective,
+                          "no trial evaluates a test set: give it one (data.split with a test share, e.g. "
+                          "'data.split=\"969,30,1\"', or data.test_blend) with eval.test=true, or use val_loss")
+    source = objective.partition("/")[2]
+    if source and objective.partition("/")[0] in ("val_loss", "test_loss"):
+        names = _eval_source_names(cfg, objective.partition("/")[0])
+        if source not in names:
+            raise ConfigError("hydra.sweeper.objective", objective,
+                              f"no evaluated source is named {source!r}; per-source losses exist for a blend of "
+                              f"several sources ({', '.join(names) if names else 'this run has one'})")
     if not cfg.logging.jsonl:
         raise ConfigError("logging.jsonl", cfg.logging.jsonl,
                           "an Optuna search reads each trial's objective from metrics.jsonl; set logging.jsonl=true")
     if cfg.run.dry_run:
         raise ConfigError("run.dry_run", cfg.run.dry_run,
                           "a dry run trains nothing, so no trial has an objective; set run.dry_run=false")
+
+
+def _has_test_data(cfg: TrainRunConfig) -> bool:
+    """The run ends with a test evaluation (eval.test and a test share of data.split or a data.test_blend)."""
+    data = getattr(cfg, "data", None)
+    if data is None or not getattr(getattr(cfg, "eval", None), "test", True):
+        return False
+    split = parse_split(data.split)
+    return data.test_blend is not None or (split is not None and split[2] > 0)
+
+
+def _eval_source_names(cfg: TrainRunConfig, kind: str) -> list[str]:
+    """The sources a run logs ``<kind>/<name>`` for (none for a single source, whose loss is ``<kind>`` alone)."""
+    data = cfg.data
+    explicit = parse_blend(data.valid_blend if kind == "val_loss" else data.test_blend, f"data.{kind}")
+    sources = explicit or parse_blend(data.blend, "data.blend") or ()
+    names = [s.name for s in sources if s.weight > 0]
+    return names if len(names) > 1 else []
 
 
 def job_exit_code(job_return: JobReturn) -> ExitCode:
@@ -229,7 +260,7 @@ class TrainrunOptunaSweeper(Sweeper):
             fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
             check_space(space)
             _, probe = check_point(self.config, [*fixed, *probe_overrides(space)], world_size)
-            check_objective_readable(probe)
+            check_objective_readable(probe, self.objective)
             study = self._study(sweep_dir)
         except UserError as err:
             refuse(err)
@@ -273,7 +304,7 @@ class TrainrunOptunaSweeper(Sweeper):
             for trial, overrides in zip(trials, batch, strict=True):
                 try:
                     [(point, cfg)] = preflight(self.config, [overrides], world_size, distinct=False)
-                    check_objective_readable(cfg)
+                    check_objective_readable(cfg, self.objective)
                 except (ConfigError, DataError) as err:
                     self._fail(study, trial, requeue=False)
                     told.add(trial.number)
