@@ -59,7 +59,7 @@ def test_gqa_layout_matches_single_process(layout, gqa_reference, gqa_args, tmp_
     assert grad_norms(run_dir) == pytest.approx(grad_norms(gqa_reference), rel=1e-4)
     expected, got = final_model_state(gqa_reference), final_model_state(run_dir)
     assert sorted(got) == sorted(expected)
-    assert expected["layers.0.attention.wk.weight"].shape == (16, 32)  # 2 kv heads of 8 channels
+    assert expected["layers.0.attention.wqkv.weight"].shape == (64, 32)  # (4 q + 2 k + 2 v heads) of 8 channels
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=PARAM_ATOL, msg=lambda m, n=name: f"{n}: {m}")
     print(f"gqa {layout}: {time.perf_counter() - start:.1f}s")

@@ -38,6 +38,7 @@ from trainrun.hf.import_weights import load_hf_weights  # noqa: E402
 from trainrun.hf.mapping import ExportError, architecture  # noqa: E402
 from trainrun.model import GPT, count_parameters, estimate_training_memory  # noqa: E402
 from trainrun.model.layers import rope_cache  # noqa: E402
+from trainrun.model.qkv import fuse_qkv, split_qkv  # noqa: E402
 
 LLAMA31 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -94,8 +95,10 @@ def test_gqa_is_mha_with_repeated_kv_heads():
     state = gqa.state_dict()
     hs = gqa.cfg.head_dim
     for name, value in list(state.items()):
-        if name.endswith(("attention.wk.weight", "attention.wv.weight")):  # (nkv*hs, C) -> (nh*hs, C)
-            state[name] = value.view(2, hs, -1).repeat_interleave(2, dim=0).reshape(4 * hs, -1)
+        if name.endswith("attention.wqkv.weight"):  # k, v (nkv*hs, C) -> (nh*hs, C), fused again for 4 kv heads
+            q, k, v = split_qkv(value, 4, 2)
+            k, v = (t.view(2, hs, -1).repeat_interleave(2, dim=0).reshape(4 * hs, -1) for t in (k, v))
+            state[name] = fuse_qkv(q, k, v, 4)
     mha.load_state_dict(state)
     ids = torch.randint(0, 97, (2, 40))
     with torch.no_grad():
@@ -108,7 +111,7 @@ def test_count_parameters_is_exact(kv, bias):
     cfg = tiny(n_kv_heads=kv, bias=bias, tie_embeddings=False)
     model = GPT(cfg)
     assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())
-    assert model.layers["0"].attention.wk.weight.shape == (kv * cfg.head_dim, cfg.d_model)
+    assert model.layers["0"].attention.wqkv.weight.shape == ((cfg.n_heads + 2 * kv) * cfg.head_dim, cfg.d_model)
 
 
 def test_memory_estimate_shrinks_with_fewer_kv_heads():

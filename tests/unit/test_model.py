@@ -94,9 +94,9 @@ def test_init_weights_values():
     layer = model.layers["3"]
     for w in (layer.attention.wo.weight, layer.mlp.w2.weight):
         assert w.std().item() == pytest.approx(out_std, rel=0.03)
-    for w in (layer.attention.wq.weight, layer.mlp.w1.weight, model.output.weight):
+    for w in (layer.attention.wqkv.weight, layer.mlp.w1.weight, model.output.weight):
         assert w.std().item() == pytest.approx(cfg.init_std, rel=0.03)
-    assert torch.all(layer.attention.wq.bias == 0) and torch.all(layer.mlp.w2.bias == 0)
+    assert torch.all(layer.attention.wqkv.bias == 0) and torch.all(layer.mlp.w2.bias == 0)
     assert torch.all(layer.attention_norm.weight == 1) and torch.all(model.norm.bias == 0)
 
 

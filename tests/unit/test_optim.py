@@ -44,7 +44,7 @@ def test_decay_groups_split_by_ndim():
     names = {id(p): n for n, p in m.named_parameters()}
     decay = {names[id(p)] for p in groups["decay"]["params"]}
     no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
-    assert "layers.0.attention.wq.weight" in decay and "tok_embeddings.weight" in decay
+    assert "layers.0.attention.wqkv.weight" in decay and "tok_embeddings.weight" in decay
     assert "norm.weight" in no_decay and "norm.bias" in no_decay
     assert "layers.1.attention_norm.weight" in no_decay and "layers.0.mlp.w2.bias" in no_decay
     assert all(p.dim() >= 2 for p in groups["decay"]["params"])

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import trainrun
-from trainrun.checkpoint.dcp_io import CheckpointMismatch, load_tensors
+from trainrun.checkpoint.dcp_io import CheckpointMismatch, SeparateQkvCheckpoint, load_tensors
 from trainrun.checkpoint.layout import META_FILE, read_meta
 from trainrun.checkpoint.node_local import LocalPlan, NodeLocalStore
 from trainrun.checkpoint.policy import SaveKind
@@ -302,6 +302,8 @@ class Checkpointer:
                 self.local_store.load(plan, tensors)
             else:
                 load_tensors(path, tensors)
+        except SeparateQkvCheckpoint as err:  # an older trainrun's layout: one line naming what to do
+            raise ConfigError("checkpoint.resume", str(path), str(err)) from err
         except CheckpointMismatch as err:  # intact but not this model: no fallback (see resume)
             raise mismatch_error(err, meta.get("config", {"model": meta["model"]}), self.cfg, path) from err
         optim_flat = {**tensors.get("optim", {}), **meta.get("optim_values", {})} if full else {}

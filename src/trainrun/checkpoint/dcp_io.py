@@ -44,6 +44,21 @@ class CheckpointMismatch(CheckpointError):
     optimizer): a configuration problem, never a reason to fall back to an older checkpoint."""
 
 
+class SeparateQkvCheckpoint(CheckpointMismatch):
+    """A checkpoint of trainrun before q/k/v were fused into ``attention.wqkv`` (separate wq/wk/wv): refused,
+    never converted; the message names what to do."""
+
+
+def separate_qkv_error(source: object, names) -> SeparateQkvCheckpoint | None:
+    """The error for a checkpoint whose entry ``names`` hold the old separate ``attention.wq/wk/wv``, else None."""
+    if not any(".attention.wq." in name for name in names):
+        return None
+    return SeparateQkvCheckpoint(
+        f"{source} holds separate attention.wq/wk/wv projections (saved before trainrun fused them into "
+        "attention.wqkv), which this version does not load; load or resume it with the trainrun version that "
+        "wrote it, or export it there with trainrun-export and start from the export with model.init_from")
+
+
 def raise_if_interrupted(err: BaseException) -> None:
     """Re-raise a KeyboardInterrupt that DCP wrapped into a CheckpointException.
 
@@ -160,6 +175,8 @@ def load_tensors(path: Path, tensors: dict) -> None:
         raise CheckpointError(f"checkpoint {path} holds unexpected entries (e.g. {foreign[:3]}); "
                               "trainrun only loads checkpoints with tensors it wrote itself")
     missing = sorted(set(_flatten_keys(tensors)) - set(stored))
+    if missing and (old := separate_qkv_error(f"checkpoint {path}", stored)) is not None:
+        raise old
     if missing:
         raise CheckpointMismatch(f"checkpoint {path} lacks {len(missing)} entries (e.g. {missing[:3]})")
     resized = _resized(tensors, stored)

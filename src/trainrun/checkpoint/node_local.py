@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from trainrun.checkpoint.dcp_io import CheckpointMismatch
+from trainrun.checkpoint.dcp_io import CheckpointMismatch, separate_qkv_error
 from trainrun.checkpoint.layout import fsync_dir, write_text_atomic
 from trainrun.distributed.env import DistEnv, node_index
 from trainrun.errors import CheckpointError
@@ -274,6 +274,8 @@ def restore(tensors: dict, data: bytes, rank: int, source: str) -> None:
         raise CheckpointError(f"{source} holds rank {saved.get('rank')}'s state, not rank {rank}'s")
     wanted = _flatten(tensors)
     missing = sorted(set(wanted) - set(stored))
+    if missing and (old := separate_qkv_error(source, stored)) is not None:
+        raise old
     if missing:
         raise CheckpointMismatch(f"{source} lacks {len(missing)} entries (e.g. {missing[:3]})")
     resized = []

@@ -1,6 +1,6 @@
 """Tensor + sequence parallelism of the GPT on the ``tp`` mesh (Megatron-style, torchtitan's plan).
 
-Inside a block, q/k/v and w1/w3 are column-parallel (each rank holds ``n_heads // tp`` query heads,
+Inside a block, the fused wqkv and w1/w3 are column-parallel (each rank holds ``n_heads // tp`` query heads,
 ``n_kv_heads // tp`` key/value heads, the ones its query heads attend with, and ``ffn // tp`` hidden
 units) and wo/w2 row-parallel; between the matmuls the residual stream is sharded along the sequence
 (SequenceParallel norms), so the all-reduce of plain TP becomes an all-gather before attention/MLP and
@@ -30,9 +30,8 @@ def _block_plan() -> dict:
         "attention_norm": SequenceParallel(),
         # (x, rope): x arrives sequence-sharded and is gathered; the RoPE tables stay plain tensors.
         "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
+        # Megatron's layout: wqkv's rows are grouped by kv head, so an even row shard holds n_kv_heads/tp whole groups.
+        "attention.wqkv": ColwiseParallel(),
         "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
         "mlp_norm": SequenceParallel(),
         "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
@@ -46,9 +45,10 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     """Shard ``model`` (a GPT or a pipeline stage of one) over ``tp_mesh`` in place; returns it.
 
     Modules a pipeline stage deleted (None) are skipped. Attention derives its local head count
-    from the projected size (``view(B, T, -1, head_dim)``), so it needs no change after sharding; with
-    grouped-query attention, rank r's query heads r*n_heads/tp.. are served by kv heads r*n_kv_heads/tp..,
-    exactly its shard of wk/wv, because every group of n_heads/n_kv_heads query heads is consecutive.
+    from the projected size (``view(B, T, -1, q_per_kv + 2, head_dim)``), so it needs no change after sharding:
+    wqkv's rows are in Megatron's layout (:mod:`trainrun.model.qkv`), [query heads, k, v] per kv group, and
+    tp divides n_kv_heads, so rank r's shard is groups r*n_kv_heads/tp.. whole, its query heads with exactly
+    the key/value heads they attend with.
     """
     tied = getattr(model.cfg, "tie_embeddings", False) and model.tok_embeddings is not None and model.output is not None
     top: dict = {}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from trainrun.checkpoint.dcp_io import load_tensors, read_tensor_metadata
+from trainrun.checkpoint.dcp_io import load_tensors, read_tensor_metadata, separate_qkv_error
 from trainrun.checkpoint.layout import META_FILE, read_meta
 from trainrun.checkpoint.paths import CheckpointNotFound, find_checkpoint
 from trainrun.config.choices import Verify
@@ -122,6 +122,9 @@ def load_model_tensors(step_dir: Path, names: list[str],
 
 def _check_coverage(cfg: ModelConfig, targets: list[Target], shapes: dict) -> None:
     """Every model tensor of the checkpoint is exported, and every one the mapping needs is there."""
+    old = separate_qkv_error("the checkpoint", shapes)
+    if old is not None:
+        raise ExportError(str(old))
     used = {name for t in targets for name in t.sources}
     if cfg.tie_embeddings:
         used.add("output.weight")  # the same tensor as the embedding, saved under both names
@@ -136,6 +139,9 @@ def _check_coverage(cfg: ModelConfig, targets: list[Target], shapes: dict) -> No
 def _target_bytes(target: Target, shapes: dict, dtype: torch.dtype) -> int:
     if not target.sources:
         return math.prod(target.shape) * dtype.itemsize
+    if target.ranges:
+        return sum((b - a) * math.prod(shapes[name][0][1:])
+                   for name, (a, b) in zip(target.sources, target.ranges, strict=True)) * dtype.itemsize
     return sum(math.prod(shapes[name][0]) for name in target.sources) * dtype.itemsize
 
 
@@ -157,7 +163,10 @@ def build_target(target: Target, tensors: dict[str, torch.Tensor], dtype: torch.
     """The transformers tensor of ``target`` from trainrun's (full) tensors."""
     if not target.sources:
         return torch.zeros(target.shape, dtype=dtype)
-    parts = [tensors[name] for name in target.sources]
+    if target.ranges:  # row slices of the fused wqkv
+        parts = [tensors[name][a:b] for name, (a, b) in zip(target.sources, target.ranges, strict=True)]
+    else:
+        parts = [tensors[name] for name in target.sources]
     value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     if target.transpose:
         value = value.t()

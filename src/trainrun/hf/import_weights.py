@@ -3,8 +3,9 @@
 Every rank reads only the rows and columns of its own shards: safetensors files are memory-mapped
 and ``get_slice`` reads a box of a tensor without the rest, so no rank ever holds the full model.
 The box of a DTensor shard comes from its placements (the same computation DCP uses to reshard);
-GPT-2's transposed ``Conv1D`` weights and its fused q/k/v are addressed through the mapping's
-``Source`` (name, transpose, row offset), so they need no full copy either.
+GPT-2's transposed ``Conv1D`` weights and the row slices that make trainrun's fused ``wqkv`` (Llama's
+q_proj/k_proj/v_proj per kv group, GPT-2's ``c_attn`` reordered) are addressed through the mapping's
+``Source`` (name, transpose, row offset, trainrun rows), so they need no full copy either.
 """
 
 from __future__ import annotations
@@ -25,23 +26,35 @@ from trainrun.hf.safetensors_io import HFWeights
 logger = logging.getLogger(__name__)
 
 
-def _check_shapes(weights: HFWeights, sources: dict[str, Source], shapes: dict[str, tuple[int, ...]]) -> None:
-    """Every stored tensor holds the trainrun tensors mapped into it (a config.json that lies is caught here)."""
-    needed: dict[str, list[int]] = {}
+def _check_shapes(weights: HFWeights, sources: dict[str, tuple[Source, ...]],
+                  shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every stored tensor holds the trainrun rows mapped into it (a config.json that lies is caught here)."""
+    needed: dict[str, tuple[list[int], bool]] = {}
     for name, shape in shapes.items():
-        src = sources[name]
-        stored = shape[::-1] if src.transpose else shape
-        rows = src.offset + shape[0]
-        want = needed.setdefault(src.hf_name, list(stored))
-        if src.transpose:
-            want[-1] = max(want[-1], rows)
-        else:
-            want[0] = max(want[0], rows)
-    for hf_name, want in needed.items():
+        for src in sources[name]:
+            want, _ = needed.setdefault(src.hf_name, ([0, *shape[1:]], src.transpose))
+            want[0] = max(want[0], src.offset + (src.rows or shape[0]))
+    for hf_name, (want, transpose) in needed.items():
+        want = want[::-1] if transpose else want
         have = weights.shape(hf_name)
         if list(have) != want:
             raise ConfigError(weights.field, weights.directory, f"{hf_name} has shape {list(have)} but config.json "
                               f"implies {want}; the weights do not belong to this config.json")
+
+
+def _read_box(weights: HFWeights, sources: tuple[Source, ...], offsets: tuple[int, ...],
+              sizes: tuple[int, ...]) -> torch.Tensor:
+    """The box ``offsets``/``sizes`` of a trainrun tensor, read from every stored tensor whose rows it covers
+    (one for most; the fused wqkv's rows come from q_proj/k_proj/v_proj or c_attn slices)."""
+    lo, hi = offsets[0], offsets[0] + sizes[0]
+    parts = []
+    for src in sources:
+        stop = src.start + src.rows if src.rows else hi
+        a, b = max(lo, src.start), min(hi, stop)
+        if a < b:  # stored row = trainrun row - start + offset
+            shifted = Source(src.hf_name, src.transpose, src.offset - src.start)
+            parts.append(weights.read(shifted, (a, *offsets[1:]), (b - a, *sizes[1:])))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 def _local_box(tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -76,5 +89,5 @@ def load_hf_weights(parts: Iterable[nn.Module], cfg: ModelConfig) -> None:
                 local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
                 if local.numel() == 0:  # an uneven shard can be empty on the last ranks
                     continue
-                local.copy_(weights.read(sources[name], offsets, sizes).reshape(local.shape))
+                local.copy_(_read_box(weights, sources[name], offsets, sizes).reshape(local.shape))
     logger.info("initialised the model from %s", cfg.init_from)

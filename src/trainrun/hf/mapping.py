@@ -14,10 +14,12 @@ position=learned, mlp=gelu, norm=layernorm        ``GPT2LMHeadModel``     ``gpt2
 ``bias`` and ``tie_embeddings`` may take either value in both rows (Llama's ``attention_bias`` and
 ``mlp_bias``; GPT-2 always has biases, which are exported as zeros when trainrun has none).
 trainrun's RoPE already rotates the two halves of each head (``rotate_half``, as transformers'
-Llama does), so q/k rows need no permutation. With grouped-query attention (``n_kv_heads``,
-Llama's ``num_key_value_heads``) ``k_proj``/``v_proj`` have ``n_kv_heads*head_dim`` rows, as trainrun's
-``wk``/``wv``; GPT-2 has no such layout. GPT-2's ``Conv1D`` stores weights as (in, out),
-the transpose of ``nn.Linear``, and its ``c_attn`` is q, k and v concatenated.
+Llama does), so q/k rows need no permutation. trainrun's q/k/v are one ``wqkv`` in Megatron's
+head-interleaved layout ([query heads of kv group g, k_g, v_g] for each g, :mod:`trainrun.model.qkv`):
+Llama's ``q_proj``/``k_proj``/``v_proj`` (``k_proj``/``v_proj`` have ``n_kv_heads*head_dim`` rows with
+grouped-query attention) are each the concatenation of one row range per group of it. GPT-2 has no
+grouped layout; its ``Conv1D`` stores weights as (in, out), the transpose of ``nn.Linear``, and its
+``c_attn`` is q, k and v concatenated, i.e. wqkv's rows reordered.
 
 Every tensor of the exported model is described once, by a :class:`Target`; importing reads the
 same table backwards, so export -> import -> export gives back identical tensors.
@@ -50,26 +52,30 @@ class ExportError(Exception):
 class Target:
     """One tensor of the transformers model and the trainrun tensors it is made of.
 
-    ``sources`` are trainrun names concatenated along dim 0 (GPT-2's ``c_attn`` is q, k, v; each
-    source has ``rows`` rows); none means zeros of ``shape`` (a bias trainrun does not have).
-    ``transpose``: stored as (in, out) (GPT-2's ``Conv1D``) instead of ``nn.Linear``'s (out, in).
+    ``sources`` are trainrun names concatenated along dim 0; ``ranges``, if given, the rows [a, b) of each
+    source taken (slices of the fused ``wqkv``), else each source is taken whole; no sources means zeros
+    of ``shape`` (a bias trainrun does not have). ``transpose``: stored as (in, out) (GPT-2's ``Conv1D``)
+    instead of ``nn.Linear``'s (out, in).
     """
 
     hf_name: str
     sources: tuple[str, ...]
     transpose: bool = False
-    rows: int = 0
+    ranges: tuple[tuple[int, int], ...] = ()
     shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Source:
-    """Where one trainrun tensor lives in a transformers checkpoint: ``hf[offset:offset+n]`` (rows of the
-    (out, in) view; ``transpose``: the stored tensor is (in, out))."""
+    """Where rows of one trainrun tensor live in a transformers checkpoint: trainrun rows [start, start+rows)
+    (``rows`` 0: all of them) are ``hf[offset:offset+rows]`` (rows of the (out, in) view; ``transpose``: the
+    stored tensor is (in, out)). A tensor taken whole has one Source; the fused wqkv one per slice."""
 
     hf_name: str
     transpose: bool = False
     offset: int = 0
+    start: int = 0
+    rows: int = 0
 
 
 def architecture(cfg: ModelConfig) -> tuple[str, str]:
@@ -84,6 +90,18 @@ def architecture(cfg: ModelConfig) -> tuple[str, str]:
     return EXPORTABLE[key]
 
 
+def qkv_segments(n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, list[tuple[int, int, int]]]:
+    """"q"/"k"/"v" -> [(first row in wqkv, first row in the separate projection, rows)], one per kv group, in order."""
+    per = n_heads // n_kv_heads
+    group = (per + 2) * head_dim
+    out: dict[str, list[tuple[int, int, int]]] = {"q": [], "k": [], "v": []}
+    for g in range(n_kv_heads):
+        out["q"].append((g * group, g * per * head_dim, per * head_dim))
+        out["k"].append((g * group + per * head_dim, g * head_dim, head_dim))
+        out["v"].append((g * group + (per + 1) * head_dim, g * head_dim, head_dim))
+    return out
+
+
 def _linear(hf: str, tr: str, bias: bool, transpose: bool, out_rows: int, gpt2_bias: bool) -> Iterator[Target]:
     """Weight (and bias) of one linear layer; GPT-2 gets a zero bias where trainrun has none."""
     yield Target(f"{hf}.weight", (f"{tr}.weight",), transpose)
@@ -91,6 +109,14 @@ def _linear(hf: str, tr: str, bias: bool, transpose: bool, out_rows: int, gpt2_b
         yield Target(f"{hf}.bias", (f"{tr}.bias",))
     elif gpt2_bias:
         yield Target(f"{hf}.bias", (), shape=(out_rows,))
+
+
+def _qkv(hf: str, fused: str, segments: list[tuple[int, int, int]], bias: bool, transpose: bool) -> Iterator[Target]:
+    """A transformers tensor made of row ranges of trainrun's fused ``wqkv`` (weight, and bias if any)."""
+    ranges = tuple((start, start + rows) for start, _, rows in segments)
+    yield Target(f"{hf}.weight", (f"{fused}.weight",) * len(ranges), transpose, ranges)
+    if bias:
+        yield Target(f"{hf}.bias", (f"{fused}.bias",) * len(ranges), False, ranges)
 
 
 def _norm(hf: str, tr: str, cfg: ModelConfig, gpt2: bool) -> Iterator[Target]:
@@ -105,9 +131,11 @@ def _llama_targets(cfg: ModelConfig) -> Iterator[Target]:
     for i in range(cfg.n_layers):
         hf, tr = f"model.layers.{i}", f"layers.{i}"
         yield from _norm(f"{hf}.input_layernorm", f"{tr}.attention_norm", cfg, gpt2=False)
-        for hf_proj, tr_proj in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
-            yield from _linear(f"{hf}.self_attn.{hf_proj}", f"{tr}.attention.{tr_proj}", cfg.bias, False,
-                               cfg.d_model, gpt2_bias=False)
+        segments = qkv_segments(cfg.n_heads, cfg.kv_heads, cfg.head_dim)
+        for hf_proj, part in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
+            yield from _qkv(f"{hf}.self_attn.{hf_proj}", f"{tr}.attention.wqkv", segments[part], cfg.bias, False)
+        yield from _linear(f"{hf}.self_attn.o_proj", f"{tr}.attention.wo", cfg.bias, False, cfg.d_model,
+                           gpt2_bias=False)
         yield from _norm(f"{hf}.post_attention_layernorm", f"{tr}.mlp_norm", cfg, gpt2=False)
         mlp = (("gate_proj", "w1", ffn), ("up_proj", "w3", ffn), ("down_proj", "w2", cfg.d_model))
         for hf_proj, tr_proj, rows in mlp:
@@ -124,11 +152,10 @@ def _gpt2_targets(cfg: ModelConfig) -> Iterator[Target]:
     for i in range(cfg.n_layers):
         hf, tr = f"transformer.h.{i}", f"layers.{i}"
         yield from _norm(f"{hf}.ln_1", f"{tr}.attention_norm", cfg, gpt2=True)
-        qkv = tuple(f"{tr}.attention.{w}" for w in ("wq", "wk", "wv"))
-        yield Target(f"{hf}.attn.c_attn.weight", tuple(f"{n}.weight" for n in qkv), transpose=True, rows=c)
-        if cfg.bias:
-            yield Target(f"{hf}.attn.c_attn.bias", tuple(f"{n}.bias" for n in qkv), rows=c)
-        else:
+        segments = qkv_segments(cfg.n_heads, cfg.kv_heads, cfg.head_dim)
+        qkv = segments["q"] + segments["k"] + segments["v"]  # c_attn is [q; k; v]: wqkv's rows reordered
+        yield from _qkv(f"{hf}.attn.c_attn", f"{tr}.attention.wqkv", qkv, cfg.bias, True)
+        if not cfg.bias:
             yield Target(f"{hf}.attn.c_attn.bias", (), shape=(3 * c,))
         yield from _linear(f"{hf}.attn.c_proj", f"{tr}.attention.wo", cfg.bias, True, c, gpt2_bias=True)
         yield from _norm(f"{hf}.ln_2", f"{tr}.mlp_norm", cfg, gpt2=True)
@@ -145,12 +172,19 @@ def export_targets(cfg: ModelConfig) -> list[Target]:
     return list(_llama_targets(cfg) if model_type == "llama" else _gpt2_targets(cfg))
 
 
-def import_sources(cfg: ModelConfig) -> dict[str, Source]:
-    """trainrun parameter name -> where it lives in a transformers checkpoint (the inverse of export_targets)."""
-    sources: dict[str, Source] = {}
+def import_sources(cfg: ModelConfig) -> dict[str, tuple[Source, ...]]:
+    """trainrun parameter name -> where its rows live in a transformers checkpoint, by trainrun row (the
+    inverse of export_targets)."""
+    sources: dict[str, list[Source]] = {}
     for target in export_targets(cfg):
+        offset = 0
         for i, name in enumerate(target.sources):
-            sources[name] = Source(target.hf_name, target.transpose, i * target.rows)
+            if not target.ranges:
+                sources.setdefault(name, []).append(Source(target.hf_name, target.transpose))
+                continue
+            start, stop = target.ranges[i]
+            sources.setdefault(name, []).append(Source(target.hf_name, target.transpose, offset, start, stop - start))
+            offset += stop - start
     if cfg.tie_embeddings:
         sources["output.weight"] = sources["tok_embeddings.weight"]
-    return sources
+    return {name: tuple(sorted(parts, key=lambda s: s.start)) for name, parts in sources.items()}

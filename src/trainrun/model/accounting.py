@@ -33,7 +33,7 @@ def count_parameters(cfg: ModelConfig, include_embeddings: bool = True) -> int:
     hidden = cfg.ffn_hidden_size()
     norm = d + (d if cfg.norm is Norm.layernorm and cfg.bias else 0)
     kv = cfg.kv_heads * cfg.head_dim  # width of k and v: d, or less with grouped-query attention
-    attention = 2 * d * d + 2 * d * kv + ((2 * d + 2 * kv) if cfg.bias else 0)  # wq, wo: d->d; wk, wv: d->kv
+    attention = 2 * d * d + 2 * d * kv + ((2 * d + 2 * kv) if cfg.bias else 0)  # wqkv: d->d+2kv, wo: d->d
     if cfg.mlp is Mlp.swiglu:
         mlp = 3 * d * hidden + ((2 * hidden + d) if cfg.bias else 0)  # w1, w3: d->h; w2: h->d
     else:

@@ -56,7 +56,9 @@ class GPT(nn.Module):
         """(Re-)initialise every parameter and buffer from the current torch RNG, deterministically.
 
         Linear and embedding weights ~ N(0, init_std), except wo/w2 ~ N(0, init_std/sqrt(2*n_layers));
-        biases 0; norm weights 1 and biases 0; RoPE tables recomputed. Also re-ties the output
+        biases 0; norm weights 1 and biases 0; RoPE tables recomputed. The fused ``wqkv`` is one N(0, init_std)
+        draw: each of its q, k and v parts gets the N(0, init_std) the separate wq/wk/wv had (the same
+        distribution, other random values for a given seed). Also re-ties the output
         projection to the token embedding, because ``to_empty`` replaces the two tied parameters
         with two separate tensors.
         """

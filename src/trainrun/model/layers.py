@@ -1,7 +1,8 @@
 """Building blocks of the GPT decoder: norms, RoPE, attention, MLP and the pre-norm block.
 
-Module names follow torchtitan's llama (``attention.wq/wk/wv/wo``, ``mlp.w1/w2/w3``) so that a
-tensor-parallel plan can address them by name: wq/wk/wv/w1/w3 are column-parallel, wo/w2 row-parallel.
+Module names follow torchtitan's llama (``attention.wo``, ``mlp.w1/w2/w3``), with q/k/v fused into one
+``attention.wqkv`` in Megatron's head-interleaved layout (:mod:`trainrun.model.qkv`), so that a
+tensor-parallel plan can address them by name: wqkv/w1/w3 are column-parallel, wo/w2 row-parallel.
 Nothing here knows about parallelism.
 """
 
@@ -71,20 +72,23 @@ def dropout_layer(p: float) -> nn.Module:
 
 
 class Attention(nn.Module):
-    """Causal self-attention with separate q/k/v projections (clean TP sharding): multi-head, or grouped-query
-    (Ainslie et al. 2023) when ``n_kv_heads < n_heads``, each key/value head then serving n_heads/n_kv_heads
-    consecutive query heads (transformers' ``repeat_kv`` grouping)."""
+    """Causal self-attention with one fused q/k/v projection: multi-head, or grouped-query (Ainslie et al.
+    2023) when ``n_kv_heads < n_heads``, each key/value head then serving n_heads/n_kv_heads consecutive
+    query heads (transformers' ``repeat_kv`` grouping).
+
+    ``wqkv``'s rows are in Megatron's layout, grouped by kv head ([its query heads, k, v] per group, see
+    :mod:`trainrun.model.qkv`): one matmul instead of three, and a column-parallel shard still holds whole
+    groups, so tensor parallelism shards by heads as with separate projections.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
+        self.q_per_kv = cfg.n_heads // cfg.kv_heads
         self.gqa = cfg.kv_heads != cfg.n_heads
         self.dropout = cfg.dropout
-        kv_dim = cfg.kv_heads * self.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * self.head_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.resid_dropout = dropout_layer(cfg.dropout)
 
@@ -95,10 +99,13 @@ class Attention(nn.Module):
         only this module sees the whole sequence (its input is gathered along T).
         """
         B, T, _ = x.shape
-        # -1 rather than n_heads: under TP the local projections hold only n_heads/tp and n_kv_heads/tp heads.
-        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        hs = self.head_dim
+        # -1 groups rather than n_kv_heads: under TP the local wqkv holds only n_kv_heads/tp whole groups.
+        qkv = self.wqkv(x).view(B, T, -1, self.q_per_kv + 2, hs)  # (B, T, groups, q_per_kv + 2, hs)
+        q, k, v = qkv.split([self.q_per_kv, 1, 1], dim=3)
+        q = q.reshape(B, T, -1, hs).transpose(1, 2)  # (B, nh, T, hs); query head g*q_per_kv + j is q[g, j]
+        k = k.squeeze(3).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.squeeze(3).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
             cos, sin = rope[0][:T], rope[1][:T]  # (T, hs) each
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
