@@ -67,7 +67,7 @@ def _complete(line: str, tmp_path: Path) -> list[str]:
 def test_completion_of_groups_and_keys(tmp_path):
     assert set(_complete("trainrun mod", tmp_path)) == {"model=", "model."}
     assert {"model=gpt_tiny", "model=gpt_1b"} <= set(_complete("trainrun model=", tmp_path))
-    assert set(_complete("trainrun model.n_", tmp_path)) == {"model.n_layers=", "model.n_heads="}
+    assert set(_complete("trainrun model.n_", tmp_path)) == {"model.n_layers=", "model.n_heads=", "model.n_kv_heads="}
 
 
 def test_completion_hides_schemas(tmp_path):
@@ -91,4 +91,4 @@ def test_bash_completion_script_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "hydra_bash_completion trainrun" in proc.stdout  # registered for the console script's name
     replies = {line.removeprefix("reply:") for line in proc.stdout.splitlines() if line.startswith("reply:")}
-    assert replies == {"model.n_layers=", "model.n_heads="}
+    assert replies == {"model.n_layers=", "model.n_heads=", "model.n_kv_heads="}

@@ -96,14 +96,18 @@ def test_second_ctrl_c_inside_the_exit_save_stops_at_once(tmp_path, corpus_cache
     for _attempt in range(3):
         proc.send_signal(signal.SIGINT)
         if signal_again_during_exit_save(proc, ckpt, proc.pid, signal.SIGINT):
-            break
-        # the exit save ended before the freeze: it exited 3; start again and try once more
-        assert proc.wait(timeout=120) == 3, output(proc)[-3000:]
-        proc = launch(args, run_dir)
+            code = proc.wait(timeout=60)
+            if code == 130:
+                break
+            # The second Ctrl-C landed in the commit (the rename), which no signal interrupts by design: the
+            # save completed and the run exited 3, as it must. That missed the window this test is about.
+            assert code == 3, output(proc)[-3000:]
+        else:  # the exit save ended before the freeze: it exited 3
+            assert proc.wait(timeout=120) == 3, output(proc)[-3000:]
+        proc = launch(args, run_dir)  # start again and try once more
         assert wait_for_rows(run_dir, 0, proc)
     else:
-        pytest.skip("three exit saves ended before the process could be frozen inside them")
-    assert proc.wait(timeout=60) == 130
+        pytest.skip("three exit saves ended before a second Ctrl-C could land inside them")
     out = _assert_one_line_no_traceback(proc)
     assert "interrupted (Ctrl-C): stopped without saving" in out
     assert _status(run_dir)["status"] == "interrupted" and _status(run_dir)["exit_code"] == 130
