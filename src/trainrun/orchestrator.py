@@ -277,7 +277,7 @@ def build_epoch_orders(cfg: TrainRunConfig, env: DistEnv, data: DataSources) -> 
     orders: list[CachedEpochOrder | None] = []
     needs = []
     for view, count in zip(data.train, counts, strict=True):
-        num_samples = max(len(view.tokens) - 1, 0) // seq_len
+        num_samples = view.num_samples(seq_len)
         if num_samples == 0:  # the stream refuses it, naming data.seq_len
             orders.append(None)
             continue

@@ -165,6 +165,15 @@ def split_bounds(fractions: tuple[float, float, float], num_documents: int) -> t
     return (0, *(max(b - excess, 0) for b in bounds[1:]))  # type: ignore[return-value]
 
 
+def source_section(cfg: Any, src: DataSource) -> Any:
+    """The data section that opens ``src``: ``cfg`` with its dataset, path and subset, blends cleared."""
+    from dataclasses import replace
+
+    return replace(cfg, name=src.dataset, path=src.path if src.path is not None else cfg.path,
+                   subset=src.subset if src.subset is not None else cfg.subset, blend=None, valid_blend=None,
+                   test_blend=None)
+
+
 def source_sections(cfg: Any) -> list[tuple[str, DataSource, Any]]:
     """Every source a data config names, as ``(field, source, the data section that opens it)``.
 
@@ -172,15 +181,10 @@ def source_sections(cfg: Any) -> list[tuple[str, DataSource, Any]]:
     single dataset), so a check of the section can name it; the section is ``cfg`` with the source's
     dataset, path and subset (blends cleared): what the registered dataset's builder and check read.
     """
-    from dataclasses import replace
-
     found: list[tuple[str, DataSource, Any]] = []
     for name in ("blend", "valid_blend", "test_blend"):
         for i, src in enumerate(parse_blend(getattr(cfg, name), f"data.{name}") or ()):
-            section = replace(cfg, name=src.dataset, path=src.path if src.path is not None else cfg.path,
-                              subset=src.subset if src.subset is not None else cfg.subset, blend=None,
-                              valid_blend=None, test_blend=None)
-            found.append((f"data.{name}.{i}", src, section))
+            found.append((f"data.{name}.{i}", src, source_section(cfg, src)))
     if not any(f.startswith("data.blend.") for f, _, _ in found):
         found.insert(0, ("data", DataSource(name=cfg.name, path=cfg.path, dataset=cfg.name), cfg))
     return found

@@ -24,7 +24,6 @@ directory's checksum, so checkpoints from before blends existed still resume.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainrun.config.blend import DataSource, parse_blend, parse_split, split_bounds
+from trainrun.config.blend import DataSource, parse_blend, parse_split, source_section, split_bounds
 from trainrun.config.schema import DataConfig
 from trainrun.data.datasets import TokenDataset
 from trainrun.data.indexed import IndexedDataset
@@ -78,6 +77,11 @@ class SplitView:
         start = int(ds.pointers[self.first_document]) // item
         last = self.end_document - 1
         return start, int(ds.pointers[last]) // item + int(ds.sizes[last])
+
+    def num_samples(self, seq_len: int) -> int:
+        """Windows of ``seq_len + 1`` tokens the view holds (see :class:`~trainrun.data.loader.SampleStream`)."""
+        start, end = self.token_range()
+        return max(end - start - 1, 0) // seq_len
 
     @property
     def tokens(self) -> np.ndarray:
@@ -184,10 +188,7 @@ def open_sources(cfg: DataConfig) -> DataSources:
     def open_source(src: DataSource) -> TokenDataset:
         key = (src.dataset, src.path, src.subset)
         if key not in opened:
-            sub = dataclasses.replace(cfg, name=src.dataset, path=src.path if src.path is not None else cfg.path,
-                                      subset=src.subset if src.subset is not None else cfg.subset, blend=None,
-                                      valid_blend=None, test_blend=None)
-            opened[key] = DATASETS.get(src.dataset)(sub)
+            opened[key] = DATASETS.get(src.dataset)(source_section(cfg, src))
         return opened[key]
 
     sources = training_sources(cfg)

@@ -59,7 +59,7 @@ class ValLossEvaluator:
             seq_len = cfg.data.seq_len
             return [EvalSet(v, seq_len, eval_sample_count(cfg.eval.samples, cfg.eval.iters,
                                                           cfg.train.global_batch_size,
-                                                          max(len(v.tokens) - 1, 0) // seq_len)) for v in views]
+                                                          v.num_samples(seq_len))) for v in views]
 
         self.val_sets = sets(data.valid)
         self.test_sets = sets(data.test) if cfg.eval.test else []
