@@ -1,9 +1,10 @@
-"""Grouped-query attention with Llama 3.1's RoPE scaling under tensor parallelism (gloo, CPU), against one process.
+"""Grouped-query attention with Llama 3.1's RoPE scaling under FSDP, TP, PP and mixes (gloo, CPU), against one process.
 
 The model of test_parallel.py with ``model.n_kv_heads=2`` (4 query heads: groups of 2) and
 ``model.rope_scaling.type=llama3`` with an original context shorter than ``data.seq_len`` (the scaled
 angles are used). Under ``parallel.tp=2`` each rank holds 2 query heads and the 1 key/value head they
-attend with; losses, gradient norms and final weights must equal the one-process run's within
+attend with; under FSDP each rank a slice of the fused ``wqkv`` rows; under PP each stage its blocks.
+Losses, gradient norms and final weights must equal the one-process run's within
 test_parallel.py's tolerances. A ``parallel.tp`` that does not divide ``n_kv_heads`` exits 2 on every rank.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.test_parallel import (
+    LAYOUTS,
     TINY_PARALLEL,
     assert_matches_reference,
     single,
@@ -40,17 +42,18 @@ def gqa_reference(tmp_path_factory, gqa_args) -> Path:
     return run_dir
 
 
-LAYOUTS = {"tp_sp": (2, ["parallel.tp=2"])}
+GQA_LAYOUTS = {name: LAYOUTS[name] for name in ("fsdp", "tp_sp", "pp_1f1b", "fsdp_x_tp", "pp_x_fsdp")}
+"""Sharding by data (FSDP), by heads (TP: 2 query heads and their 1 kv head per rank), by layers (PP), and mixed."""
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", list(GQA_LAYOUTS))
 def test_gqa_layout_matches_single_process(layout, gqa_reference, gqa_args, tmp_path):
-    nproc, overrides = LAYOUTS[layout]
+    nproc, overrides = GQA_LAYOUTS[layout]
     run_dir = tmp_path / "run"
     start = time.perf_counter()
     proc = torchrun(nproc, run_dir, [*gqa_args, *overrides])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    expected = assert_matches_reference(run_dir, gqa_reference)
+    expected = assert_matches_reference(run_dir, gqa_reference, f"{layout} gqa")
     assert expected["layers.0.attention.wqkv.weight"].shape == (64, 32)  # (4 q + 2 k + 2 v heads) of 8 channels
     print(f"gqa {layout}: {time.perf_counter() - start:.1f}s")
 

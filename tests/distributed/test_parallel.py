@@ -114,15 +114,21 @@ def assert_same_losses(got: dict[int, float], expected: dict[int, float]) -> Non
         assert got[step] == pytest.approx(loss, rel=LOSS_RTOL, abs=0), f"step {step}"
 
 
-def assert_matches_reference(run_dir: Path, reference: Path) -> dict[str, torch.Tensor]:
-    """The run's losses, gradient norms and final parameters are the reference's; returns the reference's state."""
-    assert_same_losses(train_losses(run_dir), train_losses(reference))
+def assert_matches_reference(run_dir: Path, reference: Path, label: str) -> dict[str, torch.Tensor]:
+    """The run's losses, gradient norms and final parameters are the reference's; returns the reference's state.
+
+    Prints ``equivalence <label>: max|dloss| .. max|dparam| ..`` (``pytest -s``): the equivalence table's row."""
+    losses, expected_losses = train_losses(run_dir), train_losses(reference)
+    assert_same_losses(losses, expected_losses)
     # The logged gradient norm is the global one (all shards, all stages), before clipping.
     assert grad_norms(run_dir) == pytest.approx(grad_norms(reference), rel=1e-4)
     expected, got = final_model_state(reference), final_model_state(run_dir)
     assert sorted(got) == sorted(expected)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=PARAM_ATOL, msg=lambda m, n=name: f"{n}: {m}")
+    dloss = max(abs(losses[step] - loss) for step, loss in expected_losses.items())
+    dparam = max((got[name] - tensor).abs().max().item() for name, tensor in expected.items())
+    print(f"equivalence {label}: max|dloss| {dloss:.3g} max|dparam| {dparam:.3g} over {len(losses)} steps")
     return expected
 
 
@@ -150,7 +156,7 @@ def test_layout_matches_single_process(layout, reference, base_args, tmp_path):
     start = time.perf_counter()
     proc = torchrun(nproc, run_dir, [*base_args, *overrides])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert_matches_reference(run_dir, reference)
+    assert_matches_reference(run_dir, reference, f"{layout} mha")
     log = (run_dir / "train.log").read_text()
     assert f"world_size={nproc}" in log
     print(f"{layout}: {time.perf_counter() - start:.1f}s")

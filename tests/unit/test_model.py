@@ -100,6 +100,42 @@ def test_init_weights_values():
     assert torch.all(layer.attention_norm.weight == 1) and torch.all(model.norm.bias == 0)
 
 
+PLAN_SHAPES = [
+    {"tie_embeddings": True},
+    {"tie_embeddings": False, "norm": "layernorm", "bias": True, "position": "learned", "mlp": "gelu"},
+    {"n_kv_heads": 1, "mlp": "swiglu"},
+]
+
+
+@pytest.mark.parametrize("options", PLAN_SHAPES)
+def test_init_plan_drawn_one_parameter_at_a_time_equals_init_weights(options):
+    """The contract of initialisation parameter by parameter: filling fresh full-size tensors in plan order
+    from the same seed gives exactly the weights ``init_weights`` gives the whole model."""
+    cfg = tiny(**options)
+    torch.manual_seed(3)
+    expected = dict(materialize(meta_build(cfg), "cpu").named_parameters())
+    plan = meta_build(cfg).init_plan()
+    assert [spec.name for spec in plan] == list(expected)  # every parameter once, a tied one under its first name
+    torch.manual_seed(3)
+    for spec in plan:
+        value = spec.fill(torch.empty(spec.shape, dtype=spec.dtype))
+        assert torch.equal(value, expected[spec.name]), spec.name
+    by_name = {spec.name: spec for spec in plan}
+    assert by_name["layers.0.attention.wo.weight"].std == pytest.approx(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+    assert by_name["layers.0.attention_norm.weight"].std is None and by_name["norm.weight"].constant == 1.0
+
+
+def test_a_parameter_missing_from_the_plan_is_refused_by_name():
+    class WithExtra(GPT):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.gate = torch.nn.Parameter(torch.zeros(3))
+
+    model = WithExtra(tiny())
+    with pytest.raises(ValueError, match=r"not initialised \['gate'\]"):
+        model.init_weights()
+
+
 @pytest.mark.parametrize("position", ["rope", "learned"])
 def test_causal(position):
     torch.manual_seed(0)

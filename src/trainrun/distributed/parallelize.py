@@ -1,11 +1,17 @@
 """Apply the configured parallelisms to a GPT: pipeline split → TP/SP → activation checkpointing → FSDP2/HSDP/DDP.
 
-Initialisation, torchtitan's order: the model is built and parallelised on the ``meta`` device,
-each rank allocates only its own shards (``to_empty``), and then rank 0 initialises the FULL model
-from the run seed in CPU memory, exactly as a single CPU process does, and broadcasts it into
-every rank's shards (``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``).
-Weights are therefore identical to the one-process run in every layout, no accelerator ever
-holds more than its shards, and only rank 0 needs the full model, in host memory, once.
+Initialisation: the model is built and parallelised on the ``meta`` device (torchtitan's order),
+each rank allocates only its own shards (``to_empty``), and then the model's ``init_plan`` is
+applied one parameter at a time (:func:`init_weights_from_rank0`): rank 0 draws the full
+parameter in CPU memory from the run seed's stream, exactly as a single CPU process does, and
+sends it to the ranks that own a piece of it, which keep their shard; constants (norm weights,
+biases) are filled in place on every rank and sent nowhere. Weights are identical to the
+one-process run in every layout, and no process holds more than its shards plus one full
+parameter (Megatron initialises each parameter in full on CPU too, then keeps its slice).
+
+A model without ``init_plan`` is built in full on rank 0 and broadcast
+(``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``): the same weights,
+but rank 0 then needs the whole model in host memory.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainrun.config.schema import TrainRunConfig
 from trainrun.distributed.activation_checkpoint import apply_ac
@@ -30,7 +37,7 @@ from trainrun.distributed.pipeline import (
     stage_ids,
 )
 from trainrun.distributed.tensor_parallel import apply_tp
-from trainrun.model.init import allocate
+from trainrun.model.init import ParamInit, allocate, check_plan_covers
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +63,8 @@ def _parallelize_part(part: nn.Module, cfg: TrainRunConfig, dims: ParallelDims) 
 
 
 def load_full_weights_from_rank0(parts: list[nn.Module], build_full: Callable[[], nn.Module]) -> None:
-    """Fill every rank's (sharded) ``parts`` with the weights of ``build_full()``, run on rank 0 only."""
+    """Fill every rank's (sharded) ``parts`` with the weights of ``build_full()``, run on rank 0 only:
+    for a model without ``init_plan`` (rank 0 holds the whole model once)."""
     full_state: dict = {}
     if dist.get_rank() == 0:
         full_state = build_full().state_dict()
@@ -65,12 +73,81 @@ def load_full_weights_from_rank0(parts: list[nn.Module], build_full: Callable[[]
         set_model_state_dict(part, full_state, options=options)
 
 
+# Wrappers applied while parallelising that put a segment into parameter names (activation checkpointing).
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name in the unwrapped model (what ``init_plan`` and state dicts use)."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def _owned_parameters(parts: list[nn.Module]) -> dict[str, list[torch.Tensor]]:
+    """This rank's parameters by unwrapped name (a tied weight under each of its names: only one is planned)."""
+    owned: dict[str, list[torch.Tensor]] = {}
+    for part in parts:
+        for name, param in part.named_parameters(remove_duplicate=False):
+            owned.setdefault(unwrapped_name(name), []).append(param)
+    return owned
+
+
+def _local_view(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+@torch.no_grad()
+def init_weights_from_rank0(parts: list[nn.Module], plan: list[ParamInit], device: torch.device) -> None:
+    """Give every rank's (sharded) ``parts`` the values ``plan`` gives a one-process CPU model.
+
+    Every rank walks the same plan. A constant is filled into each local shard. A random parameter is
+    drawn in full by rank 0 on the CPU, from the RNG state a one-process run has at that point, then
+    broadcast (on the process group's device: NCCL wants CUDA); each rank copies the piece its
+    parameter holds (``distribute_tensor`` with ``src_data_rank=None`` cuts it locally, for any mix of
+    Shard, StridedShard and Replicate) and frees the rest. Without pipeline parallelism every rank
+    owns a piece of every parameter, so the broadcast goes to its owners; under PP a rank also
+    receives the other stages' parameters and drops them (one parameter at a time either way).
+    """
+    owned = _owned_parameters(parts)
+    rank0 = dist.get_rank() == 0
+    for spec in plan:
+        params = owned.get(spec.name, [])
+        if not spec.draws_random:
+            for param in params:
+                spec.fill(_local_view(param))
+            continue
+        if rank0:
+            full = spec.fill(torch.empty(spec.shape, dtype=spec.dtype, device="cpu")).to(device)
+        else:
+            full = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+        dist.broadcast(full, src=0)
+        for param in params:
+            if isinstance(param, DTensor):
+                piece = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                param.to_local().copy_(piece.to_local())
+            else:
+                param.copy_(full)
+        del full
+
+
+def init_plan_of(model: nn.Module) -> list[ParamInit] | None:
+    """``model.init_plan()``, checked to cover every parameter; None for a model that has none."""
+    if not hasattr(model, "init_plan"):
+        return None
+    plan = model.init_plan()
+    check_plan_covers(model, plan)
+    return plan
+
+
 def parallelize(model: nn.Module, cfg: TrainRunConfig, dims: ParallelDims, device: torch.device,
                 build_full: Callable[[], nn.Module] | None) -> ParallelModel:
     """Parallelise ``model`` (built on ``meta``) for this rank, allocate its shards on ``device`` and
-    load them with the weights ``build_full()`` makes on rank 0 (None: the caller loads every parameter
-    itself, e.g. from ``model.init_from``, and the shards are left unfilled)."""
+    initialise them: with the model's ``init_plan`` one parameter at a time, else with the weights
+    ``build_full()`` makes on rank 0 (``build_full`` None: the caller loads every parameter itself,
+    e.g. from ``model.init_from``, and the shards are left unfilled)."""
     p = cfg.parallel
+    plan = init_plan_of(model) if build_full is not None else None
     if not dims.pp_enabled:
         parts = [_parallelize_part(model, cfg, dims)]
     else:
@@ -79,7 +156,11 @@ def parallelize(model: nn.Module, cfg: TrainRunConfig, dims: ParallelDims, devic
         parts = [_parallelize_part(split_stage(model, sid, num_stages), cfg, dims) for sid in ids]
     for part in parts:
         allocate(part, device)
-    if build_full is not None:
+    if plan is not None:
+        init_weights_from_rank0(parts, plan, device)
+    elif build_full is not None:
+        logger.warning("%s has no init_plan(): rank 0 builds the whole model in host memory to initialise it",
+                       type(model).__name__)
         load_full_weights_from_rank0(parts, build_full)
     if not dims.pp_enabled:
         return ParallelModel(parts)

@@ -1,9 +1,9 @@
 """GPT decoder-only language model (nanoGPT / torchtitan llama style), built from a ``ModelConfig``.
 
 Meta-device friendly: build under ``with torch.device("meta"):``, then ``to_empty(device=...)`` and
-``init_weights()`` (see ``trainrun.model.init.materialize``). ``init_weights`` is the single place that
-gives every parameter and buffer its value, so a sharding wrapper applied between build and
-materialisation (FSDP2) gets the same model as a plain single-device build.
+``init_weights()`` (see ``trainrun.model.init.materialize``). ``init_plan`` is the single place that
+says how every parameter gets its value (``init_buffers`` the buffers), so a sharded model
+initialised parameter by parameter from rank 0 gets the same values as a plain single-device build.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 from trainrun.config.choices import Position
 from trainrun.config.schema import ModelConfig
 from trainrun.errors import ConfigError
+from trainrun.model.init import ParamInit, check_plan_covers
 from trainrun.model.layers import Block, build_norm, dropout_layer, rope_cache
 from trainrun.registry import MODELS
 
@@ -51,31 +52,48 @@ class GPT(nn.Module):
             self.rope_cos, self.rope_sin = cos, sin
         self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re-)initialise every parameter and buffer from the current torch RNG, deterministically.
+    def init_plan(self) -> list[ParamInit]:
+        """How every parameter gets its initial value, in the order the values are drawn (module
+        registration order: deterministic). The single definition of the model's initialisation:
+        ``init_weights`` applies it here, ``trainrun.distributed.parallelize`` one parameter at a time.
 
         Linear and embedding weights ~ N(0, init_std), except wo/w2 ~ N(0, init_std/sqrt(2*n_layers));
-        biases 0; norm weights 1 and biases 0; RoPE tables recomputed. The fused ``wqkv`` is one N(0, init_std)
-        draw: each of its q, k and v parts gets the N(0, init_std) the separate wq/wk/wv had (the same
-        distribution, other random values for a given seed). Also re-ties the output
-        projection to the token embedding, because ``to_empty`` replaces the two tied parameters
-        with two separate tensors.
+        biases 0; norm weights 1 and biases 0. The fused ``wqkv`` is one N(0, init_std) draw: each of its
+        q, k and v parts gets the N(0, init_std) the separate wq/wk/wv had. A tied weight is drawn once,
+        under its first name, so RNG use does not depend on tying. Works on a ``meta`` model.
         """
         cfg = self.cfg
         self._tie_embeddings()
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        seen: set[int] = set()  # a tied weight is drawn once, so RNG use does not depend on tying order
-        for name, module in self.named_modules():  # registration order: deterministic
+        plan: list[ParamInit] = []
+        seen: set[int] = set()
+
+        def add(name: str, param: nn.Parameter | None, **how: float) -> None:
+            if param is not None and id(param) not in seen:
+                seen.add(id(param))
+                plan.append(ParamInit(name, tuple(param.shape), param.dtype, **how))
+
+        for name, module in self.named_modules():
+            prefix = f"{name}." if name else ""
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                if id(module.weight) not in seen:
-                    seen.add(id(module.weight))
-                    leaf = name.rsplit(".", 1)[-1]
-                    nn.init.normal_(module.weight, 0.0, out_std if leaf in RESIDUAL_OUTPUT_NAMES else std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                leaf = name.rsplit(".", 1)[-1]
+                add(prefix + "weight", module.weight, std=out_std if leaf in RESIDUAL_OUTPUT_NAMES else std)
+                add(prefix + "bias", getattr(module, "bias", None), constant=0.0)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.reset_parameters()  # weight 1, bias 0
+                add(prefix + "weight", module.weight, constant=1.0)
+                add(prefix + "bias", getattr(module, "bias", None), constant=0.0)
+        return plan
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re-)initialise every parameter (``init_plan``) and buffer from the current torch RNG,
+        deterministically. Also re-ties the output projection to the token embedding, because
+        ``to_empty`` replaces the two tied parameters with two separate tensors."""
+        plan = self.init_plan()
+        check_plan_covers(self, plan)
+        params = dict(self.named_parameters())
+        for spec in plan:
+            spec.fill(params[spec.name])
         self.init_buffers()
 
     @torch.no_grad()
