@@ -50,6 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     from trainrun import registry
     from trainrun.config import compose_config, validate_config
     from trainrun.distributed.parallel_dims import ParallelDims
+    from trainrun.model import count_parameters
     from trainrun.orchestrator import build_model_and_optimizer
 
     torch.set_num_threads(1)
@@ -71,10 +72,10 @@ def worker(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
         local_bytes = sum(_local(p).numel() * p.element_size() for part in built.model_parts
                           for p in part.parameters())
-        n_params = sum(p.numel() for part in built.model_parts for p in part.parameters())
+        n_params = count_parameters(cfg.model)
         row = {"case": args.case, "rank": env.rank, "baseline_mb": baseline, "peak_mb": peak_rss_mb(),
                "startup_s": seconds, "params": n_params, "full_model_mb": n_params * 4 / MB,
-               "local_shard_mb": local_bytes / MB}
+               "local_shard_mb": local_bytes / MB}  # this rank's parameters: its shards (its stages under PP)
         Path(args.out, f"rank{env.rank}.json").write_text(json.dumps(row))
     finally:
         env.close(True)

@@ -4,7 +4,8 @@ Initialisation: the model is built and parallelised on the ``meta`` device (torc
 each rank allocates only its own shards (``to_empty``), and then the model's ``init_plan`` is
 applied one parameter at a time (:func:`init_weights_from_rank0`): rank 0 draws the full
 parameter in CPU memory from the run seed's stream, exactly as a single CPU process does, and
-sends it to the ranks that own a piece of it, which keep their shard; constants (norm weights,
+sends it to the ranks that own a piece of it (under PP: only the holding stage's ranks), which keep
+their shard; constants (norm weights,
 biases) are filled in place on every rank and sent nowhere. Weights are identical to the
 one-process run in every layout, and no process holds more than its shards plus one full
 parameter (Megatron initialises each parameter in full on CPU too, then keeps its slice).
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainrun.config.schema import TrainRunConfig
@@ -97,31 +99,81 @@ def _local_view(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
 
 
+@dataclass
+class _StageRoutes:
+    """Under pipeline parallelism, where a parameter goes: only to the ranks of the stage that holds it."""
+
+    stage_ranks: list[list[int]]
+    """Global ranks of each pipeline rank's stage(s); the first is the stage's leader (rank 0 for stage 0)."""
+    groups: list[dist.ProcessGroup]
+    """One process group per pipeline rank, over ``stage_ranks``."""
+    stage_of: dict[str, int]
+    """Parameter name -> the pipeline rank holding it."""
+
+    @classmethod
+    def build(cls, owned: dict[str, list[torch.Tensor]], mesh: DeviceMesh | None) -> _StageRoutes | None:
+        """The routes (collective: every rank calls it); None without PP, where every rank owns a piece of
+        every parameter."""
+        if mesh is None or mesh.size(0) == 1:  # dim 0 is pp (parallel_dims.MESH_DIMS)
+            return None
+        stage_ranks = [mesh.mesh[k].flatten().tolist() for k in range(mesh.size(0))]
+        groups = [dist.new_group(ranks) for ranks in stage_ranks]  # every rank, same order
+        names_by_rank: list = [None] * dist.get_world_size()
+        dist.all_gather_object(names_by_rank, sorted(owned))
+        stage_of = {name: k for k, ranks in enumerate(stage_ranks) for rank in ranks for name in names_by_rank[rank]}
+        return cls(stage_ranks, groups, stage_of)
+
+
+def _receive_full(spec: ParamInit, device: torch.device, routes: _StageRoutes | None) -> torch.Tensor | None:
+    """The full value of a random parameter on the ranks that hold a piece of it (None elsewhere).
+
+    Rank 0 draws it on the CPU; without PP it is broadcast to every rank. Under PP rank 0 sends it to the
+    leader of the stage that holds it, which broadcasts it within that stage only."""
+    rank = dist.get_rank()
+    draw = rank == 0
+    if routes is not None:
+        stage = routes.stage_of[spec.name]
+        ranks = routes.stage_ranks[stage]
+        if not draw and rank not in ranks:
+            return None
+    if draw:
+        full = spec.fill(torch.empty(spec.shape, dtype=spec.dtype, device="cpu")).to(device)
+    else:
+        full = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+    if routes is None:
+        dist.broadcast(full, src=0)
+        return full
+    leader = ranks[0]
+    if leader != 0 and draw:
+        dist.send(full, dst=leader)
+        return None
+    if rank == leader and leader != 0:
+        dist.recv(full, src=0)
+    dist.broadcast(full, src=leader, group=routes.groups[stage])
+    return full
+
+
 @torch.no_grad()
-def init_weights_from_rank0(parts: list[nn.Module], plan: list[ParamInit], device: torch.device) -> None:
+def init_weights_from_rank0(parts: list[nn.Module], plan: list[ParamInit], device: torch.device,
+                            mesh: DeviceMesh | None = None) -> None:
     """Give every rank's (sharded) ``parts`` the values ``plan`` gives a one-process CPU model.
 
     Every rank walks the same plan. A constant is filled into each local shard. A random parameter is
-    drawn in full by rank 0 on the CPU, from the RNG state a one-process run has at that point, then
-    broadcast (on the process group's device: NCCL wants CUDA); each rank copies the piece its
-    parameter holds (``distribute_tensor`` with ``src_data_rank=None`` cuts it locally, for any mix of
-    Shard, StridedShard and Replicate) and frees the rest. Without pipeline parallelism every rank
-    owns a piece of every parameter, so the broadcast goes to its owners; under PP a rank also
-    receives the other stages' parameters and drops them (one parameter at a time either way).
+    drawn in full by rank 0 on the CPU, from the RNG state a one-process run has at that point, and
+    sent (on the process group's device: NCCL wants CUDA) to the ranks that hold a piece of it: every
+    rank without PP, the holding stage's ranks under PP (``mesh``: the 4-D mesh, pp first). Each copies
+    the piece its parameter holds (``distribute_tensor`` with ``src_data_rank=None`` cuts it locally,
+    for any mix of Shard, StridedShard and Replicate) and frees the rest: one parameter at a time.
     """
     owned = _owned_parameters(parts)
-    rank0 = dist.get_rank() == 0
+    routes = _StageRoutes.build(owned, mesh)
     for spec in plan:
         params = owned.get(spec.name, [])
         if not spec.draws_random:
             for param in params:
                 spec.fill(_local_view(param))
             continue
-        if rank0:
-            full = spec.fill(torch.empty(spec.shape, dtype=spec.dtype, device="cpu")).to(device)
-        else:
-            full = torch.empty(spec.shape, dtype=spec.dtype, device=device)
-        dist.broadcast(full, src=0)
+        full = _receive_full(spec, device, routes)
         for param in params:
             if isinstance(param, DTensor):
                 piece = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
@@ -157,7 +209,7 @@ def parallelize(model: nn.Module, cfg: TrainRunConfig, dims: ParallelDims, devic
     for part in parts:
         allocate(part, device)
     if plan is not None:
-        init_weights_from_rank0(parts, plan, device)
+        init_weights_from_rank0(parts, plan, device, dims.mesh)
     elif build_full is not None:
         logger.warning("%s has no init_plan(): rank 0 builds the whole model in host memory to initialise it",
                        type(model).__name__)
