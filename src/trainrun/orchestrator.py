@@ -102,11 +102,12 @@ class ModelAndOptimizer:
 def build_model_and_optimizer(cfg: TrainRunConfig, env: DistEnv, dims: ParallelDims | None = None) -> ModelAndOptimizer:
     """Build the model on meta, materialise it, parallelise it for ``dims``, then optimizers and LR schedules.
 
-    With several processes only the shards are allocated; rank 0 initialises the full model from
-    the run seed in host memory and broadcasts it (see ``trainrun.distributed.parallelize``), so
-    every layout starts from the weights a one-process CPU run starts from. With ``model.init_from``
-    no random weights are drawn at all (no full model on rank 0, no broadcast): each rank allocates its
-    shards and fills every parameter from the Hugging Face model's files.
+    With several processes only the shards are allocated; rank 0 then draws the model's parameters
+    one at a time from the run seed in host memory and sends each to the ranks that hold a piece of
+    it (see ``trainrun.distributed.parallelize``), so every layout starts from the weights a
+    one-process CPU run starts from and no process holds more than its shards plus one parameter.
+    With ``model.init_from`` no random weights are drawn at all: each rank allocates its shards and
+    fills every parameter from the Hugging Face model's files.
     """
     from_pretrained = bool(cfg.model.init_from)
 

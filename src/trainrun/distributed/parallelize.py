@@ -18,6 +18,8 @@ but rank 0 then needs the whole model in host memory.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -165,6 +167,7 @@ def init_weights_from_rank0(parts: list[nn.Module], plan: list[ParamInit], devic
     the piece its parameter holds (``distribute_tensor`` with ``src_data_rank=None`` cuts it locally,
     for any mix of Shard, StridedShard and Replicate) and frees the rest: one parameter at a time.
     """
+    start = time.perf_counter()
     owned = _owned_parameters(parts)
     routes = _StageRoutes.build(owned, mesh)
     for spec in plan:
@@ -181,6 +184,9 @@ def init_weights_from_rank0(parts: list[nn.Module], plan: list[ParamInit], devic
             else:
                 param.copy_(full)
         del full
+    numel = sum(math.prod(spec.shape) for spec in plan)
+    logger.info("initialised %s parameters in %d tensors from rank 0, one at a time, in %.1f s",
+                f"{numel:,}", len(plan), time.perf_counter() - start)
 
 
 def init_plan_of(model: nn.Module) -> list[ParamInit] | None:
