@@ -134,9 +134,12 @@ def _receive_full(spec: ParamInit, device: torch.device, routes: _StageRoutes | 
     rank = dist.get_rank()
     draw = rank == 0
     if routes is not None:
-        stage = routes.stage_of[spec.name]
-        ranks = routes.stage_ranks[stage]
+        stage = routes.stage_of.get(spec.name)
+        ranks = routes.stage_ranks[stage] if stage is not None else []
         if not draw and rank not in ranks:
+            return None
+        if stage is None:  # held by no stage: still drawn, so that the later parameters get their values
+            spec.fill(torch.empty(spec.shape, dtype=spec.dtype, device="cpu"))
             return None
     if draw:
         full = spec.fill(torch.empty(spec.shape, dtype=spec.dtype, device="cpu")).to(device)
