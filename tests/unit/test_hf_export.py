@@ -180,6 +180,33 @@ def test_export_matches_transformers(name, tmp_path):
         json.loads((tmp_path / "hf2" / "config.json").read_text())
 
 
+@pytest.mark.parametrize(("arch", "kv"), [(LLAMA, 2), (LLAMA, 4), ({**GPT2, "bias": True}, 4)],
+                         ids=["llama_gqa", "llama_mha", "gpt2_bias"])
+def test_checkpoint_with_separate_qkv_exports_as_the_fused_one(arch, kv, tmp_path):
+    """A checkpoint trainrun wrote before q/k/v were fused (separate attention.wq/wk/wv) exports to the very
+    files of the same weights saved fused: the way to carry such a run into this version is
+    trainrun-export, then model.init_from."""
+    from trainrun.model.qkv import split_qkv
+
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=kv, max_seq_len=16, vocab_size=257,
+                      tie_embeddings=False, **arch)
+    model = random_model(cfg)
+    save_checkpoint(model, tmp_path / "fused")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in [n for n in state if ".attention.wqkv." in n]:
+        for part, tensor in zip(("wq", "wk", "wv"), split_qkv(state.pop(name), cfg.n_heads, cfg.kv_heads),
+                                strict=True):
+            state[name.replace(".wqkv.", f".{part}.")] = tensor
+    meta = {"step": 1, "model": dataclasses.asdict(cfg), "config": {"model": dataclasses.asdict(cfg),
+                                                                   "data": {"name": "stdlib"}}}
+    CheckpointStore(tmp_path / "separate", 0, True, lambda: None).save(1, {"model": state}, meta)
+    export(tmp_path / "fused", tmp_path / "out_fused")
+    export(tmp_path / "separate", tmp_path / "out_separate")
+    fused, separate = safetensors_of(tmp_path / "out_fused"), safetensors_of(tmp_path / "out_separate")
+    assert fused.keys() == separate.keys()
+    assert all(torch.equal(separate[k], fused[k]) for k in fused)
+
+
 def test_byte_tokenizer_export_maps_the_same_ids(tmp_path):
     model = random_model(ModelConfig(**SMALL))
     save_checkpoint(model, tmp_path / "ckpt")

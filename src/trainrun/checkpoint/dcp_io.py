@@ -45,8 +45,9 @@ class CheckpointMismatch(CheckpointError):
 
 
 class SeparateQkvCheckpoint(CheckpointMismatch):
-    """A checkpoint of trainrun before q/k/v were fused into ``attention.wqkv`` (separate wq/wk/wv): refused,
-    never converted; the message names what to do."""
+    """A checkpoint of trainrun before q/k/v were fused into ``attention.wqkv`` (separate wq/wk/wv): refused
+    by resume and weights-only loading, never converted in place (``trainrun-export`` reads it); the message
+    names what to do."""
 
 
 def separate_qkv_error(source: object, names) -> SeparateQkvCheckpoint | None:
@@ -55,8 +56,8 @@ def separate_qkv_error(source: object, names) -> SeparateQkvCheckpoint | None:
         return None
     return SeparateQkvCheckpoint(
         f"{source} holds separate attention.wq/wk/wv projections (saved before trainrun fused them into "
-        "attention.wqkv), which this version does not load; load or resume it with the trainrun version that "
-        "wrote it, or export it there with trainrun-export and start from the export with model.init_from")
+        "attention.wqkv), which this version does not resume; export it with trainrun-export (which reads "
+        "that layout) and start from the export with model.init_from, or resume it with the version that wrote it")
 
 
 def raise_if_interrupted(err: BaseException) -> None:

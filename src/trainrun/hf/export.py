@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from trainrun.checkpoint.dcp_io import load_tensors, read_tensor_metadata, separate_qkv_error
+from trainrun.checkpoint.dcp_io import load_tensors, read_tensor_metadata
 from trainrun.checkpoint.layout import META_FILE, read_meta
 from trainrun.checkpoint.paths import CheckpointNotFound, find_checkpoint
 from trainrun.config.choices import Verify
@@ -40,6 +40,7 @@ from trainrun.hf.config import CONFIG_FILE, hf_config
 from trainrun.hf.mapping import ExportError, Target, export_targets
 from trainrun.hf.safetensors_io import save_shard, shard_names, write_index
 from trainrun.hf.tokenizer import find_tokenizer, write_tokenizer
+from trainrun.model.qkv import fuse_qkv
 from trainrun.outputs import OutputError, check_output_dir, run_output_command, staged_output
 
 logger = logging.getLogger(__name__)
@@ -107,14 +108,47 @@ def checkpoint_shapes(step_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.
             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
 
 
-def load_model_tensors(step_dir: Path, names: list[str],
-                       shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
-    """Full tensors ``names`` of the checkpoint's model, read and resharded by DCP in this one process."""
-    tensors = {name: torch.empty(shapes[name][0], dtype=shapes[name][1]) for name in names}
+SEPARATE_QKV = (".attention.wq.", ".attention.wk.", ".attention.wv.")
+"""Name parts of the q/k/v projections trainrun wrote before fusing them into ``attention.wqkv``."""
+
+Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def fused_view(stored: Shapes) -> tuple[Shapes, dict[str, tuple[str, str, str]]]:
+    """The checkpoint's tensors as the current model names them, and fused name -> the three stored names
+    it is made of: a checkpoint written before q/k/v were fused has each block's separate wq/wk/wv (weight,
+    bias), which the export reads as the ``wqkv`` they make. A current checkpoint: ``stored`` and {}."""
+    view, fused = dict(stored), {}
+    for name in [n for n in stored if SEPARATE_QKV[0] in n]:
+        parts = tuple(name.replace(SEPARATE_QKV[0], part) for part in SEPARATE_QKV)
+        if not all(part in stored for part in parts):
+            continue  # the coverage check names what is missing
+        rows = sum(stored[part][0][0] for part in parts)
+        target = name.replace(SEPARATE_QKV[0], ".attention.wqkv.")
+        view[target] = ((rows, *stored[name][0][1:]), stored[name][1])
+        for part in parts:
+            del view[part]
+        fused[target] = parts
+    return view, fused
+
+
+def load_model_tensors(step_dir: Path, names: list[str], stored: Shapes,
+                       fused: dict[str, tuple[str, str, str]] | None = None,
+                       n_kv_heads: int = 1) -> dict[str, torch.Tensor]:
+    """Full tensors ``names`` of the checkpoint's model, read and resharded by DCP in this one process.
+
+    A name in ``fused`` (see :func:`fused_view`) is read as its separate q, k and v and fused in Megatron's
+    head-interleaved layout for ``n_kv_heads`` groups, as the model holds it now."""
+    fused = fused or {}
+    to_read = [part for name in names for part in fused.get(name, (name,))]
+    tensors = {name: torch.empty(stored[name][0], dtype=stored[name][1]) for name in to_read}
     try:
         load_tensors(step_dir, {"model": tensors})
     except CheckpointError as err:
         raise ExportError(str(err)) from None
+    for name in names:
+        if name in fused:
+            tensors[name] = fuse_qkv(*(tensors.pop(part) for part in fused[name]), n_kv_heads)
     return tensors
 
 
@@ -122,9 +156,6 @@ def load_model_tensors(step_dir: Path, names: list[str],
 
 def _check_coverage(cfg: ModelConfig, targets: list[Target], shapes: dict) -> None:
     """Every model tensor of the checkpoint is exported, and every one the mapping needs is there."""
-    old = separate_qkv_error("the checkpoint", shapes)
-    if old is not None:
-        raise ExportError(str(old))
     used = {name for t in targets for name in t.sources}
     if cfg.tie_embeddings:
         used.add("output.weight")  # the same tensor as the embedding, saved under both names
@@ -176,13 +207,15 @@ def build_target(target: Target, tensors: dict[str, torch.Tensor], dtype: torch.
 def write_weights(step_dir: Path, cfg: ModelConfig, output: Path, dtype: torch.dtype, max_bytes: int) -> int:
     """Write the safetensors file(s) of ``cfg``'s transformers model; returns the number of files."""
     targets = export_targets(cfg)
-    shapes = checkpoint_shapes(step_dir)
+    stored = checkpoint_shapes(step_dir)
+    shapes, fused = fused_view(stored)
     _check_coverage(cfg, targets, shapes)
     shards = plan_shards(targets, shapes, dtype, max_bytes)
     names = shard_names(len(shards))
     weight_map, total = {}, 0
     for shard, file in zip(shards, names, strict=True):
-        tensors = load_model_tensors(step_dir, sorted({n for t in shard for n in t.sources}), shapes)
+        tensors = load_model_tensors(step_dir, sorted({n for t in shard for n in t.sources}), stored, fused,
+                                     cfg.kv_heads)
         out = {}
         for target in shard:
             out[target.hf_name] = build_target(target, tensors, dtype)
