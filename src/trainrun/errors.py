@@ -81,6 +81,11 @@ class CheckpointError(UserError, RuntimeError):
     exit_code = ExitCode.FAILED
 
 
+class CheckpointMismatch(CheckpointError):
+    """An intact checkpoint whose tensors do not fit the state being loaded (another model shape, another
+    optimizer): a configuration problem, never a reason to fall back to an older checkpoint."""
+
+
 def first_line(err: BaseException) -> str:
     """The first non-empty line of ``err``'s message (library errors often span several)."""
     return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)

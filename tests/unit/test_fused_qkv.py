@@ -3,8 +3,8 @@
 Per kv group g the rows are [the query heads of g, k_g, v_g]: the fuse/split helpers invert each other and
 agree with the Hugging Face mapping's row table; an even row split (what ``ColwiseParallel`` does under
 ``parallel.tp``) holds whole groups, and attention computed shard by shard, each with its rows of wo, sums
-to the unsharded output; a checkpoint of the older separate wq/wk/wv is refused with one line on resume
-(``tests/unit/test_hf_export.py`` exports it).
+to the unsharded output; a checkpoint of the older separate wq/wk/wv resumes (weights and optimizer state
+fused on load; ``tests/unit/test_hf_export.py`` exports one).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torch.distributed.checkpoint as dcp
 
 from tests.unit.test_checkpoint import _Iter
 from trainrun.checkpoint.checkpointer import Checkpointer
-from trainrun.checkpoint.dcp_io import SeparateQkvCheckpoint, load_tensors
+from trainrun.checkpoint.dcp_io import load_tensors, read_tensor_metadata
+from trainrun.checkpoint.separate_qkv import SeparateQkvCheckpoint, has_separate_qkv
 from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config.schema import CheckpointConfig, ModelConfig, TrainRunConfig
-from trainrun.errors import ConfigError
 from trainrun.hf.mapping import export_targets, import_sources, qkv_segments
 from trainrun.model.layers import Attention
 from trainrun.model.qkv import fuse_qkv, split_qkv
@@ -94,25 +94,39 @@ def test_hf_mapping_covers_every_wqkv_row_once(nh, nkv, bias):
         assert sum(b - a for a, b in c_attn.ranges) == n and c_attn.transpose
 
 
-def _old_checkpoint(path) -> None:
-    """A checkpoint as trainrun wrote it before the fusion: separate wq/wk/wv entries."""
-    dcp.save({"model": {f"layers.0.attention.{w}.weight": torch.randn(32, 32) for w in ("wq", "wk", "wv")}},
-             checkpoint_id=str(path))
+def _old_checkpoint(path, missing: str = "") -> dict[str, torch.Tensor]:
+    """A checkpoint as trainrun wrote it before the fusion: separate wq/wk/wv entries (4 query heads, 2 kv
+    heads of 8 channels); returns them."""
+    rows = {"wq": 32, "wk": 16, "wv": 16}
+    entries = {f"layers.0.attention.{w}.weight": torch.randn(n, 32) for w, n in rows.items() if w != missing}
+    dcp.save({"model": entries}, checkpoint_id=str(path))
+    return entries
 
 
-def test_old_separate_qkv_checkpoint_is_refused_with_one_line(tmp_path):
-    _old_checkpoint(tmp_path / "step")
+def test_load_tensors_reads_an_old_checkpoint_as_the_fused_layout(tmp_path):
+    old = _old_checkpoint(tmp_path / "step")
+    target = {"model": {"layers.0.attention.wqkv.weight": torch.empty(64, 32)}}
+    load_tensors(tmp_path / "step", target, qkv_groups=2)
+    expected = fuse_qkv(*(old[f"layers.0.attention.{w}.weight"] for w in ("wq", "wk", "wv")), 2)
+    assert torch.equal(target["model"]["layers.0.attention.wqkv.weight"], expected)
+
+
+@pytest.mark.parametrize(("missing", "groups"), [("", None), ("wk", 2)], ids=["no_groups_given", "wk_missing"])
+def test_old_checkpoint_that_cannot_be_read_as_fused_is_refused_with_one_line(tmp_path, missing, groups):
+    _old_checkpoint(tmp_path / "step", missing)
     with pytest.raises(SeparateQkvCheckpoint) as err:
-        load_tensors(tmp_path / "step", {"model": {"layers.0.attention.wqkv.weight": torch.empty(96, 32)}})
+        load_tensors(tmp_path / "step", {"model": {"layers.0.attention.wqkv.weight": torch.empty(64, 32)}},
+                     qkv_groups=groups)
     text = str(err.value)
-    assert "\n" not in text and "attention.wq/wk/wv" in text and "model.init_from" in text
+    assert "\n" not in text and "attention.wq/wk/wv" in text and "trainrun-export" in text
 
 
 def _checkpointer(tmp_path, projections: tuple[str, ...], **ckpt):
     """A Checkpointer over a model whose parameters are named as a block's attention projections."""
     cfg = TrainRunConfig(model=ModelConfig(d_model=8, vocab_size=16),
                          checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), **ckpt))
-    attention = torch.nn.ModuleDict({name: torch.nn.Linear(8, 8) for name in projections})
+    # d_model 8, 4 heads of 2 channels (kv_heads 4): wqkv has 8 + 2*8 rows
+    attention = torch.nn.ModuleDict({name: torch.nn.Linear(8, 24 if name == "wqkv" else 8) for name in projections})
     model = torch.nn.ModuleDict({"layers": torch.nn.ModuleDict({"0": torch.nn.ModuleDict({"attention": attention})})})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, 100)
@@ -120,10 +134,36 @@ def _checkpointer(tmp_path, projections: tuple[str, ...], **ckpt):
     return Checkpointer(cfg, store, [model], [optimizer], scheduler, _Iter(), TrainState(), torch.device("cpu"))
 
 
+def _trained(checkpointer: Checkpointer) -> None:
+    """One AdamW step on random gradients, so the optimizer holds state to save."""
+    (model,), (optimizer,) = checkpointer.model_parts, checkpointer.optimizers
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    optimizer.step()
+    checkpointer.state.step = 1
+
+
 @pytest.mark.parametrize("load_optimizer", [True, False])
-def test_resume_of_an_old_separate_qkv_checkpoint_is_a_config_error(tmp_path, load_optimizer):
-    _checkpointer(tmp_path, ("wq", "wk", "wv")).save()
+def test_resume_of_an_old_separate_qkv_checkpoint_fuses_weights_and_optimizer_state(tmp_path, load_optimizer):
+    old = _checkpointer(tmp_path, ("wq", "wk", "wv"))
+    _trained(old)
+    old.save()
     new = _checkpointer(tmp_path, ("wqkv",), load_optimizer=load_optimizer)
-    with pytest.raises(ConfigError, match=r"separate attention\.wq/wk/wv .*model\.init_from") as err:
-        new.resume()
-    assert "\n" not in str(err.value)
+    assert new.resume() is not None
+    groups = new.cfg.model.kv_heads
+    old_attention = old.model_parts[0]["layers"]["0"]["attention"]
+    wqkv = new.model_parts[0]["layers"]["0"]["attention"]["wqkv"]
+    for kind in ("weight", "bias"):
+        parts = [getattr(old_attention[w], kind) for w in ("wq", "wk", "wv")]
+        assert torch.equal(getattr(wqkv, kind), fuse_qkv(*parts, groups))
+        if load_optimizer:
+            state = new.optimizers[0].state[getattr(wqkv, kind)]
+            old_states = [old.optimizers[0].state[p] for p in parts]
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(state[key], fuse_qkv(*(s[key] for s in old_states), groups)), key
+            assert float(state["step"]) == 1.0
+    if load_optimizer:
+        assert new.optimizers[0].param_groups[0]["lr"] == old.optimizers[0].param_groups[0]["lr"]
+    new.state.step = 2
+    saved = new.save(blocking=True)  # the next save writes the fused layout
+    assert not has_separate_qkv(read_tensor_metadata(saved))

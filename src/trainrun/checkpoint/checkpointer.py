@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import trainrun
-from trainrun.checkpoint.dcp_io import CheckpointMismatch, SeparateQkvCheckpoint, load_tensors
+from trainrun.checkpoint.dcp_io import CheckpointMismatch, load_tensors
 from trainrun.checkpoint.layout import META_FILE, read_meta
 from trainrun.checkpoint.node_local import LocalPlan, NodeLocalStore
 from trainrun.checkpoint.policy import SaveKind
@@ -35,6 +35,7 @@ from trainrun.checkpoint.resume import (
     check_model_compatible,
     origin_request,
 )
+from trainrun.checkpoint.separate_qkv import SeparateQkvCheckpoint, fused_optim_values
 from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config.choices import OptimizerImpl
 from trainrun.config.schema import TrainRunConfig
@@ -301,12 +302,12 @@ class Checkpointer:
             if plan is not None:
                 self.local_store.load(plan, tensors)
             else:
-                load_tensors(path, tensors)
+                load_tensors(path, tensors, qkv_groups=self.cfg.model.kv_heads)
         except SeparateQkvCheckpoint as err:  # an older trainrun's layout: one line naming what to do
             raise ConfigError("checkpoint.resume", str(path), str(err)) from err
         except CheckpointMismatch as err:  # intact but not this model: no fallback (see resume)
             raise mismatch_error(err, meta.get("config", {"model": meta["model"]}), self.cfg, path) from err
-        optim_flat = {**tensors.get("optim", {}), **meta.get("optim_values", {})} if full else {}
+        optim_flat = {**tensors.get("optim", {}), **fused_optim_values(meta.get("optim_values", {}))} if full else {}
         for part, optimizer in zip(self.model_parts, self.optimizers, strict=True):
             # A checkpoint saved under another executor or optim.implementation (foreach, fused, a
             # captured graph) loads into this run's optimizer as this run configured it.

@@ -8,6 +8,7 @@ classes (:mod:`trainrun.checkpoint.safe_reader`) and reads only the tensors trai
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import warnings
@@ -24,11 +25,15 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from trainrun.checkpoint.safe_reader import SafeFileSystemReader
-from trainrun.errors import CheckpointError
+from trainrun.checkpoint.separate_qkv import FUSED, fuse_values, has_separate_qkv, separate_qkv_error, separate_sources
+from trainrun.distributed.full_tensor import copy_full_into
+from trainrun.errors import CheckpointError, CheckpointMismatch
 
 # Without a process group DCP warns (also from its async writer thread) that it saves from one
 # process: that is what trainrun intends in a single-process run.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+logger = logging.getLogger(__name__)
 
 KNOWN_SECTIONS = ("model", "optim", "rng")
 """Top-level entries of trainrun's DCP state; anything else marks a foreign checkpoint."""
@@ -38,26 +43,6 @@ SAVE_ERRORS = (Exception, CheckpointException)
 
 T = TypeVar("T")
 
-
-class CheckpointMismatch(CheckpointError):
-    """An intact checkpoint whose tensors do not fit the state being loaded (another model shape, another
-    optimizer): a configuration problem, never a reason to fall back to an older checkpoint."""
-
-
-class SeparateQkvCheckpoint(CheckpointMismatch):
-    """A checkpoint of trainrun before q/k/v were fused into ``attention.wqkv`` (separate wq/wk/wv): refused
-    by resume and weights-only loading, never converted in place (``trainrun-export`` reads it); the message
-    names what to do."""
-
-
-def separate_qkv_error(source: object, names) -> SeparateQkvCheckpoint | None:
-    """The error for a checkpoint whose entry ``names`` hold the old separate ``attention.wq/wk/wv``, else None."""
-    if not any(".attention.wq." in name for name in names):
-        return None
-    return SeparateQkvCheckpoint(
-        f"{source} holds separate attention.wq/wk/wv projections (saved before trainrun fused them into "
-        "attention.wqkv), which this version does not resume; export it with trainrun-export (which reads "
-        "that layout) and start from the export with model.init_from, or resume it with the version that wrote it")
 
 
 def raise_if_interrupted(err: BaseException) -> None:
@@ -162,11 +147,13 @@ def read_tensor_metadata(path: Path, reader: SafeFileSystemReader | None = None)
         raise CheckpointError(f"checkpoint {path} has unusable DCP metadata: {err}") from err
 
 
-def load_tensors(path: Path, tensors: dict) -> None:
+def load_tensors(path: Path, tensors: dict, qkv_groups: int | None = None) -> None:
     """Load DCP tensors in place into ``tensors`` (resharding as needed), unpickling nothing.
 
-    Raises CheckpointMismatch for an intact checkpoint that lacks entries of ``tensors`` or holds
-    them in other shapes, CheckpointError for anything else.
+    ``qkv_groups``: the model's key/value heads; given, a checkpoint written before q/k/v were fused
+    (:mod:`trainrun.checkpoint.separate_qkv`) loads too, each ``attention.wqkv`` entry fused from its
+    three stored ones. Raises CheckpointMismatch for an intact checkpoint that lacks entries of
+    ``tensors`` or holds them in other shapes, CheckpointError for anything else.
     """
     reader = SafeFileSystemReader(str(path))
     stored = read_tensor_metadata(path, reader)
@@ -176,19 +163,51 @@ def load_tensors(path: Path, tensors: dict) -> None:
         raise CheckpointError(f"checkpoint {path} holds unexpected entries (e.g. {foreign[:3]}); "
                               "trainrun only loads checkpoints with tensors it wrote itself")
     missing = sorted(set(_flatten_keys(tensors)) - set(stored))
-    if missing and (old := separate_qkv_error(f"checkpoint {path}", stored)) is not None:
-        raise old
-    if missing:
+    fused = _fused_entries(path, missing, stored, qkv_groups)
+    if missing and not fused:
         raise CheckpointMismatch(f"checkpoint {path} lacks {len(missing)} entries (e.g. {missing[:3]})")
     resized = _resized(tensors, stored)
     if resized:
         raise CheckpointMismatch(f"checkpoint {path} holds {len(resized)} tensors of other shapes (e.g. "
                                  + ", ".join(resized[:3]) + ")")
     try:
-        dcp.load(tensors, storage_reader=reader)
+        dcp.load(_without(tensors, fused), storage_reader=reader)
+        targets = dict(_flatten_items(tensors))
+        for key, parts in fused.items():  # one entry at a time: every rank holds one full q, k, v at most
+            full = {part: torch.empty(tuple(stored[part].size), dtype=stored[part].properties.dtype)
+                    for part in parts}
+            dcp.load(full, storage_reader=SafeFileSystemReader(str(path)), no_dist=True)  # ranks differ (PP)
+            value, target = fuse_values(*(full[part] for part in parts), qkv_groups), targets[key]
+            if tuple(value.shape) != tuple(target.shape):
+                raise CheckpointMismatch(f"checkpoint {path}: {', '.join(parts)} make {key} of shape "
+                                         f"{list(value.shape)}, but the model's is {list(target.shape)}")
+            copy_full_into(target, value.to(target.device))
+    except CheckpointMismatch:
+        raise
     except SAVE_ERRORS as err:
         raise_if_interrupted(err)
         raise CheckpointError(f"loading checkpoint {path} failed: {describe_error(err)}") from err
+    if fused:
+        logger.info("%s: read %d entries of separate attention.wq/wk/wv as attention.wqkv (the next save "
+                    "writes them fused)", path, len(fused))
+
+
+def _fused_entries(path: Path, missing: list[str], stored: dict, qkv_groups: int | None) -> dict[str, tuple]:
+    """Missing ``attention.wqkv`` entries -> the three stored ones to fuse them from ({} for a current
+    checkpoint); raises when the checkpoint is in the old layout but cannot be read as the new one."""
+    if not missing or not has_separate_qkv(stored):
+        return {}
+    fused = {key: separate_sources(key) for key in missing if FUSED in key}
+    complete = len(fused) == len(missing) and all(p in stored for parts in fused.values() for p in parts)
+    if qkv_groups is None or not complete:
+        raise separate_qkv_error(f"checkpoint {path}", stored)
+    return fused
+
+
+def _without(tensors: dict, keys: dict) -> dict:
+    """``tensors`` (sections of flat entries) less the flattened ``keys``."""
+    return {section: {k: v for k, v in entries.items() if f"{section}.{k}" not in keys}
+            if isinstance(entries, dict) else entries for section, entries in tensors.items()}
 
 
 def _resized(tensors: dict, stored: dict) -> list[str]:

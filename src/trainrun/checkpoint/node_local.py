@@ -45,8 +45,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from trainrun.checkpoint.dcp_io import CheckpointMismatch, separate_qkv_error
+from trainrun.checkpoint.dcp_io import CheckpointMismatch
 from trainrun.checkpoint.layout import fsync_dir, write_text_atomic
+from trainrun.checkpoint.separate_qkv import separate_qkv_error
 from trainrun.distributed.env import DistEnv, node_index
 from trainrun.errors import CheckpointError
 

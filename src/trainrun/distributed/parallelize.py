@@ -28,11 +28,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainrun.config.schema import TrainRunConfig
 from trainrun.distributed.activation_checkpoint import apply_ac
 from trainrun.distributed.data_parallel import apply_ddp, apply_fsdp
+from trainrun.distributed.full_tensor import copy_full_into, local_view
 from trainrun.distributed.parallel_dims import ParallelDims
 from trainrun.distributed.pipeline import (
     Pipeline,
@@ -95,10 +95,6 @@ def _owned_parameters(parts: list[nn.Module]) -> dict[str, list[torch.Tensor]]:
         for name, param in part.named_parameters(remove_duplicate=False):
             owned.setdefault(unwrapped_name(name), []).append(param)
     return owned
-
-
-def _local_view(param: torch.Tensor) -> torch.Tensor:
-    return param.to_local() if isinstance(param, DTensor) else param
 
 
 @dataclass
@@ -177,15 +173,11 @@ def init_weights_from_rank0(parts: list[nn.Module], plan: list[ParamInit], devic
         params = owned.get(spec.name, [])
         if not spec.draws_random:
             for param in params:
-                spec.fill(_local_view(param))
+                spec.fill(local_view(param))
             continue
         full = _receive_full(spec, device, routes)
         for param in params:
-            if isinstance(param, DTensor):
-                piece = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-                param.to_local().copy_(piece.to_local())
-            else:
-                param.copy_(full)
+            copy_full_into(param, full)
         del full
     numel = sum(math.prod(spec.shape) for spec in plan)
     logger.info("initialised %s parameters in %d tensors from rank 0, one at a time, in %.1f s",

@@ -32,6 +32,7 @@ import torch
 from trainrun.checkpoint.dcp_io import load_tensors, read_tensor_metadata
 from trainrun.checkpoint.layout import META_FILE, read_meta
 from trainrun.checkpoint.paths import CheckpointNotFound, find_checkpoint
+from trainrun.checkpoint.separate_qkv import FUSED, PARTS, fuse_values, separate_sources
 from trainrun.config.choices import Verify
 from trainrun.config.schema import ModelConfig
 from trainrun.errors import CheckpointError, ConfigError
@@ -40,7 +41,6 @@ from trainrun.hf.config import CONFIG_FILE, hf_config
 from trainrun.hf.mapping import ExportError, Target, export_targets
 from trainrun.hf.safetensors_io import save_shard, shard_names, write_index
 from trainrun.hf.tokenizer import find_tokenizer, write_tokenizer
-from trainrun.model.qkv import fuse_qkv
 from trainrun.outputs import OutputError, check_output_dir, run_output_command, staged_output
 
 logger = logging.getLogger(__name__)
@@ -108,9 +108,6 @@ def checkpoint_shapes(step_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.
             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
 
 
-SEPARATE_QKV = (".attention.wq.", ".attention.wk.", ".attention.wv.")
-"""Name parts of the q/k/v projections trainrun wrote before fusing them into ``attention.wqkv``."""
-
 Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
@@ -119,13 +116,12 @@ def fused_view(stored: Shapes) -> tuple[Shapes, dict[str, tuple[str, str, str]]]
     it is made of: a checkpoint written before q/k/v were fused has each block's separate wq/wk/wv (weight,
     bias), which the export reads as the ``wqkv`` they make. A current checkpoint: ``stored`` and {}."""
     view, fused = dict(stored), {}
-    for name in [n for n in stored if SEPARATE_QKV[0] in n]:
-        parts = tuple(name.replace(SEPARATE_QKV[0], part) for part in SEPARATE_QKV)
+    for name in [n for n in stored if PARTS[0] in n]:
+        target = name.replace(PARTS[0], FUSED)
+        parts = separate_sources(target)
         if not all(part in stored for part in parts):
             continue  # the coverage check names what is missing
-        rows = sum(stored[part][0][0] for part in parts)
-        target = name.replace(SEPARATE_QKV[0], ".attention.wqkv.")
-        view[target] = ((rows, *stored[name][0][1:]), stored[name][1])
+        view[target] = ((sum(stored[part][0][0] for part in parts), *stored[name][0][1:]), stored[name][1])
         for part in parts:
             del view[part]
         fused[target] = parts
@@ -148,7 +144,7 @@ def load_model_tensors(step_dir: Path, names: list[str], stored: Shapes,
         raise ExportError(str(err)) from None
     for name in names:
         if name in fused:
-            tensors[name] = fuse_qkv(*(tensors.pop(part) for part in fused[name]), n_kv_heads)
+            tensors[name] = fuse_values(*(tensors.pop(part) for part in fused[name]), n_kv_heads)
     return tensors
 
 
