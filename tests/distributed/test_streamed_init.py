@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from trainrun import registry
 from trainrun.config import compose_config
+from trainrun.distributed.env import DistEnv
 from trainrun.distributed.initializers import seed_everything
 from trainrun.distributed.parallel_dims import ParallelDims
 from trainrun.model import materialize
@@ -47,6 +48,7 @@ def _meta_model(cfg):
 
 def _worker(rank: int, tmp_path: Path, case: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=rank, world_size=WORLD)
+    env, clean = DistEnv(rank, rank, WORLD, torch.device("cpu"), "gloo", "test"), False
     try:
         parallelize = importlib.import_module("trainrun.distributed.parallelize")
         cfg = compose_config([*MODEL, *CASES[case]])
@@ -68,8 +70,10 @@ def _worker(rank: int, tmp_path: Path, case: str) -> None:
                 full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
                 state[parallelize.unwrapped_name(name)] = full.clone()
         torch.save(state, tmp_path / f"rank{rank}.pt")
+        del parts, state, full, param  # DTensors hold the mesh's groups: let close() collect them first
+        clean = True
     finally:
-        dist.destroy_process_group()
+        env.close(clean)  # a barrier first: no rank tears down its connections while a peer still uses them
 
 
 @pytest.mark.parametrize("case", list(CASES))
