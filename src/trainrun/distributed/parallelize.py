@@ -128,28 +128,25 @@ def _receive_full(spec: ParamInit, device: torch.device, routes: _StageRoutes | 
     Rank 0 draws it on the CPU; without PP it is broadcast to every rank. Under PP rank 0 sends it to the
     leader of the stage that holds it, which broadcasts it within that stage only."""
     rank = dist.get_rank()
-    draw = rank == 0
-    if routes is not None:
-        stage = routes.stage_of.get(spec.name)
-        ranks = routes.stage_ranks[stage] if stage is not None else []
-        if not draw and rank not in ranks:
-            return None
-        if stage is None:  # held by no stage: still drawn, so that the later parameters get their values
-            spec.fill(torch.empty(spec.shape, dtype=spec.dtype, device="cpu"))
-            return None
-    if draw:
+    stage = routes.stage_of.get(spec.name) if routes is not None else None
+    if rank == 0:  # always drawn, even if no stage holds it, so the later parameters get their values
         full = spec.fill(torch.empty(spec.shape, dtype=spec.dtype, device="cpu")).to(device)
-    else:
+    elif routes is None or (stage is not None and rank in routes.stage_ranks[stage]):
         full = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+    else:
+        return None
     if routes is None:
         dist.broadcast(full, src=0)
         return full
-    leader = ranks[0]
-    if leader != 0 and draw:
-        dist.send(full, dst=leader)
+    if stage is None:
         return None
-    if rank == leader and leader != 0:
-        dist.recv(full, src=0)
+    leader = routes.stage_ranks[stage][0]
+    if leader != 0:
+        if rank == 0:
+            dist.send(full, dst=leader)
+            return None
+        if rank == leader:
+            dist.recv(full, src=0)
     dist.broadcast(full, src=leader, group=routes.groups[stage])
     return full
 

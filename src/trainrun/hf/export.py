@@ -32,7 +32,7 @@ import torch
 from trainrun.checkpoint.dcp_io import load_tensors, read_tensor_metadata
 from trainrun.checkpoint.layout import META_FILE, read_meta
 from trainrun.checkpoint.paths import CheckpointNotFound, find_checkpoint
-from trainrun.checkpoint.separate_qkv import FUSED, PARTS, fuse_values, separate_sources
+from trainrun.checkpoint.separate_qkv import FUSED, PARTS, separate_sources
 from trainrun.config.choices import Verify
 from trainrun.config.schema import ModelConfig
 from trainrun.errors import CheckpointError, ConfigError
@@ -111,11 +111,11 @@ def checkpoint_shapes(step_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.
 Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
-def fused_view(stored: Shapes) -> tuple[Shapes, dict[str, tuple[str, str, str]]]:
-    """The checkpoint's tensors as the current model names them, and fused name -> the three stored names
-    it is made of: a checkpoint written before q/k/v were fused has each block's separate wq/wk/wv (weight,
-    bias), which the export reads as the ``wqkv`` they make. A current checkpoint: ``stored`` and {}."""
-    view, fused = dict(stored), {}
+def fused_view(stored: Shapes) -> Shapes:
+    """The checkpoint's tensors as the current model names them: a checkpoint written before q/k/v were
+    fused has each block's separate wq/wk/wv (weight, bias), which read as the ``wqkv`` they make
+    (``load_tensors`` fuses them on load). A current checkpoint: ``stored``."""
+    view = dict(stored)
     for name in [n for n in stored if PARTS[0] in n]:
         target = name.replace(PARTS[0], FUSED)
         parts = separate_sources(target)
@@ -124,27 +124,20 @@ def fused_view(stored: Shapes) -> tuple[Shapes, dict[str, tuple[str, str, str]]]
         view[target] = ((sum(stored[part][0][0] for part in parts), *stored[name][0][1:]), stored[name][1])
         for part in parts:
             del view[part]
-        fused[target] = parts
-    return view, fused
+    return view
 
 
-def load_model_tensors(step_dir: Path, names: list[str], stored: Shapes,
-                       fused: dict[str, tuple[str, str, str]] | None = None,
-                       n_kv_heads: int = 1) -> dict[str, torch.Tensor]:
+def load_model_tensors(step_dir: Path, names: list[str], shapes: Shapes,
+                       n_kv_heads: int | None = None) -> dict[str, torch.Tensor]:
     """Full tensors ``names`` of the checkpoint's model, read and resharded by DCP in this one process.
 
-    A name in ``fused`` (see :func:`fused_view`) is read as its separate q, k and v and fused in Megatron's
-    head-interleaved layout for ``n_kv_heads`` groups, as the model holds it now."""
-    fused = fused or {}
-    to_read = [part for name in names for part in fused.get(name, (name,))]
-    tensors = {name: torch.empty(stored[name][0], dtype=stored[name][1]) for name in to_read}
+    ``n_kv_heads`` given, a checkpoint written before q/k/v were fused reads too (``shapes`` from
+    :func:`fused_view`): each ``wqkv`` is fused from its stored q, k and v as the model holds it now."""
+    tensors = {name: torch.empty(shapes[name][0], dtype=shapes[name][1]) for name in names}
     try:
-        load_tensors(step_dir, {"model": tensors})
+        load_tensors(step_dir, {"model": tensors}, qkv_groups=n_kv_heads)
     except CheckpointError as err:
         raise ExportError(str(err)) from None
-    for name in names:
-        if name in fused:
-            tensors[name] = fuse_values(*(tensors.pop(part) for part in fused[name]), n_kv_heads)
     return tensors
 
 
@@ -203,15 +196,13 @@ def build_target(target: Target, tensors: dict[str, torch.Tensor], dtype: torch.
 def write_weights(step_dir: Path, cfg: ModelConfig, output: Path, dtype: torch.dtype, max_bytes: int) -> int:
     """Write the safetensors file(s) of ``cfg``'s transformers model; returns the number of files."""
     targets = export_targets(cfg)
-    stored = checkpoint_shapes(step_dir)
-    shapes, fused = fused_view(stored)
+    shapes = fused_view(checkpoint_shapes(step_dir))
     _check_coverage(cfg, targets, shapes)
     shards = plan_shards(targets, shapes, dtype, max_bytes)
     names = shard_names(len(shards))
     weight_map, total = {}, 0
     for shard, file in zip(shards, names, strict=True):
-        tensors = load_model_tensors(step_dir, sorted({n for t in shard for n in t.sources}), stored, fused,
-                                     cfg.kv_heads)
+        tensors = load_model_tensors(step_dir, sorted({n for t in shard for n in t.sources}), shapes, cfg.kv_heads)
         out = {}
         for target in shard:
             out[target.hf_name] = build_target(target, tensors, dtype)
