@@ -19,6 +19,7 @@ from trainrun.checkpoint.dcp_io import load_tensors, read_tensor_metadata
 from trainrun.checkpoint.separate_qkv import SeparateQkvCheckpoint, has_separate_qkv
 from trainrun.checkpoint.store import CheckpointStore
 from trainrun.config.schema import CheckpointConfig, ModelConfig, TrainRunConfig
+from trainrun.errors import CheckpointMismatch
 from trainrun.hf.mapping import export_targets, import_sources, qkv_segments
 from trainrun.model.layers import Attention
 from trainrun.model.qkv import fuse_qkv, split_qkv
@@ -109,6 +110,13 @@ def test_load_tensors_reads_an_old_checkpoint_as_the_fused_layout(tmp_path):
     load_tensors(tmp_path / "step", target, qkv_groups=2)
     expected = fuse_qkv(*(old[f"layers.0.attention.{w}.weight"] for w in ("wq", "wk", "wv")), 2)
     assert torch.equal(target["model"]["layers.0.attention.wqkv.weight"], expected)
+
+
+def test_old_checkpoint_fusing_to_another_shape_is_a_mismatch_not_a_damaged_checkpoint(tmp_path):
+    _old_checkpoint(tmp_path / "step")  # q 32 + k 16 + v 16 rows
+    with pytest.raises(CheckpointMismatch, match=r"make model.layers.0.attention.wqkv.weight of shape \[64, 32\]"):
+        load_tensors(tmp_path / "step", {"model": {"layers.0.attention.wqkv.weight": torch.empty(48, 32)}},
+                     qkv_groups=2)
 
 
 @pytest.mark.parametrize(("missing", "groups"), [("", None), ("wk", 2)], ids=["no_groups_given", "wk_missing"])
