@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from trainrun.data.layout import META_FILE, DatasetDirWriter
 from trainrun.data.prepare_encode import Progress, chunked, encode_chunks, start_workers_early
 from trainrun.data.prepare_readers import (
@@ -168,6 +170,34 @@ def load_hf_tokenizer(source: str, eod_token: str | None) -> HFFastTokenizer:
         raise PrepareError(str(err)) from None
 
 
+def _tokenize(sources: list[Source], text_key: str, directory: Path, tok: Tokenizer, kind: str, is_val: np.ndarray,
+              workers: int, may_fork: bool, progress: bool | None, source: str) -> tuple[dict | None, np.ndarray]:
+    """Tokenize every document into ``directory``'s splits as ``is_val`` assigns them.
+
+    Returns ``(meta, has_text)``: the finished metadata, or None (nothing kept) when a split got no
+    document, and which documents hold text (empty ones are not stored).
+    """
+    val = is_val.tolist()  # a Python list: indexed once per document below
+    has_text = np.zeros(len(val), dtype=bool)
+    start, index = time.perf_counter(), 0
+    with DatasetDirWriter(directory, tok, kind) as writer, Progress(len(val), enabled=progress) as bar:
+        # Chunks are encoded in order (in workers or here), so documents are stored in input order.
+        for encoded in encode_chunks(chunked(iter_records(sources, text_key)), tok, text_key, workers, may_fork):
+            for tokens, empty in encoded.documents():
+                if not empty:  # an empty document would only be a lone EOD
+                    writer.add("val" if val[index] else "train", tokens)
+                    has_text[index] = True
+                index += 1
+            bar.update(len(encoded.lengths), int(encoded.lengths.sum()) + int((~encoded.empty).sum()))
+        seconds = time.perf_counter() - start
+        logger.info("tokenized %d documents, %d tokens in %.1f s (%.0f tokens/s, %d worker(s))",
+                    index, bar.tokens, seconds, bar.tokens / max(seconds, 1e-9), workers)
+        if writer.count("train") == 0 or writer.count("val") == 0:
+            writer.abort()
+            return None, has_text
+        return writer.finish(source=source), has_text
+
+
 def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size: int = 8192,
             val_fraction: float = 0.02, seed: int = 0, text_key: str = "text", force: bool = False,
             eod_token: str | None = None, workers: int = 1, progress: bool | None = None) -> dict:
@@ -200,44 +230,44 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", vocab_size:
         check_text(src)
     keys = document_keys(sources, text_key)
     check_has_text(sources, keys)
-    is_val = validation_mask(document_scores(keys, seed), val_fraction)
+    scores = document_scores(keys, seed)
+    is_val = validation_mask(scores, val_fraction)
 
-    tok: Tokenizer
     if eod_token is not None and kind != "hf":
         raise PrepareError(f"--eod-token applies to a Hugging Face tokenizer (--tokenizer PATH), not {tokenizer}")
-    if kind == "hf":
-        tok = load_hf_tokenizer(tokenizer, eod_token)
-    elif tokenizer == "bpe":
-        if vocab_size < 257:
-            raise PrepareError(f"--vocab-size must be at least 257 for a byte-level BPE, got {vocab_size}")
-        train_texts = (t for t, v in zip(iter_documents(sources, text_key), is_val, strict=True) if not v)
-        tok = train_bpe(train_texts, vocab_size)
-    else:
-        tok = ByteTokenizer()
+    if kind == "bpe" and vocab_size < 257:
+        raise PrepareError(f"--vocab-size must be at least 257 for a byte-level BPE, got {vocab_size}")
 
-    val = is_val.tolist()  # a Python list: indexed once per document below
-    start, index = time.perf_counter(), 0
-    with (staged_output(out, PREPARE, {"inputs": [str(s.path) for s in sources[:20]]}) as tmp,
-          DatasetDirWriter(tmp, tok, kind) as writer, Progress(len(keys), enabled=progress) as bar):
-        # Chunks are encoded in order (in workers or here), so documents are stored in input order.
-        for encoded in encode_chunks(chunked(iter_records(sources, text_key)), tok, text_key, workers, may_fork):
-            for tokens, empty in encoded.documents():
-                if not empty:  # an empty document would only be a lone EOD
-                    writer.add("val" if val[index] else "train", tokens)
-                index += 1
-            bar.update(len(encoded.lengths), int(encoded.lengths.sum()) + int((~encoded.empty).sum()))
-        seconds = time.perf_counter() - start
-        logger.info("tokenized %d documents, %d tokens in %.1f s (%.0f tokens/s, %d worker(s))",
-                    index, bar.tokens, seconds, bar.tokens / max(seconds, 1e-9), workers)
-        if writer.count("train") + writer.count("val") == 0:
-            raise PrepareError(f"no text to tokenize: all {len(keys)} documents are empty (e.g. JSONL records "
-                               f"with {text_key!r}: \"\"); give inputs that hold text")
-        if writer.count("train") == 0 or writer.count("val") == 0:
-            raise PrepareError("a split came out empty (documents without text?); "
-                               "add inputs or change --val-fraction")
-        meta = writer.finish(source=f"trainrun-prepare of {len(sources)} file(s): "
-                                    + ", ".join(str(s.path) for s in sources[:5])
-                                    + (" ..." if len(sources) > 5 else ""))
+    def make_tokenizer(is_val: np.ndarray) -> Tokenizer:
+        if kind == "hf":
+            return load_hf_tokenizer(tokenizer, eod_token)
+        if kind == "bpe":  # trained on the training split only: validation text stays unseen
+            return train_bpe((t for t, v in zip(iter_documents(sources, text_key), is_val, strict=True) if not v),
+                             vocab_size)
+        return ByteTokenizer()
+
+    tok = make_tokenizer(is_val)
+    source = (f"trainrun-prepare of {len(sources)} file(s): " + ", ".join(str(s.path) for s in sources[:5])
+              + (" ..." if len(sources) > 5 else ""))
+    with staged_output(out, PREPARE, {"inputs": [str(s.path) for s in sources[:20]]}) as tmp:
+        meta, has_text = _tokenize(sources, text_key, tmp, tok, kind, is_val, workers, may_fork, progress, source)
+        if meta is None:
+            # Empty documents are not stored, and the scores left one split with none that holds text (a
+            # small input): move a document with text into it and tokenize again.
+            n_text = int(has_text.sum())
+            if n_text == 0:
+                raise PrepareError(f"no text to tokenize: all {len(keys)} documents are empty (e.g. JSONL "
+                                   f"records with {text_key!r}: \"\"); give inputs that hold text")
+            if n_text < 2:
+                raise PrepareError(f"only 1 of {len(keys)} documents holds text, and a train and a validation "
+                                   "split need at least 2; add inputs that hold text")
+            is_val = validation_mask(scores, val_fraction, has_text)
+            logger.info("a split held only empty documents; moved a document with text into it, tokenizing again")
+            if kind == "bpe":
+                tok = make_tokenizer(is_val)
+            meta, _ = _tokenize(sources, text_key, tmp, tok, kind, is_val, workers, may_fork, progress, source)
+            if meta is None:  # validation_mask keeps a document with text in each split: not reached
+                raise PrepareError("a split came out empty; add inputs or change --val-fraction")
         if kind == "hf":  # where the tokenizer came from; its tokenizer.json is copied beside meta.json
             meta["tokenizer_source"] = str(Path(tokenizer).expanduser().resolve())
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
